@@ -1,0 +1,90 @@
+"""Argument checks shared by the core, the reference and both adapters.
+
+Every error is a ValueError whose one-line message names the argument, the accepted range
+and the value received, e.g. ``momentum: expected a number in [0, 1), got 1.5``.
+"""
+import math
+import numbers
+
+__all__ = ["check_number", "check_choice", "check_positive_int", "check_hyperparameters"]
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_number(name, value, *, low=None, high=None, low_open=False, high_open=False):
+    """Return ``float(value)`` if it is a finite real number inside the interval, else raise.
+
+    ``low_open``/``high_open`` make the bound exclusive. Tensors holding one number (a
+    learning-rate tensor, say) are accepted through ``float()``.
+    """
+    if not _is_number(value):
+        try:
+            if getattr(value, "ndim", 1) != 0 and getattr(value, "shape", None) not in ((), (1,)):
+                raise TypeError
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a number{_interval(low, high, low_open, high_open)}, "
+                             f"got {value!r}") from None
+    value = float(value)
+    bad = math.isnan(value) or math.isinf(value)
+    bad = bad or (low is not None and (value <= low if low_open else value < low))
+    bad = bad or (high is not None and (value >= high if high_open else value > high))
+    if bad:
+        raise ValueError(f"{name}: expected a number{_interval(low, high, low_open, high_open)}, got {value!r}")
+    return value
+
+
+def _interval(low, high, low_open, high_open):
+    if low is None and high is None:
+        return ""
+    if high is None:
+        return f" {'>' if low_open else '>='} {low:g}"
+    if low is None:
+        return f" {'<' if high_open else '<='} {high:g}"
+    return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_choice(name, value, choices):
+    """Return ``value`` if it is one of ``choices``, else raise naming them all."""
+    if value not in choices:
+        accepted = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name}: expected one of {accepted}, got {value!r}")
+    return value
+
+
+def check_positive_int(name, value, *, allow_zero=False):
+    """Return ``value`` if it is an int > 0 (or >= 0), else raise."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected an integer {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return int(value)
+
+
+def check_hyperparameters(*, lr=None, momentum=None, weight_decay=None, trust_coefficient=None,
+                          eps=None, trust_denominator=None, betas=None, lr_name="lr"):
+    """Check the optimizer hyper-parameters every algorithm shares; ``None`` means not used.
+
+    The adapters call this once in their constructors, so a bad value fails before any step.
+    """
+    if lr is not None and not callable(lr):
+        check_number(lr_name, lr, low=0.0)
+    if momentum is not None:
+        check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+    if weight_decay is not None:
+        check_number("weight_decay", weight_decay, low=0.0)
+    if trust_coefficient is not None:
+        check_number("trust_coefficient", trust_coefficient, low=0.0, low_open=True)
+    if eps is not None:
+        check_number("eps", eps, low=0.0)
+    if trust_denominator is not None:
+        check_choice("trust_denominator", trust_denominator, TRUST_DENOMINATORS)
+    if betas is not None:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas: expected a pair (beta_1, beta_2), got {betas!r}")
+        check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+        check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+
+
+TRUST_DENOMINATORS = ("sum_of_norms", "norm_of_sum")
