@@ -1,0 +1,15 @@
+"""largebatch.torch: LARS, LAMB and CLARS for PyTorch, and their Horovod integration.
+
+    from largebatch.torch import LARS
+    optimizer = LARS(model.parameters(), lr=2.0, momentum=0.9, weight_decay=5e-4)
+
+The formulas are the framework-agnostic core's (:mod:`largebatch.trust`); this package turns
+tensors into norms and calls it.
+"""
+from .optim import CLARS, LAMB, LARS  # noqa: F401
+from .groups import param_groups  # noqa: F401
+from .per_example import per_example_norm_sums  # noqa: F401
+from .distributed import amp_step, broadcast_state, distributed_optimizer  # noqa: F401
+
+__all__ = ["LARS", "LAMB", "CLARS", "param_groups", "per_example_norm_sums", "distributed_optimizer",
+           "broadcast_state", "amp_step"]

@@ -1,0 +1,28 @@
+# largebatch — the README's two commands: `make demo` and `make test`.
+# Both run the same idempotent setup first (system packages, .venv, torch, TF, Horovod).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+HVDRUN := $(VENV)/bin/horovodrun
+NP     ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast doctor clean
+
+setup:
+	@bash launchers/setup.sh
+
+demo: setup
+	$(HVDRUN) -np $(NP) -H localhost:$(NP) $(PY) -m largebatch.torch.demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# core and single-process tests only (no horovodrun), for quick iteration
+test-fast: setup
+	$(PY) -m pytest -m "not multirank" $(PYTEST_ARGS)
+
+doctor: setup
+	$(VENV)/bin/largebatch doctor
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,255 @@
+"""largebatch.torch optimizers against the core's NumPy reference, step by step."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from largebatch import ReferenceOptimizer
+from largebatch.torch import CLARS, LAMB, LARS, param_groups, per_example_norm_sums
+
+STEPS = 20
+# name -> shape: conv/fc weights (adapted), bias and BN (excluded by default), a zero-initialised
+# weight (‖w‖ = 0 at first), a weight whose gradient is always zero (‖g‖ = 0)
+SHAPES = {"conv.weight": (4, 3, 3, 3), "conv.bias": (4,), "bn.weight": (4,), "fc.weight": (5, 4),
+          "fc.bias": (5,), "zero_init.weight": (3, 3), "no_grad.weight": (2, 3)}
+
+
+def make_problem(dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    init = {n: rng.normal(size=s) for n, s in SHAPES.items()}
+    init["zero_init.weight"][:] = 0.0
+    grads = []
+    for _ in range(STEPS):
+        step = {n: rng.normal(scale=rng.uniform(0.01, 3.0), size=s) for n, s in SHAPES.items()}
+        step["no_grad.weight"][:] = 0.0
+        grads.append(step)
+    lrs = [0.5 * (1 + 0.1 * np.sin(t)) for t in range(STEPS)]       # the lr changes every step
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    init = {n: v.astype(np_dtype) for n, v in init.items()}
+    grads = [{n: v.astype(np_dtype) for n, v in g.items()} for g in grads]
+    return init, grads, lrs
+
+
+def assert_close(got, want, rtol):
+    for name in want:
+        w = want[name]
+        scale = max(float(np.abs(w).max()), 1e-30)
+        np.testing.assert_allclose(got[name], w, rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+def run_pair(algorithm, torch_cls, torch_kwargs, ref_kwargs, dtype, norm_sums=None):
+    init, grads, lrs = make_problem(dtype)
+    ref_w = {n: v.copy() for n, v in init.items()}
+    ref = ReferenceOptimizer(algorithm, lr=lrs[0], **ref_kwargs)
+    params = {n: torch.tensor(v, dtype=dtype, requires_grad=True) for n, v in init.items()}
+    opt = torch_cls([{"params": list(params.values()), "param_names": list(params)}], lr=lrs[0], **torch_kwargs)
+    for t in range(STEPS):
+        for n, p in params.items():
+            p.grad = torch.tensor(grads[t][n], dtype=dtype)
+        for group in opt.param_groups:
+            group["lr"] = lrs[t]
+        extra = {}
+        if norm_sums is not None:
+            sums = {n: norm_sums(grads[t][n]) for n in params}
+            opt.set_per_example_norms({params[n]: torch.tensor(s, dtype=torch.float64) for n, s in sums.items()}, 8)
+            extra = dict(per_example_norm_sums=sums, global_batch_size=8)
+        opt.step()
+        ref.step(ref_w, grads[t], lr=lrs[t], **extra)
+    return {n: p.detach().numpy() for n, p in params.items()}, ref_w, opt, ref
+
+
+LARS_OPTIONS = [
+    dict(),
+    dict(weight_decay=1e-3),
+    dict(weight_decay=5e-2, trust_denominator="norm_of_sum"),
+    dict(weight_decay=1e-3, clip=True),
+    dict(weight_decay=1e-3, clip=True, trust_coefficient=0.02),
+    dict(weight_decay=1e-3, nesterov=True),
+    dict(weight_decay=1e-3, eps=1e-3),
+    dict(weight_decay=1e-3, exclude=False),                           # adapt and decay everything
+    dict(weight_decay=1e-3, exclude=r"^fc\."),                        # name regex
+    dict(weight_decay=1e-3, exclude={"adaptation": r"conv", "decay": False}),
+    dict(weight_decay=1e-3, momentum=0.0),
+]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-6)], ids=["f64", "f32"])
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+@pytest.mark.parametrize("options", LARS_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_lars_matches_reference(options, foreach, dtype, rtol):
+    options = {"trust_coefficient": 0.01, "momentum": 0.9, **options}
+    got, want, opt, ref = run_pair("lars", LARS, dict(options, foreach=foreach), options, dtype)
+    assert_close(got, want, rtol)
+    assert all(np.isfinite(v).all() for v in got.values())
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_larc_reference_alias(foreach):
+    got, want, _, _ = run_pair("larc", LARS, dict(clip=True, weight_decay=1e-3, foreach=foreach),
+                               dict(weight_decay=1e-3), torch.float64)
+    assert_close(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-6)], ids=["f64", "f32"])
+@pytest.mark.parametrize("options", [dict(), dict(weight_decay=1e-2), dict(weight_decay=1e-2, exclude=False),
+                                     dict(betas=(0.8, 0.99), eps=1e-4)], ids=str)
+def test_lamb_matches_reference(options, dtype, rtol):
+    got, want, _, _ = run_pair("lamb", LAMB, options, options, dtype)
+    assert_close(got, want, rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-6)], ids=["f64", "f32"])
+@pytest.mark.parametrize("options", [dict(weight_decay=1e-3), dict(weight_decay=1e-3, clip=True, nesterov=True)],
+                         ids=str)
+def test_clars_matches_reference(options, dtype, rtol):
+    options = dict(trust_coefficient=0.01, **options)
+    # a made-up per-example norm sum >= 8·‖g‖ (triangle inequality holds for real ones)
+    norm_sums = lambda g: float(np.linalg.norm(g)) * 8 * 1.7   # noqa: E731
+    got, want, _, _ = run_pair("clars", CLARS, options, options, dtype, norm_sums=norm_sums)
+    assert_close(got, want, rtol)
+
+
+def test_trust_ratio_telemetry_matches_reference():
+    got, want, opt, ref = run_pair("lars", LARS, dict(trust_coefficient=0.01, track_trust_ratios=True),
+                                   dict(trust_coefficient=0.01), torch.float64)
+    ratios = opt.trust_ratios()
+    assert set(ratios) == set(SHAPES)
+    for name, value in ratios.items():
+        assert float(value) == pytest.approx(ref.trust_ratios[name], rel=1e-10), name
+    assert float(ratios["conv.bias"]) == 1.0 and float(ratios["zero_init.weight"]) != 1.0   # it grew from 0
+
+
+def test_state_dict_round_trip_continues_identically():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(10)]
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    straight = copy.deepcopy(model)
+    opt_straight = LARS(straight.parameters(), lr=0.5, weight_decay=1e-3, trust_coefficient=0.02)
+    train(straight, opt_straight, data)
+
+    first = copy.deepcopy(model)
+    opt_first = LARS(first.parameters(), lr=0.5, weight_decay=1e-3, trust_coefficient=0.02)
+    train(first, opt_first, data[:5])
+    saved = copy.deepcopy((first.state_dict(), opt_first.state_dict()))
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(saved[0])
+    opt_resumed = LARS(resumed.parameters())                       # defaults differ: the state dict rules
+    opt_resumed.load_state_dict(saved[1])
+    assert opt_resumed.param_groups[0]["lr"] == 0.5 and opt_resumed.param_groups[0]["trust_coefficient"] == 0.02
+    train(resumed, opt_resumed, data[5:])
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_closure_is_called_and_its_loss_returned():
+    w = torch.nn.Parameter(torch.ones(3, 3))
+    opt = LARS([w], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert float(opt.step(closure)) == 9.0
+    assert float(w.sum()) < 9.0
+
+
+def test_step_never_synchronises_with_the_host(monkeypatch):
+    """No .item(), float() or Python branch on a tensor inside step()."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4)),
+              torch.nn.Parameter(torch.zeros(2, 2))]
+    opts = [LARS(params, lr=0.1, weight_decay=1e-3, foreach=True, track_trust_ratios=True),
+            LARS(params, lr=0.1, weight_decay=1e-3, foreach=False, clip=True, trust_denominator="norm_of_sum"),
+            LAMB(params, lr=0.1, weight_decay=1e-3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation inside step()")
+
+    for method in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, method, forbidden)
+    for opt in opts:
+        opt.step()
+        opt.step()
+
+
+def test_zero_gradient_first_step_gives_no_nan():
+    """Horovod's broadcast_optimizer_state steps once on all-zero gradients."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 2))
+    torch.nn.init.zeros_(model[3].weight)
+    for opt in (LARS(model.parameters(), lr=5.0, weight_decay=1e-4), LARS(model.parameters(), clip=True),
+                LAMB(model.parameters(), weight_decay=1e-2), CLARS(model.parameters(), lr=5.0)):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_clars_without_norms_raises_after_first_step():
+    w = torch.nn.Parameter(torch.ones(3, 3))
+    opt = CLARS([w], lr=0.1)
+    w.grad = torch.zeros(3, 3)
+    opt.step()                                  # fresh state: the broadcast initialisation step
+    w.grad = torch.ones(3, 3)
+    with pytest.raises(RuntimeError, match="no per-example gradient norms for this step"):
+        opt.step()
+
+
+def test_per_example_norm_sums_match_brute_force():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+    x, y = torch.randn(6, 3, 6, 6), torch.randint(0, 3, (6,))
+    loss_fn = torch.nn.functional.cross_entropy
+    running_before = model[1].running_mean.clone()
+    sums, batch = per_example_norm_sums(model, loss_fn, x, y, chunk_size=4)
+    assert batch == 6
+    torch.testing.assert_close(model[1].running_mean, running_before)      # BN stats untouched
+    brute = {p: torch.zeros((), dtype=torch.float64) for p in model.parameters()}
+    for i in range(6):
+        model.zero_grad()
+        saved = model[1].track_running_stats
+        model[1].track_running_stats = False                                # same per-example BN semantics
+        loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
+        model[1].track_running_stats = saved
+        for p in model.parameters():
+            brute[p] += p.grad.double().norm()
+    for p in model.parameters():
+        torch.testing.assert_close(sums[p].double(), brute[p], rtol=1e-5, atol=1e-7)
+
+
+def test_param_groups_helper_and_regex_needs_names():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    groups = param_groups(model, exclude=r"^2\.", weight_decay=1e-3)
+    assert groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+    LARS(groups, lr=0.1)
+    with pytest.raises(ValueError, match=r"^exclude: a name regex needs parameter names; pass "):
+        LARS(model.parameters(), exclude=r"bias")
+    LARS(model.named_parameters(), exclude=r"bias")            # torch's named-parameter form works too
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr=-0.1), "lr: expected a number >= 0, got -0.1"),
+    (dict(momentum=1.0), "momentum: expected a number in [0, 1), got 1.0"),
+    (dict(trust_coefficient=-1.0), "trust_coefficient: expected a number > 0, got -1.0"),
+    (dict(trust_denominator="max"), "trust_denominator: expected one of 'sum_of_norms', 'norm_of_sum', got 'max'"),
+    (dict(nesterov=True, momentum=0.0), "nesterov: needs momentum > 0, got momentum=0.0"),
+    (dict(foreach=True, fused=True), "fused: expected fused=True or foreach=True, not both"),
+    (dict(exclude=42), "exclude_from_adaptation: expected None, a bool, a regex string, a callable "
+                       "(name, shape) -> bool or a list of those, got 42"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        LARS([torch.nn.Parameter(torch.ones(2, 2))], **kwargs)
+    assert str(err.value) == message
