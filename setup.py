@@ -6,14 +6,14 @@ setup(
     description="Layer-wise adaptive rate scaling (LARS, LARC, LAMB, CLARS) and the large-batch "
                 "recipe for PyTorch and Keras 3 on Horovod",
     python_requires=">=3.9",
-    packages=["largebatch", "largebatch.torch", "largebatch.keras", "largebatch.launchers"],
+    packages=["largebatch", "largebatch.runner", "largebatch.torch", "largebatch.keras", "largebatch.launchers"],
     package_dir={
         "largebatch": "largebatch",
         "largebatch.torch": "frameworks/torch",
         "largebatch.keras": "frameworks/keras",
         "largebatch.launchers": "launchers",
     },
-    install_requires=["numpy", "pyyaml"],
+    install_requires=["numpy", "pyyaml", "tqdm", "pillow"],
     extras_require={"torch": ["torch>=2.1"], "keras": ["tensorflow>=2.16"], "test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["largebatch=largebatch.cli:main"]},
 )

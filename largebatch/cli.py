@@ -1,0 +1,236 @@
+"""The ``largebatch`` command.
+
+    largebatch run EXP.yaml [--np N] [--launcher horovodrun|mpirun|srun] [--hosts H | --hostfile F]
+                            [--dry-run] [key.sub=value ...]
+    largebatch validate EXP.yaml [--np N] [--print] [key.sub=value ...]
+    largebatch doctor [...]
+    largebatch bench [...]
+
+Exit codes: 0 success; 2 bad input (one line per problem on stderr, nothing written, nothing
+run); otherwise the launcher's own exit code.
+"""
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+__all__ = ["main", "run_dir_for", "launch_plan"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _fail(problems):
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 2
+
+
+def _flag_overrides(args):
+    out = []
+    if getattr(args, "np", None) is not None:
+        out.append(f"launcher.np={args.np}")
+    if getattr(args, "launcher", None) is not None:
+        out.append(f"launcher.type={args.launcher}")
+    if getattr(args, "hosts", None) is not None:
+        out.append(f"launcher.hosts={args.hosts}")
+    if getattr(args, "hostfile", None) is not None:
+        out.append(f"launcher.hostfile={args.hostfile}")
+    return out
+
+
+def _load(args):
+    from .config import load
+    return load(args.experiment, list(args.overrides) + _flag_overrides(args))
+
+
+def run_dir_for(exp):
+    """``output.run_dir``, else ``<output.dir>/<name>``, made unique with ``-2``, ``-3``, ..."""
+    if exp.cfg["output"]["run_dir"]:
+        return os.path.abspath(exp.cfg["output"]["run_dir"])
+    base = os.path.abspath(os.path.join(exp.cfg["output"]["dir"], exp.cfg["name"]))
+    candidate, n = base, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def _installed():
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+        distribution("largebatch")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def launch_plan(exp, run_dir, overrides):
+    """The LaunchCommand that runs ``exp`` with its ranks writing to ``run_dir``."""
+    from .config import launchers_module
+    command = launchers_module("command")
+    program = command.rank_program(exp.cfg["launcher"]["python"], exp.source["file"],
+                                   [*overrides, f"output.run_dir={run_dir}"])
+    cmd = command.build_command(exp.cfg["launcher"], exp.derived, program)
+    if not _installed():
+        # a source checkout: let every rank import this very package
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.environ.get("PYTHONPATH")
+        value = os.pathsep.join([root] + ([path] if path else []))
+        if cmd.argv and os.path.basename(cmd.argv[0]) == "mpirun":
+            cmd.argv = [a if a != "PYTHONPATH" else f"PYTHONPATH={value}" for a in cmd.argv]
+            if f"PYTHONPATH={value}" not in cmd.argv:
+                i = cmd.argv.index("-np")
+                cmd.argv[i:i] = ["-x", f"PYTHONPATH={value}"]
+        elif os.path.basename(cmd.argv[0]) == "srun":
+            cmd.argv = [a.replace("--export=ALL", f"--export=ALL,PYTHONPATH={value}", 1)
+                        if a.startswith("--export=") else a for a in cmd.argv]
+        else:
+            cmd.env["PYTHONPATH"] = value
+    return cmd
+
+
+def cmd_validate(args):
+    from .config import ConfigError, describe, dump_yaml
+    try:
+        exp = _load(args)
+    except ConfigError as err:
+        return _fail(err.problems)
+    if args.print:
+        sys.stdout.write(dump_yaml(exp.resolved()))
+    else:
+        print(f"ok: {describe(exp)}")
+    return 0
+
+
+def cmd_run(args):
+    from .config import ConfigError, describe
+    try:
+        exp = _load(args)
+    except ConfigError as err:
+        return _fail(err.problems)
+    overrides = list(args.overrides) + _flag_overrides(args)
+    run_dir = run_dir_for(exp)
+    try:
+        cmd = launch_plan(exp, run_dir, overrides)
+    except ValueError as err:          # a hostfile that changed since validation, say
+        return _fail([f"launcher: {err}"])
+    print(describe(exp), file=sys.stderr)
+    plan = cmd.threads
+    if plan is not None:
+        print(f"threads per rank: {plan.threads} intra-op, {plan.interop} inter-op "
+              f"({plan.cores_per_host} cores per host from {plan.cores_source}; binding {plan.binding})",
+              file=sys.stderr)
+    for note in cmd.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.dry_run:
+        print(f"run dir: {run_dir} (not created: --dry-run)", file=sys.stderr)
+        print(cmd.shell())
+        return 0
+    exe = cmd.argv[0]
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)) and shutil.which(exe) is None:
+        return _fail([f"launcher.type: {os.path.basename(exe)!r} not found on PATH "
+                      f"(install it, or choose another launcher.type)"])
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "launch.sh"), "w") as fh:
+        fh.write("#!/bin/sh\n# written by largebatch run; rerunning it continues into this run dir\n")
+        fh.write(f"cd {_quote(os.getcwd())}\n{cmd.shell()}\n")
+    print(f"run dir: {run_dir}", file=sys.stderr)
+    env = dict(os.environ)
+    env.update(cmd.env)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")      # horovodrun and the ranks import TensorFlow
+    proc = subprocess.Popen(cmd.argv, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return 130
+
+
+def _quote(s):
+    import shlex
+    return shlex.quote(s)
+
+
+def cmd_doctor(argv):
+    try:
+        from . import doctor
+    except ImportError as err:
+        return _fail([f"largebatch doctor: not available in this installation ({err})"])
+    return doctor.main(argv)
+
+
+def cmd_bench(argv):
+    try:
+        from . import bench
+    except ImportError:
+        bench = None
+    if bench is not None and hasattr(bench, "main"):
+        return bench.main(argv)
+    return _fail(["largebatch bench: benchmarks are not wired into the CLI yet; "
+                  "run the scripts in bench/ directly"])
+
+
+def _experiment_parser(command):
+    p = _Parser(prog=f"largebatch {command}")
+    p.add_argument("experiment", metavar="EXP.yaml", help="experiment file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="override a YAML key, e.g. optimizer.trust_coefficient=0.02")
+    p.add_argument("--np", type=int, metavar="N", help="number of ranks (launcher.np)")
+    if command == "run":
+        p.description = "Launch an experiment with horovodrun, mpirun or srun."
+        p.add_argument("--launcher", choices=("horovodrun", "mpirun", "srun"), help="launcher.type")
+        p.add_argument("-H", "--hosts", metavar="H1:N,H2:N", help="launcher.hosts")
+        p.add_argument("--hostfile", metavar="FILE", help="launcher.hostfile ('host slots=N' lines)")
+        p.add_argument("--dry-run", action="store_true", help="print the launch command, run nothing")
+    else:
+        p.description = "Check an experiment file and print what would run."
+        p.add_argument("--print", action="store_true", help="print the resolved experiment as YAML")
+    return p
+
+
+USAGE = """usage: largebatch {run,validate,doctor,bench} ...
+
+  run EXP.yaml [--np N] [--launcher horovodrun|mpirun|srun] [-H HOSTS | --hostfile F]
+               [--dry-run] [key.sub=value ...]      launch an experiment
+  validate EXP.yaml [--np N] [--print] [key.sub=value ...]
+                                                   check it, print what would run
+  doctor                                           check the installation
+  bench ...                                        benchmarks
+
+`largebatch <command> --help` for details. Exit code 2 on bad input.
+"""
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        (sys.stdout if argv else sys.stderr).write(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "doctor":
+        return cmd_doctor(rest)
+    if command == "bench":
+        return cmd_bench(rest)
+    if command in ("run", "validate"):
+        args = _experiment_parser(command).parse_intermixed_args(rest)
+        if args.np is not None and args.np < 1:
+            return _fail([f"--np: expected an integer > 0, got {args.np}"])
+        return cmd_run(args) if command == "run" else cmd_validate(args)
+    return _fail([f"largebatch: unknown command {command!r}; expected one of run, validate, doctor, bench"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

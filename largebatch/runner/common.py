@@ -1,0 +1,211 @@
+"""What the torch and Keras runners share: the run directory, metrics, schedule, summary.
+
+Run directory (written by rank 0 only):
+    config.yaml          the resolved experiment (every key, plus ``derived`` values)
+    metrics.csv          kind,step,epoch,lr,loss,accuracy,images_per_sec,elapsed_s (train and eval rows)
+    metrics.jsonl        the same rows as JSON objects
+    trust_ratios.csv     step,layer,trust_ratio (layer lr / global lr), every train.log_every steps
+    tensorboard/         event file: train/*, eval/*, trust_ratio/<layer> scalars
+    checkpoints/         every output.checkpoint_every epochs and at the end
+    summary.json         final numbers (written last; its presence means the run finished)
+"""
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+from .. import __version__
+from ..config import dump_yaml
+from ..schedules import build_schedule
+
+__all__ = ["RunLog", "make_schedule", "Progress", "Throughput", "versions"]
+
+METRIC_FIELDS = ("kind", "step", "epoch", "lr", "loss", "accuracy", "images_per_sec", "elapsed_s")
+
+
+def make_schedule(exp):
+    """lr(step) from the core (scaled peak lr, warmup, decay), for exp.derived's step counts."""
+    sch, d = exp.cfg["schedule"], exp.derived
+    warm = sch["warmup"] if sch["warmup_epochs"] > 0 else "none"
+    try:
+        return build_schedule(peak_lr=d["peak_lr"], steps_per_epoch=d["steps_per_epoch"], epochs=d["epochs"],
+                              warmup=warm, warmup_epochs=sch["warmup_epochs"],
+                              warmup_start_lr=d.get("warmup_start_lr"), decay=sch["decay"], power=sch["power"],
+                              end_lr=sch["end_lr"], milestones=sch["milestones"], factor=sch["factor"])
+    except ValueError as err:
+        from ..config import ConfigError
+        raise ConfigError([f"schedule.{err}"]) from None
+
+
+def versions(framework):
+    out = {"python": platform.python_version(), "largebatch": __version__}
+    for name in (("torch",) if framework == "torch" else ("tensorflow", "keras")) + ("horovod", "numpy"):
+        module = sys.modules.get(name)
+        if module is not None:
+            out[name] = getattr(module, "__version__", "?")
+    return out
+
+
+class Throughput:
+    """Images per second between calls of :meth:`tick` (global images, rank 0's clock)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.rates = []
+
+    def tick(self, images):
+        now = time.perf_counter()
+        rate = images / max(now - self.last, 1e-9)
+        self.last = now
+        self.rates.append(rate)
+        return rate
+
+    def steady(self):
+        """Mean rate without the first interval (start-up, first-step allocation)."""
+        rates = self.rates[1:] or self.rates
+        return sum(rates) / len(rates) if rates else float("nan")
+
+
+class Progress:
+    """A tqdm bar on rank 0 (steps, with loss, lr and images/s); nothing elsewhere."""
+
+    def __init__(self, total, enabled, desc, rank=0):
+        self.bar = None
+        self.rank = rank
+        if enabled and rank == 0:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5,
+                            file=sys.stderr, smoothing=0.1)
+
+    def update(self, n=1, **postfix):
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                     refresh=False)
+            self.bar.update(n)
+
+    def write(self, text):
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        elif self.rank == 0:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class RunLog:
+    """The run directory's files; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir, exp, rank):
+        self.run_dir, self.exp, self.active = run_dir, exp, rank == 0
+        self._csv = self._jsonl = self._trust = self._trust_csv = self.tb = None
+        self.t0 = time.perf_counter()
+        if not self.active:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        for stale in ("summary.json", "trust_ratios.csv"):    # a rerun into the same directory
+            path = os.path.join(run_dir, stale)
+            if os.path.exists(path):
+                os.remove(path)
+        self._csv_fh = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+        self._csv = csv.DictWriter(self._csv_fh, METRIC_FIELDS)
+        self._csv.writeheader()
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+        if exp.cfg["output"]["tensorboard"]:
+            from .tbevents import EventWriter
+            tb_dir = os.path.join(run_dir, "tensorboard")
+            if os.path.isdir(tb_dir):           # a rerun into the same directory replaces the run
+                for name in os.listdir(tb_dir):
+                    if name.startswith("events.out.tfevents."):
+                        os.remove(os.path.join(tb_dir, name))
+            self.tb = EventWriter(os.path.join(run_dir, "tensorboard"))
+
+    def path(self, *parts):
+        return os.path.join(self.run_dir, *parts)
+
+    def write_config(self):
+        if self.active:
+            with open(self.path("config.yaml"), "w") as fh:
+                fh.write("# resolved by largebatch: every key with its value, plus derived values\n")
+                fh.write("# `largebatch run` on this file repeats the run into a new run directory\n")
+                resolved = self.exp.resolved()
+                resolved["output"]["run_dir"] = None
+                resolved["derived"]["run_dir"] = self.run_dir
+                fh.write(dump_yaml(resolved))
+
+    def metrics(self, kind, step, epoch, **values):
+        if not self.active:
+            return
+        row = {"kind": kind, "step": step, "epoch": round(epoch, 4),
+               "elapsed_s": round(time.perf_counter() - self.t0, 3), **values}
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._csv.writerow({k: row.get(k) for k in METRIC_FIELDS})
+        self._csv_fh.flush()
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self.tb is not None:
+            self.tb.scalars(step, {f"{kind}/{k}": v for k, v in values.items()
+                                   if isinstance(v, (int, float)) and v is not None})
+            self.tb.flush()
+
+    def trust_ratios(self, step, ratios):
+        if not self.active or not ratios:
+            return
+        if self._trust is None:
+            self._trust_fh = open(self.path("trust_ratios.csv"), "w", newline="")
+            self._trust = csv.writer(self._trust_fh)
+            self._trust.writerow(["step", "layer", "trust_ratio"])
+        for name, value in ratios.items():
+            self._trust.writerow([step, name, f"{value:.6g}"])
+        self._trust_fh.flush()
+        if self.tb is not None:
+            self.tb.scalars(step, {f"trust_ratio/{k}": v for k, v in ratios.items()})
+
+    def checkpoint_path(self, name):
+        os.makedirs(self.path("checkpoints"), exist_ok=True)
+        return self.path("checkpoints", name)
+
+    def summary(self, values):
+        if not self.active:
+            return
+        values = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        tmp = self.path(".summary.json.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(values, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, self.path("summary.json"))
+
+    def close(self):
+        if not self.active:
+            return
+        for fh in (getattr(self, "_csv_fh", None), self._jsonl, getattr(self, "_trust_fh", None)):
+            if fh is not None:
+                fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def summary_dict(exp, *, status, steps, epochs_done, final_loss, eval_result, throughput, wall, threads,
+                 framework_versions, size):
+    c, d = exp.cfg, exp.derived
+    return {
+        "name": c["name"], "status": status, "framework": c["framework"], "model": c["model"]["name"],
+        "optimizer": c["optimizer"]["name"], "data": c["data"]["kind"], "ranks": size,
+        "per_worker_batch": d["per_worker_batch"], "accumulation_steps": d["accumulation_steps"],
+        "global_batch": d["global_batch"], "base_lr": c["schedule"]["base_lr"], "peak_lr": d["peak_lr"],
+        "steps_per_epoch": d["steps_per_epoch"], "total_steps": d["total_steps"], "steps_done": steps,
+        "epochs_done": round(epochs_done, 4), "final_train_loss": final_loss,
+        "final_eval_loss": eval_result.get("loss") if eval_result else None,
+        "final_eval_accuracy": eval_result.get("accuracy") if eval_result else None,
+        "images_per_sec": throughput, "wall_time_s": round(wall, 3),
+        "threads_per_rank": threads[0], "interop_threads": threads[1], "threads_reason": threads[2],
+        "versions": framework_versions,
+    }

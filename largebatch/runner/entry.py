@@ -1,0 +1,96 @@
+"""``python -m largebatch.runner EXP.yaml [key.sub=value ...]``: what every rank runs."""
+import importlib
+import os
+import sys
+
+from ..config import ConfigError, launchers_module, load
+
+__all__ = ["main", "world_size_from_env", "world_rank_from_env", "run_dir_of"]
+
+
+def world_size_from_env(env=None):
+    """The world size the launcher announced (Horovod gloo, Open MPI, PMI, Slurm step), or None."""
+    env = os.environ if env is None else env
+    for var in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE"):
+        value = env.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    if env.get("SLURM_STEP_ID") is not None:
+        value = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def world_rank_from_env(env=None):
+    env = os.environ if env is None else env
+    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
+        value = env.get(var, "")
+        if value.isdigit():
+            return int(value)
+    if env.get("SLURM_STEP_ID") is not None and env.get("SLURM_PROCID", "").isdigit():
+        return int(env["SLURM_PROCID"])
+    return 0
+
+
+def run_dir_of(exp):
+    """``output.run_dir``, else ``<output.dir>/<name>`` (the same on every rank)."""
+    out = exp.cfg["output"]
+    return os.path.abspath(out["run_dir"] or os.path.join(out["dir"], exp.cfg["name"]))
+
+
+class Loader:
+    """Loads the experiment for a given world size (the runners call it again with the world
+    size Horovod reports, should the launcher's environment have said otherwise)."""
+
+    def __init__(self, path, overrides):
+        self.path, self.overrides = path, list(overrides)
+
+    def __call__(self, size):
+        return load(self.path, self.overrides + [f"launcher.np={size}"])
+
+
+def _usage():
+    print("usage: python -m largebatch.runner EXP.yaml [key.sub=value ...]\n"
+          "  the per-rank training entry point; start it with `largebatch run EXP.yaml`, or under\n"
+          "  horovodrun / mpirun / srun yourself", file=sys.stderr)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _usage()
+        return 0 if argv else 2
+    path, overrides = argv[0], argv[1:]
+    rank = world_rank_from_env()
+    loader = Loader(path, overrides)
+    try:
+        exp = loader(world_size_from_env() or 1)
+    except ConfigError as err:
+        if rank == 0:
+            for line in err.problems:
+                print(line, file=sys.stderr)
+        return 2
+
+    # threads before torch / TensorFlow are imported: OpenMP and MKL read the environment once
+    la = exp.cfg["launcher"]
+    threads = launchers_module("threads").rank_threads(
+        threads=la["threads_per_rank"], interop=la["interop_threads"], cores_per_host=la["cores_per_host"],
+        binding=la["binding"])
+    t, i, _ = threads
+    thread_env = launchers_module("threads").thread_env(t, i, la["binding"])
+    os.environ.update(thread_env)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    module = importlib.import_module(f".{exp.cfg['framework']}_train", __package__)
+    try:
+        return module.run(exp, loader, threads)
+    except ConfigError as err:          # found at run time (data folder contents, world size)
+        if _is_rank0(rank):
+            for line in err.problems:
+                print(line, file=sys.stderr)
+        return 2
+
+
+def _is_rank0(env_rank):
+    return env_rank == 0

@@ -1,0 +1,223 @@
+"""The Keras 3 training loop each rank runs: ``model.fit`` with largebatch.keras.
+
+Gradients are averaged by ``largebatch.keras.DistributedOptimizer`` (Horovod's own Keras
+optimizer does not average under Keras 3), variables are broadcast from rank 0 by
+``largebatch.keras.callbacks.BroadcastGlobalVariables``, the learning rate follows the core's
+schedule through ``largebatch.keras.callbacks.LearningRateSchedule`` (per optimizer update,
+with momentum correction), and the runner's callback logs, evaluates and checkpoints.
+"""
+import math
+import time
+
+import numpy as np
+
+from ..config import ConfigError, import_mapped
+from ..policy import ParamPolicy
+from .common import Progress, RunLog, Throughput, make_schedule, summary_dict, versions
+from .data import DataError, Prefetcher, build_datasets, epoch_batches, eval_batches
+from .entry import run_dir_of
+
+__all__ = ["run", "build_model", "build_optimizer"]
+
+
+def build_model(cfg, derived):
+    import keras
+    lbk_models = import_mapped("largebatch.keras.models")
+    name, classes = cfg["model"]["name"], derived["num_classes"]
+    shape = (derived["image_size"], derived["image_size"], cfg["data"]["channels"])
+    seed = cfg["train"]["seed"]
+    if name == "small_cnn":
+        return lbk_models.small_cnn(input_shape=shape, num_classes=classes, batch_norm=cfg["model"]["batch_norm"],
+                                    seed=seed)
+    if name == "small_resnet":
+        return lbk_models.small_resnet(input_shape=shape, num_classes=classes, seed=seed)
+    if name == "resnet50":
+        return keras.applications.ResNet50(weights=None, input_shape=shape, classes=classes,
+                                           classifier_activation=None)
+    raise ConfigError([f"model.name: {name!r} is not available for framework 'keras'"])
+
+
+def build_optimizer(cfg, model, lr):
+    import keras
+    o = cfg["optimizer"]
+    if o["name"] == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=o["momentum"], nesterov=o["nesterov"],
+                                    weight_decay=o["weight_decay"] or None)
+    lbk = import_mapped("largebatch.keras")
+    if o["name"] == "lamb":
+        return lbk.LAMB(learning_rate=lr, beta_1=o["betas"][0], beta_2=o["betas"][1], epsilon=o["eps"],
+                        weight_decay=o["weight_decay"], exclude=o["exclude"])
+    return lbk.LARS(learning_rate=lr, momentum=o["momentum"], weight_decay=o["weight_decay"],
+                    trust_coefficient=o["trust_coefficient"], eps=o["eps"], trust_denominator=o["trust_denominator"],
+                    clip=o["name"] == "larc", nesterov=o["nesterov"], exclude=o["exclude"])
+
+
+def exclude_from_decay(optimizer, cfg, model):
+    """Keras SGD: keep weight decay off the tensors the policy excludes (default: ndim <= 1).
+    Called on the final (wrapped) optimizer: the exclusion list is not part of get_config()."""
+    o = cfg["optimizer"]
+    if o["name"] == "sgd" and o["weight_decay"]:
+        policy = ParamPolicy.from_spec(o["exclude"])
+        excluded = [v for v in model.trainable_variables if not policy.decays(v.path, tuple(v.shape))]
+        if excluded:
+            optimizer.exclude_from_weight_decay(var_list=excluded)
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def run(exp, loader, threads):
+    import tensorflow as tf
+    t, i, _ = threads
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(t)
+        tf.config.threading.set_inter_op_parallelism_threads(i)
+    except RuntimeError:       # TF already initialised by an import; the environment variables hold
+        pass
+    import keras
+    hvd = import_mapped("largebatch.horovod_support").import_horovod("tensorflow")
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    if exp.derived["np"] != size:
+        exp = loader(size)
+    cfg, derived = exp.cfg, exp.derived
+    lbk = import_mapped("largebatch.keras")
+    keras.utils.set_random_seed(cfg["train"]["seed"])
+    try:
+        train_set, val_set = build_datasets(cfg, derived)
+    except DataError as err:
+        raise ConfigError([str(err)]) from None
+    gb, pw, acc = derived["global_batch"], derived["per_worker_batch"], derived["accumulation_steps"]
+    spe = len(train_set) // gb
+    if spe < 1:
+        raise ConfigError([f"data.path: expected at least the global batch ({gb}) images for one step, "
+                           f"got {len(train_set)}"])
+    derived["steps_per_epoch"] = spe
+    if cfg["train"]["steps"] is not None:
+        derived["total_steps"] = cfg["train"]["steps"]
+        derived["epochs"] = cfg["train"]["steps"] / spe
+    else:
+        derived["total_steps"] = max(1, round(cfg["train"]["epochs"] * spe))
+    schedule = make_schedule(exp)
+    total = derived["total_steps"]
+
+    run_dir = run_dir_of(exp)
+    log = RunLog(run_dir, exp, rank)
+    log.write_config()
+
+    model = build_model(cfg, derived)
+    optimizer = lbk.DistributedOptimizer(build_optimizer(cfg, model, schedule(0)), accumulation_steps=acc)
+    exclude_from_decay(optimizer, cfg, model)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], jit_compile=False)
+
+    workers = cfg["data"]["loader_workers"]
+
+    class Shard(keras.utils.PyDataset):
+        """This rank's micro-batches, re-shuffled and re-sharded every epoch."""
+
+        def __init__(self):
+            super().__init__(workers=max(1, workers), use_multiprocessing=False)
+            self.epoch = 0
+            self._batches = self._make(0)
+
+        def _make(self, epoch):
+            return epoch_batches(len(train_set), epoch, seed=cfg["train"]["seed"], rank=rank, size=size,
+                                 per_worker=pw, accumulation=acc, steps=spe)
+
+        def __len__(self):
+            return spe * acc
+
+        def __getitem__(self, index):
+            return train_set.batch(self._batches[index], self.epoch, True)
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self._batches = self._make(self.epoch)
+
+    track = cfg["output"]["trust_ratios"] and hasattr(optimizer, "trust_ratios")
+    progress = Progress(total, cfg["output"]["progress"], cfg["name"], rank)
+    rate = Throughput()
+    state = {"loss": float("nan"), "eval": None, "status": "completed", "step": 0, "logged": 0}
+    ckpt_every = cfg["output"]["checkpoint_every"]
+
+    def evaluate():
+        loss_sum = correct = count = 0.0
+        batches = eval_batches(len(val_set), rank=rank, size=size, batch=pw)
+        for x, y in Prefetcher(val_set, batches, train=False, workers=workers):
+            logits = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+            logp = _log_softmax(logits)
+            loss_sum += float(-logp[np.arange(len(y)), y].sum())
+            correct += float((logits.argmax(1) == y).sum())
+            count += len(y)
+        totals = hvd.allreduce(tf.constant([loss_sum, correct, count], tf.float64), op=hvd.Sum,
+                               name="largebatch.eval").numpy()
+        return {"loss": totals[0] / max(totals[2], 1), "accuracy": totals[1] / max(totals[2], 1)}
+
+    class RunnerCallback(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.sum_seen, self.n_seen = 0.0, 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            if (batch + 1) % acc:
+                return
+            step = int(self.model.optimizer.iterations.numpy())
+            state["step"] = step
+            progress.update(1)
+            if step % cfg["train"]["log_every"] == 0 or step >= total:
+                running = float(logs["loss"])
+                epoch_sum, n = running * (batch + 1), batch + 1
+                local = (epoch_sum - self.sum_seen) / max(n - self.n_seen, 1)
+                self.sum_seen, self.n_seen = epoch_sum, n
+                loss = float(hvd.allreduce(tf.constant(local, tf.float64), op=hvd.Average,
+                                           name="largebatch.loss").numpy())
+                state["loss"] = loss
+                lr = float(schedule(step - 1))
+                ips = rate.tick(gb * (step - state["logged"]))
+                state["logged"] = step
+                log.metrics("train", step, step / spe, lr=lr, loss=loss, images_per_sec=ips)
+                if track and rank == 0:
+                    log.trust_ratios(step, {k: float(v) for k, v in self.model.optimizer.trust_ratios().items()})
+                progress.update(0, loss=loss, lr=lr, img_s=round(ips, 1))
+                if not math.isfinite(loss):
+                    state["status"] = "diverged"
+                    progress.write(f"step {step}: loss is {loss}; stopping (diverged)")
+                    self.model.stop_training = True
+            if step >= total:
+                self.model.stop_training = True
+
+        def on_epoch_end(self, epoch, logs=None):
+            step = state["step"]
+            if state["status"] != "completed":
+                return
+            if val_set is not None and cfg["train"]["eval"]:
+                state["eval"] = evaluate()
+                log.metrics("eval", step, step / spe, loss=state["eval"]["loss"],
+                            accuracy=state["eval"]["accuracy"])
+                progress.write(f"epoch {epoch + 1}: eval loss {state['eval']['loss']:.4f}, "
+                               f"accuracy {state['eval']['accuracy']:.4f}")
+            if ckpt_every and ((epoch + 1) % ckpt_every == 0 or step >= total) and rank == 0:
+                model.save_weights(log.checkpoint_path(f"epoch-{epoch + 1:04d}.weights.h5"))
+
+    callbacks = [lbk.callbacks.BroadcastGlobalVariables(0),
+                 lbk.callbacks.LearningRateSchedule(schedule, momentum_correction=cfg["schedule"]["momentum_correction"]),
+                 RunnerCallback()]
+    started = time.perf_counter()
+    try:
+        model.fit(Shard(), epochs=math.ceil(total / spe), steps_per_epoch=spe * acc, verbose=0,
+                  callbacks=callbacks)
+    finally:
+        progress.close()
+    step = state["step"]
+    log.summary(summary_dict(exp, status=state["status"], steps=step, epochs_done=step / spe,
+                             final_loss=state["loss"], eval_result=state["eval"], throughput=rate.steady(),
+                             wall=time.perf_counter() - started, threads=threads,
+                             framework_versions=versions("keras"), size=size))
+    log.close()
+    if rank == 0:
+        ev = state["eval"]
+        print(f"run dir: {run_dir} ({state['status']}, {step} steps, loss {state['loss']:.4g}"
+              + (f", eval accuracy {ev['accuracy']:.4f}" if ev else "") + ")", flush=True)
+    return 0 if state["status"] == "completed" else 1

@@ -1,0 +1,224 @@
+"""The PyTorch training loop each rank runs (Horovod, largebatch.torch optimizers)."""
+import math
+import time
+
+import numpy as np
+
+from ..config import ConfigError, import_mapped
+from ..policy import ParamPolicy
+from ..schedules import momentum_correction
+from .common import Progress, RunLog, Throughput, make_schedule, summary_dict, versions
+from .data import DataError, Prefetcher, build_datasets, epoch_batches, eval_batches
+from .entry import run_dir_of
+
+__all__ = ["run", "build_model", "build_optimizer"]
+
+LR_IN_BUFFER = ("lars", "larc", "clars")   # v ← m·v + γ·λ·g: momentum correction applies
+
+
+def build_model(cfg, derived):
+    import torch  # noqa: F401
+    name, classes, channels = cfg["model"]["name"], derived["num_classes"], cfg["data"]["channels"]
+    small = derived["image_size"] <= 64
+    if name == "alexnet_bn":
+        models = _local_or_adapter("alexnet_bn")
+        return models(num_classes=classes, in_channels=channels)
+    models = import_mapped("largebatch.torch.models")
+    if name == "small_cnn":
+        return models.SmallCNN(num_classes=classes, in_channels=channels, batchnorm=cfg["model"]["batch_norm"])
+    fn = getattr(models, name)
+    return fn(num_classes=classes, in_channels=channels, small_input=small,
+              zero_init_residual=cfg["model"]["zero_init_residual"])
+
+
+def _local_or_adapter(name):
+    try:
+        return getattr(import_mapped("largebatch.torch.models"), name)
+    except AttributeError:
+        from . import torch_models
+        return getattr(torch_models, name)
+
+
+def build_optimizer(cfg, model, lr, track_trust_ratios):
+    """The configured optimizer (not yet wrapped for Horovod)."""
+    import torch
+    o = cfg["optimizer"]
+    if o["name"] == "sgd":
+        policy = ParamPolicy.from_spec(o["exclude"])
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                (decay if policy.decays(n, p.shape) else no_decay).append(p)
+        groups = [g for g in ({"params": decay, "weight_decay": o["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        return torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"])
+    lbt = import_mapped("largebatch.torch")
+    groups = lbt.param_groups(model, exclude=o["exclude"])
+    if o["name"] == "lamb":
+        return lbt.LAMB(groups, lr=lr, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"],
+                        exclude=o["exclude"], track_trust_ratios=track_trust_ratios)
+    cls = lbt.CLARS if o["name"] == "clars" else lbt.LARS
+    return cls(groups, lr=lr, momentum=o["momentum"], weight_decay=o["weight_decay"],
+               trust_coefficient=o["trust_coefficient"], eps=o["eps"], trust_denominator=o["trust_denominator"],
+               clip=o["name"] == "larc", nesterov=o["nesterov"], exclude=o["exclude"],
+               track_trust_ratios=track_trust_ratios)
+
+
+def _to_torch(batch, torch):
+    x, y = batch
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(y)
+
+
+def _evaluate(model, val, cfg, derived, hvd, torch, rank, size):
+    model.eval()
+    loss_sum = correct = count = 0.0
+    batches = eval_batches(len(val), rank=rank, size=size, batch=derived["per_worker_batch"])
+    with torch.no_grad():
+        for batch in Prefetcher(val, batches, train=False, workers=cfg["data"]["loader_workers"]):
+            x, y = _to_torch(batch, torch)
+            out = model(x)
+            loss_sum += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += float((out.argmax(1) == y).sum())
+            count += len(y)
+    totals = hvd.allreduce(torch.tensor([loss_sum, correct, count], dtype=torch.float64), op=hvd.Sum,
+                           name="largebatch.eval")
+    model.train()
+    loss_sum, correct, count = totals.tolist()
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+def run(exp, loader, threads):
+    import torch
+    hvd = import_mapped("largebatch.horovod_support").import_horovod("torch")
+    hvd.init()
+    t, i, _ = threads
+    torch.set_num_threads(t)
+    try:
+        torch.set_num_interop_threads(i)
+    except RuntimeError:       # already set (a parallel region ran), keep going
+        pass
+    rank, size = hvd.rank(), hvd.size()
+    if exp.derived["np"] != size:
+        exp = loader(size)
+    cfg, derived = exp.cfg, exp.derived
+    torch.manual_seed(cfg["train"]["seed"])
+    try:
+        train_set, val_set = build_datasets(cfg, derived)
+    except DataError as err:
+        raise ConfigError([str(err)]) from None
+    gb, pw, acc = derived["global_batch"], derived["per_worker_batch"], derived["accumulation_steps"]
+    spe = len(train_set) // gb
+    if spe < 1:
+        raise ConfigError([f"data.path: expected at least the global batch ({gb}) images for one step, "
+                           f"got {len(train_set)}"])
+    derived["steps_per_epoch"] = spe
+    if cfg["train"]["steps"] is not None:
+        derived["total_steps"] = cfg["train"]["steps"]
+        derived["epochs"] = cfg["train"]["steps"] / spe
+    else:
+        derived["total_steps"] = max(1, round(cfg["train"]["epochs"] * spe))
+    schedule = make_schedule(exp)
+    total = derived["total_steps"]
+
+    run_dir = run_dir_of(exp)
+    log = RunLog(run_dir, exp, rank)
+    log.write_config()
+
+    model = build_model(cfg, derived)
+    model.train()
+    o = cfg["optimizer"]
+    track = cfg["output"]["trust_ratios"] and o["name"] != "sgd"
+    optimizer = build_optimizer(cfg, model, schedule(0), track)
+    lbt = import_mapped("largebatch.torch")
+    optimizer = lbt.distributed_optimizer(optimizer, model, backward_passes_per_step=acc)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    clars = o["name"] == "clars"
+    if clars:
+        per_example = lbt.per_example_norm_sums
+    correct_momentum = cfg["schedule"]["momentum_correction"] and o["name"] in LR_IN_BUFFER
+
+    log_every, workers = cfg["train"]["log_every"], cfg["data"]["loader_workers"]
+    progress = Progress(total, cfg["output"]["progress"], cfg["name"], rank)
+    rate = Throughput()
+    started = time.perf_counter()
+    step, epoch, last_lr = 0, 0, schedule(0)
+    window_loss, window_n, final_loss, eval_result = 0.0, 0, float("nan"), None
+    ckpt_every = cfg["output"]["checkpoint_every"]
+    status = "completed"
+    try:
+        while step < total:
+            batches = epoch_batches(len(train_set), epoch, seed=cfg["train"]["seed"], rank=rank, size=size,
+                                    per_worker=pw, accumulation=acc, steps=spe)
+            micro = iter(Prefetcher(train_set, batches, epoch=epoch, train=True, workers=workers))
+            for _ in range(spe):
+                if step >= total:
+                    break
+                lr = schedule(step)
+                factor = momentum_correction(lr, last_lr) if correct_momentum else 1.0
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                    if factor != 1.0:
+                        for p in group["params"]:
+                            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                            if buf is not None:
+                                buf.mul_(factor)
+                last_lr = lr
+                optimizer.zero_grad()
+                norm_sums, seen = None, 0
+                for _ in range(acc):
+                    x, y = _to_torch(next(micro), torch)
+                    loss = loss_fn(model(x), y)
+                    (loss / acc).backward()
+                    window_loss += float(loss.detach())
+                    window_n += 1
+                    if clars:
+                        sums, n = per_example(model, loss_fn, x, y, allreduce=True)
+                        norm_sums = sums if norm_sums is None else {p: norm_sums[p] + s for p, s in sums.items()}
+                        seen += n
+                if clars:
+                    optimizer.set_per_example_norms(norm_sums, seen)
+                optimizer.step()
+                step += 1
+                if step % log_every == 0 or step == total:
+                    avg = hvd.allreduce(torch.tensor(window_loss / max(window_n, 1)), op=hvd.Average,
+                                        name="largebatch.loss")
+                    final_loss = float(avg)
+                    ips = rate.tick(gb * (window_n // acc))
+                    window_loss, window_n = 0.0, 0
+                    log.metrics("train", step, step / spe, lr=lr, loss=final_loss, images_per_sec=ips)
+                    if track:
+                        ratios = {k: float(v) for k, v in optimizer.trust_ratios().items()}
+                        log.trust_ratios(step, ratios)
+                    progress.update(0, loss=final_loss, lr=lr, img_s=round(ips, 1))
+                    if not math.isfinite(final_loss):
+                        status = "diverged"
+                        progress.write(f"step {step}: loss is {final_loss}; stopping (diverged)")
+                        break
+                progress.update(1)
+            if status != "completed":
+                break
+            epoch += 1
+            end_of_training = step >= total
+            if val_set is not None and cfg["train"]["eval"]:
+                eval_result = _evaluate(model, val_set, cfg, derived, hvd, torch, rank, size)
+                log.metrics("eval", step, step / spe, loss=eval_result["loss"], accuracy=eval_result["accuracy"])
+                progress.write(f"epoch {epoch}: eval loss {eval_result['loss']:.4f}, "
+                               f"accuracy {eval_result['accuracy']:.4f}")
+            if ckpt_every and (epoch % ckpt_every == 0 or end_of_training):
+                _checkpoint(log, rank, model, optimizer, step, epoch, torch)
+    finally:
+        progress.close()
+    log.summary(summary_dict(exp, status=status, steps=step, epochs_done=step / spe, final_loss=final_loss,
+                             eval_result=eval_result, throughput=rate.steady(), wall=time.perf_counter() - started,
+                             threads=threads, framework_versions=versions("torch"), size=size))
+    log.close()
+    if rank == 0:
+        print(f"run dir: {run_dir} ({status}, {step} steps, loss {final_loss:.4g}"
+              + (f", eval accuracy {eval_result['accuracy']:.4f}" if eval_result else "") + ")", flush=True)
+    return 0 if status == "completed" else 1
+
+
+def _checkpoint(log, rank, model, optimizer, step, epoch, torch):
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch},
+                   log.checkpoint_path(f"epoch-{epoch:04d}.pt"))

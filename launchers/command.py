@@ -1,0 +1,154 @@
+"""Launch command lines: ``horovodrun``, the ``mpirun`` line horovodrun would build, and ``srun``.
+
+The mpirun line follows horovod/runner/mpi_run.py (Horovod 0.28.1) for Open MPI:
+
+    mpirun --allow-run-as-root --tag-output -np N -H host:slots,...
+           -bind-to none -map-by slot            (horovodrun's default binding)
+           -mca pml ob1 -mca btl ^openib          (horovodrun's Open MPI flags)
+           [-mca plm_rsh_no_tree_spawn true -mca plm_rsh_num_concurrent H]   (64 hosts or more)
+           [-mca btl_tcp_if_include IF -x NCCL_SOCKET_IFNAME=IF]
+           -x VAR ...  program
+
+horovodrun forwards its whole environment with one ``-x`` per variable; the line built here
+forwards what a rank needs (PATH, PYTHONPATH, LD_LIBRARY_PATH and the thread variables), so it
+stays readable and copy-pasteable. ``--allow-run-as-root`` is passed always, as horovodrun does
+(it is needed as root and harmless otherwise).
+
+Binding (``launcher.binding``):
+    none    -bind-to none -map-by slot                  (horovodrun's default)
+    core    -bind-to core -map-by slot:PE=<threads>     each rank owns <threads> cores
+    socket  -bind-to socket -map-by socket -rank-by core (horovodrun's Spectrum MPI default)
+    numa    -bind-to numa -map-by numa -rank-by core
+srun: --cpu-bind=none | cores | sockets | ldoms, with --cpus-per-task=<threads>.
+"""
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+from . import hostfile as _hostfile
+from .threads import plan_threads
+
+__all__ = ["LaunchCommand", "mpi_binding_args", "srun_cpu_bind", "horovodrun_command", "mpirun_command",
+           "srun_command", "build_command", "rank_program", "find_executable", "LARGE_CLUSTER_HOSTS"]
+
+LARGE_CLUSTER_HOSTS = 64          # horovodrun's _LARGE_CLUSTER_THRESHOLD
+OMPI_FLAGS = ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
+FORWARDED_ENV = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
+
+
+@dataclass
+class LaunchCommand:
+    """``argv`` to run with ``env`` added to the current environment."""
+    argv: List[str]
+    env: Dict[str, str] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+    threads: object = None                      # the ThreadPlan
+
+    def shell(self):
+        """One copy-pasteable shell line: ``VAR=value ... launcher args program``."""
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        line = " ".join(shlex.quote(a) for a in self.argv)
+        return f"{prefix} {line}" if prefix else line
+
+
+def mpi_binding_args(binding, threads):
+    """mpirun process-binding arguments (see the module docstring)."""
+    return {"none": ["-bind-to", "none", "-map-by", "slot"],
+            "core": ["-bind-to", "core", "-map-by", f"slot:PE={threads}"],
+            "socket": ["-bind-to", "socket", "-map-by", "socket", "-rank-by", "core"],
+            "numa": ["-bind-to", "numa", "-map-by", "numa", "-rank-by", "core"]}[binding]
+
+
+def srun_cpu_bind(binding):
+    return {"none": "none", "core": "cores", "socket": "sockets", "numa": "ldoms"}[binding]
+
+
+def find_executable(name):
+    """``name`` next to this Python (a virtual environment's bin/), else on PATH, else ``name``."""
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.isfile(local) and os.access(local, os.X_OK):
+        return local
+    return shutil.which(name) or name
+
+
+def rank_program(python, yaml_path, overrides):
+    """What each rank runs: the per-rank entry point on the same YAML and overrides."""
+    return [python or sys.executable, "-m", "largebatch.runner", os.path.abspath(yaml_path), *overrides]
+
+
+def _hosts_args(placed, hostfile_path, flag_h, flag_file):
+    if hostfile_path is not None:          # -np takes the first N slots, in file order
+        return [flag_file, os.path.abspath(hostfile_path)]
+    return [flag_h, _hostfile.hosts_arg(placed)]
+
+
+def horovodrun_command(program, *, np, placed, hostfile=None, controller="mpi", binding="none", plan,
+                       network_interface=None, extra_args=(), env=None):
+    argv = [find_executable("horovodrun"), "-np", str(np), *_hosts_args(placed, hostfile, "-H", "--hostfile"),
+            f"--{controller}"]
+    if network_interface:
+        argv += ["--network-interfaces", network_interface]
+    if binding != "none":
+        argv.append("--binding-args=" + " ".join(mpi_binding_args(binding, plan.threads)))
+    argv += list(extra_args) + list(program)
+    return LaunchCommand(argv, {**plan.env, **(env or {})}, list(plan.notes), plan)
+
+
+def mpirun_command(program, *, np, placed, hostfile=None, binding="none", plan, network_interface=None,
+                   extra_args=(), env=None, environ=None):
+    environ = os.environ if environ is None else environ
+    argv = [find_executable("mpirun"), "--allow-run-as-root", "--tag-output", "-np", str(np),
+            *_hosts_args(placed, hostfile, "-H", "-hostfile"), *mpi_binding_args(binding, plan.threads),
+            *OMPI_FLAGS]
+    if len(placed) >= LARGE_CLUSTER_HOSTS:
+        argv += ["-mca", "plm_rsh_no_tree_spawn", "true", "-mca", "plm_rsh_num_concurrent", str(len(placed))]
+    if network_interface:
+        argv += ["-mca", "btl_tcp_if_include", network_interface, "-x", f"NCCL_SOCKET_IFNAME={network_interface}"]
+    for var in FORWARDED_ENV:
+        if var in environ:
+            argv += ["-x", var]
+    for key, value in {**plan.env, **(env or {})}.items():
+        argv += ["-x", f"{key}={value}"]
+    argv += list(extra_args) + list(program)
+    return LaunchCommand(argv, {}, list(plan.notes), plan)
+
+
+def srun_command(program, *, np, placed, hosts_given=False, ranks_per_host=None, binding="none", plan,
+                 extra_args=(), env=None):
+    argv = [find_executable("srun"), f"--ntasks={np}"]
+    if hosts_given:
+        argv += [f"--nodes={len(placed)}", f"--ntasks-per-node={placed[0][1]}",
+                 "--nodelist=" + ",".join(h for h, _ in placed)]
+    elif ranks_per_host:
+        argv += [f"--nodes={len(placed)}", f"--ntasks-per-node={ranks_per_host}"]
+    argv += [f"--cpus-per-task={plan.threads}", f"--cpu-bind={srun_cpu_bind(binding)}"]
+    exported = {**plan.env, **(env or {})}
+    argv.append("--export=" + ",".join(["ALL"] + [f"{k}={v}" for k, v in exported.items()]))
+    argv += list(extra_args) + list(program)
+    return LaunchCommand(argv, {}, list(plan.notes), plan)
+
+
+def build_command(launcher, derived, program, *, environ=None):
+    """The launch command for a validated experiment's ``launcher`` section and ``derived``
+    values (np, placement): see :func:`largebatch.config.load`."""
+    la = launcher
+    np_, placed = derived["np"], [tuple(p) for p in derived["placement"]]
+    if la["type"] == "srun" and la["hosts"] is None and la["hostfile"] is None and not la["ranks_per_host"]:
+        nodes = (environ or os.environ).get("SLURM_JOB_NUM_NODES", "")
+        if nodes.isdigit() and int(nodes) > 1:
+            per = -(-np_ // int(nodes))
+            placed = [(f"node{i}", min(per, np_ - i * per)) for i in range(int(nodes)) if np_ - i * per > 0]
+    plan = plan_threads(placed, cores_per_host=la["cores_per_host"], threads=la["threads_per_rank"],
+                        interop=la["interop_threads"], binding=la["binding"])
+    common = dict(np=np_, placed=placed, binding=la["binding"], plan=plan, extra_args=la["args"], env=la["env"])
+    if la["type"] == "horovodrun":
+        return horovodrun_command(program, hostfile=la["hostfile"], controller=la["controller"],
+                                  network_interface=la["network_interface"], **common)
+    if la["type"] == "mpirun":
+        return mpirun_command(program, hostfile=la["hostfile"], network_interface=la["network_interface"],
+                              environ=environ, **common)
+    return srun_command(program, hosts_given=la["hosts"] is not None or la["hostfile"] is not None,
+                        ranks_per_host=la["ranks_per_host"], **common)
