@@ -2,7 +2,7 @@
 # Both run the same idempotent setup first (system packages, .venv, torch, TF, Horovod).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-HVDRUN := $(VENV)/bin/horovodrun
+
 NP     ?= 2
 PYTEST_ARGS ?=
 
@@ -12,7 +12,7 @@ setup:
 	@bash launchers/setup.sh
 
 demo: setup
-	$(HVDRUN) -np $(NP) -H localhost:$(NP) $(PY) -m largebatch.torch.demo
+	$(VENV)/bin/largebatch run examples/synthetic_torch.yaml --np $(NP) output.run_dir=runs/demo
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
