@@ -253,3 +253,14 @@ def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError) as err:
         LARS([torch.nn.Parameter(torch.ones(2, 2))], **kwargs)
     assert str(err.value) == message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm,cls,options", [
+    ("lars", LARS, dict(trust_coefficient=0.01, weight_decay=1e-3, clip=True, nesterov=True)),
+    ("lamb", LAMB, dict(weight_decay=1e-2)),
+], ids=["lars", "lamb"])
+def test_fused_compiled_path_matches_reference(algorithm, cls, options):
+    """fused=True runs the single-tensor kernel through torch.compile (inductor); same numbers."""
+    got, want, _, _ = run_pair(algorithm, cls, dict(options, fused=True), options, torch.float32)
+    assert_close(got, want, 1e-6)

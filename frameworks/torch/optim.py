@@ -354,7 +354,6 @@ def _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays,
                         ratios=None):
     for i, (w, g, m, v, t, beta, adapt) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, decays,
                                                          adapts)):
-        t.add_(1)
         new_m, new_v = trust.adam_moments(m, v, g, beta1, beta2)
         m.copy_(new_m)
         v.copy_(new_v)
@@ -421,5 +420,8 @@ class LAMB(_LayerwiseOptimizer):
         lr = group["lr"]
         if self._impl(group) == "fused":
             lr = torch.tensor(lr, dtype=params[0].dtype, device=params[0].device)
+        # counted outside the kernel: torch.compile does not write back in-place updates of these
+        # 0-d counters (the fused step then saw t = 0 and divided by 1 − β⁰ = 0)
+        torch._foreach_add_(steps, 1)
         kernel(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays, adapts, beta1=beta1, beta2=beta2,
                eps=group["eps"], ratios=ratios)
