@@ -134,36 +134,26 @@ def _multi_tensor_lars(params, grads, bufs, lr, decays, adapts, *, momentum, tru
     device, dtype = params[0].device, params[0].dtype
     beta = max(decays)                      # a group's decays are its weight_decay or 0
     decayed = [i for i, b in enumerate(decays) if b]
-    plain = [i for i, b in enumerate(decays) if not b]
     w_norms = torch.stack(torch._foreach_norm(params))
     g_norms = torch.stack(torch._foreach_norm(grads))
     # d = g + β·w as new tensors for decayed layers (grads stay untouched, as in torch.optim.SGD)
     d_decayed = torch._foreach_add([grads[i] for i in decayed], [params[i] for i in decayed], alpha=beta) \
         if decayed else []
-    update_norms = None
-    if norm_of_sum:
-        d = list(grads)
-        for i, t in zip(decayed, d_decayed):
-            d[i] = t
-        update_norms = torch.stack(torch._foreach_norm(d))
+    d = list(grads)                                           # g for undecayed layers: no copy
+    for i, t in zip(decayed, d_decayed):
+        d[i] = t
+    update_norms = torch.stack(torch._foreach_norm(d)) if norm_of_sum else None
     rates = trust.lars_layer_lr(torch, w_norms, g_norms, lr, trust_coefficient=trust_coefficient,
                                 weight_decay=torch.tensor(decays, device=device, dtype=dtype), eps=eps,
                                 update_norm=update_norms, clip=clip, adapt=torch.tensor(adapts, device=device))
     rate_list = rates.unbind()
-    # scaled = rate·d: in place on the fresh decayed tensors, out of place for the rest
-    scaled = [None] * len(params)
-    if decayed:
-        torch._foreach_mul_(d_decayed, [rate_list[i] for i in decayed])
-        for i, t in zip(decayed, d_decayed):
-            scaled[i] = t
-    if plain:
-        for i, t in zip(plain, torch._foreach_mul([grads[i] for i in plain], [rate_list[i] for i in plain])):
-            scaled[i] = t
-    torch._foreach_mul_(bufs, momentum)                       # v ← m·v + scaled
-    torch._foreach_add_(bufs, scaled)
+    # v ← m·v + rate·d, with rate·d fused into one addcmul pass (13 tensor passes a step in all,
+    # torch.optim.SGD's foreach step makes 11)
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_addcmul_(bufs, d, rate_list)
     if nesterov:
-        torch._foreach_add_(scaled, bufs, alpha=momentum)     # w ← w − (m·v + scaled)
-        torch._foreach_sub_(params, scaled)
+        torch._foreach_add_(params, bufs, alpha=-momentum)   # w ← w − (m·v + rate·d)
+        torch._foreach_addcmul_(params, d, (-rates).unbind())
     else:
         torch._foreach_sub_(params, bufs)                     # w ← w − v
     if ratios is not None:
