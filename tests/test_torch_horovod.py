@@ -22,3 +22,10 @@ def test_broadcast_optimizer_state_on_fresh_optimizers_gives_no_nan():
     for name in ("lars", "larc", "lamb", "clars"):
         assert bool(r0[name + "_finite"]) and bool(r1[name + "_finite"]), name
         np.testing.assert_array_equal(r0[name], r1[name])
+
+
+def test_amp_grad_scaler_path_keeps_ranks_identical():
+    r0, r1 = run_ranks("ranks/torch_amp.py")
+    assert bool(r0["finite"]) and bool(r1["finite"])
+    np.testing.assert_array_equal(r0["weights"], r1["weights"])
+    np.testing.assert_array_equal(r0["scales"], r1["scales"])
