@@ -111,11 +111,13 @@ def _lars_scalars(group, flags):
 
 
 def _single_tensor_lars(params, grads, bufs, lr, decays, adapts, *, momentum, trust_coefficient, eps,
-                        norm_of_sum, clip, nesterov, ratios=None):
-    """Reference-shaped loop: per layer, norms -> core layer lr -> core momentum update."""
+                        norm_of_sum, clip, nesterov, ratios=None, grad_norms=None):
+    """Reference-shaped loop: per layer, norms -> core layer lr -> core momentum update.
+
+    ``grad_norms`` replaces ‖g‖ per layer (CLARS: the mean per-example gradient norm)."""
     for i, (w, g, v, beta, adapt) in enumerate(zip(params, grads, bufs, decays, adapts)):
         w_norm = torch.linalg.vector_norm(w)
-        g_norm = torch.linalg.vector_norm(g)
+        g_norm = torch.linalg.vector_norm(g) if grad_norms is None else grad_norms[i].to(w.dtype)
         update_norm = torch.linalg.vector_norm(g + beta * w) if norm_of_sum else None
         rate = trust.lars_layer_lr(torch, w_norm, g_norm, lr, trust_coefficient=trust_coefficient,
                                    weight_decay=beta, eps=eps, update_norm=update_norm, clip=clip, adapt=adapt)
@@ -251,7 +253,7 @@ class LARS(_LayerwiseOptimizer):
                       norm_of_sum=group["trust_denominator"] == "norm_of_sum", clip=group["clip"],
                       nesterov=group["nesterov"], ratios=self._ratio_slots(group, params))
         if override is not None:
-            _clars_step(params, grads, bufs, group["lr"], decays, adapts, override, **kwargs)
+            _single_tensor_lars(params, grads, bufs, group["lr"], decays, adapts, grad_norms=override, **kwargs)
             return
         impl = self._impl(group)
         if impl == "foreach" and len({(p.device, p.dtype) for p in params}) > 1:
@@ -266,22 +268,6 @@ class LARS(_LayerwiseOptimizer):
 
 
 # --------------------------------------------------------------------------------------- CLARS
-
-def _clars_step(params, grads, bufs, lr, decays, adapts, mean_example_norms, *, momentum, trust_coefficient, eps,
-                norm_of_sum, clip, nesterov, ratios=None):
-    """LARS step with ‖g‖ replaced by each layer's mean per-example gradient norm."""
-    for i, (w, g, v, beta, adapt, pe_norm) in enumerate(zip(params, grads, bufs, decays, adapts,
-                                                            mean_example_norms)):
-        rate = trust.lars_layer_lr(torch, torch.linalg.vector_norm(w), pe_norm.to(w.dtype), lr,
-                                   trust_coefficient=trust_coefficient, weight_decay=beta, eps=eps,
-                                   clip=clip, adapt=adapt)
-        new_w, new_v = trust.lars_momentum_update(w, g, v, rate, momentum=momentum, weight_decay=beta,
-                                                  nesterov=nesterov)
-        w.copy_(new_w)
-        v.copy_(new_v)
-        if ratios is not None:
-            ratios[i].copy_(rate / lr)
-
 
 class CLARS(LARS):
     r"""LARS whose denominator is each layer's mean per-example gradient norm (CLARS).
