@@ -1,0 +1,83 @@
+"""Smoke tests of the benchmarks' --quick modes: each writes CSV, JSON and a PNG with sane numbers."""
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def _run(args, out, timeout=180):
+    proc = subprocess.run([sys.executable, "-m", "largebatch.cli", "bench", *args, "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _check_files(out, stem):
+    for ext in ("csv", "json"):
+        assert (out / f"{stem}.{ext}").stat().st_size > 0
+    png = out / f"{stem}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / f"{stem}.json").read_text())["meta"]
+    assert meta["cpus"] >= 1 and "torch" in meta and "settings" in meta
+    return meta
+
+
+def test_bench_dispatcher_rejects_unknown():
+    proc = subprocess.run([sys.executable, "-m", "largebatch.cli", "bench", "nope"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown benchmark" in proc.stderr
+
+
+def test_convergence_quick(tmp_path):
+    stdout = _run(["convergence"], tmp_path)
+    assert "machine:" in stdout and "settings:" in stdout
+    _check_files(tmp_path, "convergence")
+    rows = _rows(tmp_path / "convergence.csv")
+    assert {r["method"] for r in rows} >= {"sgd", "lars"}
+    for r in rows:
+        acc = float(r["test_acc_mean"])
+        assert 0.0 <= acc <= 1.0
+    base = [r for r in rows if r["method"] == "sgd" and float(r["gap_pts"]) == 0.0]
+    assert base and float(base[0]["test_acc_mean"]) > 0.15      # learns: above 10-class chance
+
+
+@pytest.mark.multirank
+def test_allreduce_quick(tmp_path):
+    _run(["allreduce"], tmp_path, timeout=240)
+    meta = _check_files(tmp_path, "allreduce")
+    rows = _rows(tmp_path / "allreduce.csv")
+    assert len(rows) >= 3
+    for r in rows:
+        assert float(r["mpi4py_s"]) > 0 and float(r["horovod_s"]) > 0
+    for f in meta["fits"].values():
+        assert f["alpha_s"] >= 0 and f["beta_s_per_byte"] > 0
+    proj = _rows(tmp_path / "allreduce_projection.csv")
+    assert {int(r["workers"]) for r in proj} >= {8, 1024}
+    for r in proj:
+        assert 0 < float(r["efficiency"]) <= 1 and math.isfinite(float(r["epoch_s"]))
+
+
+@pytest.mark.multirank
+def test_scaling_quick(tmp_path):
+    _run(["scaling"], tmp_path, timeout=240)
+    _check_files(tmp_path, "scaling")
+    rows = _rows(tmp_path / "scaling.csv")
+    assert {int(r["np"]) for r in rows} == {1, 2}
+    assert {r["optimizer"] for r in rows} == {"sgd", "lars"}
+    for r in rows:
+        assert float(r["total_images_s"]) > 0
+        assert 0 < float(r["efficiency"]) < 3
+        if r["np"] == "1":
+            assert float(r["efficiency"]) == pytest.approx(1.0)
