@@ -14,8 +14,8 @@ validate`` prints the fully resolved file. Sections and keys (see docs/experimen
                    trust_coefficient, eps, trust_denominator, nesterov, betas, exclude
     schedule       base_lr, base_batch, scaling, warmup, warmup_epochs, warmup_start_lr,
                    decay, power, end_lr, milestones, factor, momentum_correction
-    train          epochs | steps, seed, log_every, eval
-    output         dir, run_dir, checkpoint_every, tensorboard, trust_ratios, progress
+    train          epochs | steps, seed, log_every, eval, resume, on_nonfinite
+    output         dir, run_dir, checkpoint_every, checkpoint_keep, tensorboard, trust_ratios, progress
     launcher       type, np, hosts | hostfile, ranks_per_host, controller, cores_per_host,
                    threads_per_rank, interop_threads, binding, network_interface, env, args, python
 
@@ -346,11 +346,15 @@ SCHEMA = {
         "seed": F(integer(0), 0),
         "log_every": F(integer(1), 10),
         "eval": F(boolean, True),
+        "resume": F(string, "none", doc="auto (newest checkpoint in the run dir, if any) | PATH | none"),
+        "on_nonfinite": F(choice(("stop", "skip")), "stop",
+                          doc="NaN/Inf gradient: stop the run (exit 1) or skip the step; always reported"),
     },
     "output": {
         "dir": F(string, "runs"),
         "run_dir": F(string, None, nullable=True, doc="default: <dir>/<name>, made unique by `largebatch run`"),
         "checkpoint_every": F(integer(0), 1, doc="epochs between checkpoints; 0 = none"),
+        "checkpoint_keep": F(integer(0), 5, doc="keep the newest K checkpoints; 0 = all"),
         "tensorboard": F(boolean, True),
         "trust_ratios": F(boolean, True),
         "progress": F(boolean, True),
@@ -683,6 +687,19 @@ def _cross_checks(cfg, explicit, derived, problems, check_paths):
     if synthetic and data["channels"] != 3 and model["name"] in ("resnet18", "resnet50", "alexnet_bn") \
             and fw == "keras":
         problems.append(f"data.channels: keras {model['name']} expects 3 channels, got {data['channels']}")
+
+    # resume
+    resume = train["resume"]
+    if resume != "none" and cfg["framework"] != "torch":
+        problems.append(f"train.resume: resuming is implemented for framework torch only, got {resume!r} "
+                        f"with framework {cfg['framework']!r} (use none)")
+    if resume not in ("auto", "none") and check_paths:
+        if not os.path.exists(resume):
+            problems.append(f"train.resume: expected auto, none or a checkpoint file, got {resume!r} (no such file)")
+        elif os.path.isdir(resume):
+            problems.append(f"train.resume: expected a checkpoint file, got the folder {resume!r}")
+        elif not os.access(resume, os.R_OK):
+            problems.append(f"train.resume: cannot read {resume!r} (permission denied)")
 
     # length of training
     if "train.epochs" in explicit and "train.steps" in explicit:

@@ -13,3 +13,7 @@ from .distributed import amp_step, broadcast_state, distributed_optimizer  # noq
 
 __all__ = ["LARS", "LAMB", "CLARS", "param_groups", "per_example_norm_sums", "distributed_optimizer",
            "broadcast_state", "amp_step"]
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
+from .guard import NonFiniteGuard  # noqa: F401,E402
+
+__all__ += ["save_checkpoint", "load_checkpoint", "NonFiniteGuard"]

@@ -6,7 +6,8 @@ Run directory (written by rank 0 only):
     metrics.jsonl        the same rows as JSON objects
     trust_ratios.csv     step,layer,trust_ratio (layer lr / global lr), every train.log_every steps
     tensorboard/         event file: train/*, eval/*, trust_ratio/<layer> scalars
-    checkpoints/         every output.checkpoint_every epochs and at the end
+    checkpoints/         epoch-NNNN.pt every output.checkpoint_every epochs and at the end, the newest
+                         output.checkpoint_keep kept (format: largebatch.checkpoint)
     summary.json         final numbers (written last; its presence means the run finished)
 """
 import csv
@@ -104,25 +105,29 @@ class Progress:
 class RunLog:
     """The run directory's files; a no-op on ranks other than 0."""
 
-    def __init__(self, run_dir, exp, rank):
-        self.run_dir, self.exp, self.active = run_dir, exp, rank == 0
+    def __init__(self, run_dir, exp, rank, append=False):
+        """``append=True`` (a resumed run): keep the metrics, trust ratios and event files."""
+        self.run_dir, self.exp, self.active, self.append = run_dir, exp, rank == 0, append
         self._csv = self._jsonl = self._trust = self._trust_csv = self.tb = None
         self.t0 = time.perf_counter()
         if not self.active:
             return
         os.makedirs(run_dir, exist_ok=True)
-        for stale in ("summary.json", "trust_ratios.csv"):    # a rerun into the same directory
+        for stale in ("summary.json",) + (() if append else ("trust_ratios.csv",)):   # a rerun into the same dir
             path = os.path.join(run_dir, stale)
             if os.path.exists(path):
                 os.remove(path)
-        self._csv_fh = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+        metrics = os.path.join(run_dir, "metrics.csv")
+        keep = append and os.path.exists(metrics) and os.path.getsize(metrics) > 0
+        self._csv_fh = open(metrics, "a" if keep else "w", newline="")
         self._csv = csv.DictWriter(self._csv_fh, METRIC_FIELDS)
-        self._csv.writeheader()
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+        if not keep:
+            self._csv.writeheader()
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a" if keep else "w")
         if exp.cfg["output"]["tensorboard"]:
             from .tbevents import EventWriter
             tb_dir = os.path.join(run_dir, "tensorboard")
-            if os.path.isdir(tb_dir):           # a rerun into the same directory replaces the run
+            if os.path.isdir(tb_dir) and not append:   # a rerun into the same directory replaces the run
                 for name in os.listdir(tb_dir):
                     if name.startswith("events.out.tfevents."):
                         os.remove(os.path.join(tb_dir, name))
@@ -160,9 +165,12 @@ class RunLog:
         if not self.active or not ratios:
             return
         if self._trust is None:
-            self._trust_fh = open(self.path("trust_ratios.csv"), "w", newline="")
+            path = self.path("trust_ratios.csv")
+            keep = self.append and os.path.exists(path) and os.path.getsize(path) > 0
+            self._trust_fh = open(path, "a" if keep else "w", newline="")
             self._trust = csv.writer(self._trust_fh)
-            self._trust.writerow(["step", "layer", "trust_ratio"])
+            if not keep:
+                self._trust.writerow(["step", "layer", "trust_ratio"])
         for name, value in ratios.items():
             self._trust.writerow([step, name, f"{value:.6g}"])
         self._trust_fh.flush()

@@ -90,6 +90,18 @@ def main(argv=None):
             for line in err.problems:
                 print(line, file=sys.stderr)
         return 2
+    except Exception as err:            # noqa: BLE001  a crash on this rank: say which rank, exit 1
+        import traceback
+        traceback.print_exc()
+        from .faults import report_crash
+        report_crash(rank, err)
+        if (world_size_from_env() or 1) > 1:
+            # a normal exit would run MPI_Finalize / Horovod shutdown, which can wait for a dead or
+            # stuck peer; exiting at once lets mpirun / horovodrun see the failure and end the job
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        return 1
 
 
 def _is_rank0(env_rank):

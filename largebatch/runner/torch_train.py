@@ -1,5 +1,7 @@
 """The PyTorch training loop each rank runs (Horovod, largebatch.torch optimizers)."""
 import math
+import os
+import sys
 import time
 
 import numpy as np
@@ -7,6 +9,7 @@ import numpy as np
 from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
 from ..schedules import momentum_correction
+from . import faults
 from .common import Progress, RunLog, Throughput, make_schedule, summary_dict, versions
 from .data import DataError, Prefetcher, build_datasets, epoch_batches, eval_batches
 from .entry import run_dir_of
@@ -87,8 +90,65 @@ def _evaluate(model, val, cfg, derived, hvd, torch, rank, size):
     return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
 
 
+def _resolve_resume(cfg, run_dir):
+    """The checkpoint to resume from, or None (train.resume: auto | PATH | none)."""
+    from .. import checkpoint as core
+    resume = cfg["train"]["resume"]
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return core.latest(os.path.join(run_dir, "checkpoints"))
+    return resume
+
+
+def _load_resume(cfg, run_dir, model, optimizer, hvd, rank):
+    """Rank 0 reads and checks the checkpoint into model and optimizer (before the Horovod
+    broadcast); every rank gets step, epoch, extra and RNG. ConfigError (exit 2) on a bad file,
+    raised on every rank before anything in the run directory is written."""
+    from .. import checkpoint as core
+    lbt_ckpt = import_mapped("largebatch.torch.checkpoint")
+    path = _resolve_resume(cfg, run_dir)
+    info, error = None, None
+    if path is not None and rank == 0:
+        try:
+            got = lbt_ckpt.load_checkpoint(path, model, optimizer, cfg_hash=core.config_hash(cfg))
+            info = {"path": os.path.abspath(path), "step": got["step"], "epoch": got["epoch"],
+                    "extra": got["extra"], "warning": got["warning"], "rng": lbt_ckpt.rng_state()}
+        except core.CheckpointError as err:
+            error = f"train.resume: {err}"
+    if path is not None and hvd.size() > 1:
+        info, error = hvd.broadcast_object((info, error), root_rank=0, name="largebatch.resume")
+    if error:
+        raise ConfigError([error])
+    if info is not None and hvd.size() > 1:
+        # hvd.broadcast_optimizer_state needs the same state layout on every rank (rank 0's
+        # loaded state may hold slots, e.g. trust ratios, that the others create lazily):
+        # send the layout (shapes, dtypes, scalars), not the values, which the broadcast sends
+        layout = _state_layout(optimizer.state_dict()) if rank == 0 else None
+        layout = hvd.broadcast_object(layout, root_rank=0, name="largebatch.resume_layout")
+        if rank != 0:
+            optimizer.load_state_dict(_from_layout(layout))
+            lbt_ckpt.set_rng_state(info["rng"])
+    return info
+
+
+def _state_layout(sd):
+    import torch
+    state = {pid: {k: (("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v))
+                   for k, v in st.items()} for pid, st in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _from_layout(layout):
+    import torch
+    state = {pid: {k: (torch.zeros(v[1], dtype=v[2]) if v[0] == "tensor" else v[1]) for k, v in st.items()}
+             for pid, st in layout["state"].items()}
+    return {"state": state, "param_groups": layout["param_groups"]}
+
+
 def run(exp, loader, threads):
     import torch
+    faults.horovod_timeouts()
     hvd = import_mapped("largebatch.horovod_support").import_horovod("torch")
     hvd.init()
     t, i, _ = threads
@@ -121,16 +181,21 @@ def run(exp, loader, threads):
     total = derived["total_steps"]
 
     run_dir = run_dir_of(exp)
-    log = RunLog(run_dir, exp, rank)
-    log.write_config()
-
     model = build_model(cfg, derived)
     model.train()
     o = cfg["optimizer"]
     track = cfg["output"]["trust_ratios"] and o["name"] != "sgd"
     optimizer = build_optimizer(cfg, model, schedule(0), track)
     lbt = import_mapped("largebatch.torch")
-    optimizer = lbt.distributed_optimizer(optimizer, model, backward_passes_per_step=acc)
+    # Horovod re-creates the optimizer (its state is not carried over): load into the wrapped one
+    optimizer = lbt.distributed_optimizer(optimizer, model, backward_passes_per_step=acc, broadcast=False)
+    resumed = _load_resume(cfg, run_dir, model, optimizer, hvd, rank)   # before anything is written
+    lbt.broadcast_state(model, optimizer)                               # rank 0's parameters and state
+    log = RunLog(run_dir, exp, rank, append=resumed is not None)
+    log.write_config()
+    guard = import_mapped("largebatch.torch.guard").NonFiniteGuard(model, optimizer, hvd=hvd)
+    on_nonfinite = cfg["train"]["on_nonfinite"]
+    fault = faults.from_env(rank)
     loss_fn = torch.nn.CrossEntropyLoss()
     clars = o["name"] == "clars"
     if clars:
@@ -144,13 +209,24 @@ def run(exp, loader, threads):
     step, epoch, last_lr = 0, 0, schedule(0)
     window_loss, window_n, final_loss, eval_result = 0.0, 0, float("nan"), None
     ckpt_every = cfg["output"]["checkpoint_every"]
-    status = "completed"
+    status, skipped, first_in_epoch = "completed", 0, 0
+    if resumed is not None:
+        step = int(resumed["step"])
+        epoch, first_in_epoch = divmod(step, spe)
+        last_lr = resumed["extra"].get("last_lr", schedule(max(step - 1, 0)))
+        skipped = int(resumed["extra"].get("skipped_steps", 0))
+        if rank == 0:
+            if resumed["warning"]:
+                print(f"largebatch: {resumed['warning']}", file=sys.stderr, flush=True)
+            print(f"largebatch: resumed from {resumed['path']} at step {step} (epoch {epoch})",
+                  file=sys.stderr, flush=True)
+        progress.update(step)
     try:
         while step < total:
             batches = epoch_batches(len(train_set), epoch, seed=cfg["train"]["seed"], rank=rank, size=size,
-                                    per_worker=pw, accumulation=acc, steps=spe)
+                                    per_worker=pw, accumulation=acc, steps=spe)[first_in_epoch * acc:]
             micro = iter(Prefetcher(train_set, batches, epoch=epoch, train=True, workers=workers))
-            for _ in range(spe):
+            for _ in range(spe - first_in_epoch):
                 if step >= total:
                     break
                 lr = schedule(step)
@@ -165,6 +241,8 @@ def run(exp, loader, threads):
                 last_lr = lr
                 optimizer.zero_grad()
                 norm_sums, seen = None, 0
+                if fault is not None:
+                    fault.before_step(step + 1, model)
                 for _ in range(acc):
                     x, y = _to_torch(next(micro), torch)
                     loss = loss_fn(model(x), y)
@@ -177,8 +255,20 @@ def run(exp, loader, threads):
                         seen += n
                 if clars:
                     optimizer.set_per_example_norms(norm_sums, seen)
-                optimizer.step()
+                optimizer.synchronize()                      # gradients averaged over ranks
+                bad = guard.check(step + 1, include_ratios=track)   # one reduced flag, one host read
                 step += 1
+                if bad is not None:
+                    if on_nonfinite == "stop":
+                        status = "nonfinite"
+                        progress.write(f"largebatch: {bad.message}; stopping (train.on_nonfinite=stop)")
+                        break
+                    skipped += 1
+                    progress.write(f"largebatch: {bad.message}; step skipped (train.on_nonfinite=skip, "
+                                   f"{skipped} skipped so far)")
+                else:
+                    with optimizer.skip_synchronize():
+                        optimizer.step()
                 if step % log_every == 0 or step == total:
                     avg = hvd.allreduce(torch.tensor(window_loss / max(window_n, 1)), op=hvd.Average,
                                         name="largebatch.loss")
@@ -198,6 +288,7 @@ def run(exp, loader, threads):
             if status != "completed":
                 break
             epoch += 1
+            first_in_epoch = 0
             end_of_training = step >= total
             if val_set is not None and cfg["train"]["eval"]:
                 eval_result = _evaluate(model, val_set, cfg, derived, hvd, torch, rank, size)
@@ -205,12 +296,16 @@ def run(exp, loader, threads):
                 progress.write(f"epoch {epoch}: eval loss {eval_result['loss']:.4f}, "
                                f"accuracy {eval_result['accuracy']:.4f}")
             if ckpt_every and (epoch % ckpt_every == 0 or end_of_training):
-                _checkpoint(log, rank, model, optimizer, step, epoch, torch)
+                _checkpoint(log, exp, rank, model, optimizer, step, epoch,
+                            {"last_lr": last_lr, "skipped_steps": skipped})
     finally:
         progress.close()
-    log.summary(summary_dict(exp, status=status, steps=step, epochs_done=step / spe, final_loss=final_loss,
-                             eval_result=eval_result, throughput=rate.steady(), wall=time.perf_counter() - started,
-                             threads=threads, framework_versions=versions("torch"), size=size))
+    summary = summary_dict(exp, status=status, steps=step, epochs_done=step / spe, final_loss=final_loss,
+                           eval_result=eval_result, throughput=rate.steady(), wall=time.perf_counter() - started,
+                           threads=threads, framework_versions=versions("torch"), size=size)
+    summary["skipped_steps"] = skipped
+    summary["resumed_from"] = resumed["path"] if resumed else None
+    log.summary(summary)
     log.close()
     if rank == 0:
         print(f"run dir: {run_dir} ({status}, {step} steps, loss {final_loss:.4g}"
@@ -218,7 +313,14 @@ def run(exp, loader, threads):
     return 0 if status == "completed" else 1
 
 
-def _checkpoint(log, rank, model, optimizer, step, epoch, torch):
-    if rank == 0:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch},
-                   log.checkpoint_path(f"epoch-{epoch:04d}.pt"))
+def _checkpoint(log, exp, rank, model, optimizer, step, epoch, extra):
+    """Rank 0 writes ``checkpoints/epoch-NNNN.pt`` atomically and keeps the newest
+    ``output.checkpoint_keep``; the file names the step it ends (a partial last epoch included)."""
+    if rank != 0:
+        return
+    from .. import checkpoint as core
+    lbt_ckpt = import_mapped("largebatch.torch.checkpoint")
+    cfg = exp.cfg
+    lbt_ckpt.save_checkpoint(log.checkpoint_path(core.checkpoint_name(epoch)), model, optimizer, step=step,
+                             epoch=epoch, config=exp.resolved(), cfg_hash=core.config_hash(cfg),
+                             model_name=cfg["model"]["name"], extra=extra, keep=cfg["output"]["checkpoint_keep"])

@@ -1,0 +1,83 @@
+"""Failure handling shared by the runners: Horovod stall timeouts, a per-rank crash report, and
+fault injection for the reliability tests.
+
+``LARGEBATCH_FAULT=KIND:RANK:STEP[:LAYER]`` (testing only) makes rank RANK, at optimizer step
+STEP (1-based):
+    kill   kill itself with SIGKILL (a node or OOM-killer death)
+    raise  raise RuntimeError (a bug on one rank)
+    nan    turn the gradient of LAYER (default: the first parameter) into NaN
+    hang   sleep forever without exiting (a stuck rank)
+"""
+import os
+import signal
+import sys
+import time
+
+__all__ = ["horovod_timeouts", "from_env", "Fault", "report_crash"]
+
+FAULT_ENV = "LARGEBATCH_FAULT"
+# A rank that stops submitting collectives (dead, stuck) makes the others wait in Horovod's
+# coordinator. Horovod warns after HOROVOD_STALL_CHECK_TIME_SECONDS and, if
+# HOROVOD_STALL_SHUTDOWN_TIME_SECONDS > 0, shuts down; the default shutdown is 0 (never).
+STALL_DEFAULTS = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "10", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "30"}
+
+
+def horovod_timeouts(env=None):
+    """Set the stall check/shutdown defaults before ``hvd.init()`` (a user's values win)."""
+    env = os.environ if env is None else env
+    for key, value in STALL_DEFAULTS.items():
+        env.setdefault(key, value)
+
+
+def report_crash(rank, err):
+    """One line naming the rank and the error, on stderr (every rank prints its own)."""
+    first = str(err).splitlines()[0][:300] if str(err) else ""
+    if type(err).__name__ == "HorovodInternalError" or "Horovod has been shut down" in first:
+        print(f"largebatch: rank {rank} stopped: Horovod shut down because another rank failed, exited or "
+              f"stalled (see that rank's message above)", file=sys.stderr, flush=True)
+        return
+    print(f"largebatch: rank {rank} failed: {type(err).__name__}: {first}", file=sys.stderr, flush=True)
+
+
+class Fault:
+    def __init__(self, kind, rank, step, layer=None):
+        self.kind, self.rank, self.step, self.layer = kind, rank, step, layer
+        self._handle = None
+
+    def before_step(self, step, model):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if step != self.step:
+            return
+        print(f"largebatch: injected fault {self.kind!r} on rank {self.rank} at step {step}",
+              file=sys.stderr, flush=True)
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.kind == "raise":
+            raise RuntimeError(f"injected fault at step {step}")
+        elif self.kind == "hang":
+            while True:
+                time.sleep(60)
+        elif self.kind == "nan":
+            named = dict(model.named_parameters())
+            name = self.layer or next(iter(named))
+            if name not in named:
+                raise ValueError(f"{FAULT_ENV}: no parameter {name!r} (have {', '.join(list(named)[:8])}, ...)")
+            # a tensor hook runs before the gradient is accumulated and before Horovod's allreduce hook
+            self._handle = named[name].register_hook(lambda g: g * float("nan"))
+
+
+def from_env(rank, env=None):
+    """The fault for this rank from ``LARGEBATCH_FAULT``, or None."""
+    env = os.environ if env is None else env
+    spec = env.get(FAULT_ENV, "").strip()
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if len(parts) < 3 or parts[0] not in ("kill", "raise", "nan", "hang") or not parts[1].isdigit() \
+            or not parts[2].isdigit():
+        raise ValueError(f"{FAULT_ENV}: expected KIND:RANK:STEP[:LAYER] with KIND kill|raise|nan|hang, got {spec!r}")
+    if int(parts[1]) != rank:
+        return None
+    return Fault(parts[0], int(parts[1]), int(parts[2]), parts[3] if len(parts) > 3 else None)
