@@ -1,0 +1,25 @@
+"""largebatch for Keras 3 (TensorFlow backend) on Horovod.
+
+    import horovod.tensorflow as hvd
+    import largebatch.keras as lbk
+    hvd.init()
+    opt = lbk.DistributedOptimizer(lbk.LARS(learning_rate=2.0, weight_decay=5e-4))
+    model.compile(optimizer=opt, loss=..., jit_compile=False)
+    model.fit(x_shard, y_shard, callbacks=[lbk.callbacks.BroadcastGlobalVariables(0),
+                                           lbk.callbacks.MetricAverage()])
+
+``horovod.tensorflow.keras.DistributedOptimizer`` silently does not average gradients under
+Keras 3; this package refuses it (:class:`HorovodKerasError`) wherever it can see it.
+Importing this package with TF_USE_LEGACY_KERAS=1 (tf-keras) raises ImportError.
+"""
+from ._checks import check_keras as _check_keras
+
+_check_keras()
+
+from ._checks import HorovodKerasError, check_callbacks, check_optimizer  # noqa: E402
+from .distributed import DistributedOptimizer, is_distributed  # noqa: E402
+from .optimizers import CLARS, LAMB, LARS  # noqa: E402
+from . import callbacks, models  # noqa: E402,F401
+
+__all__ = ["LARS", "LAMB", "CLARS", "DistributedOptimizer", "is_distributed", "check_optimizer",
+           "check_callbacks", "HorovodKerasError", "callbacks", "models"]

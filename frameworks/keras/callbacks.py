@@ -1,0 +1,354 @@
+"""Keras 3 callbacks for large-batch training on Horovod.
+
+- :class:`BroadcastGlobalVariables`: rank ``root_rank``'s initial model and optimizer
+  variables to every rank before the first step.
+- :class:`MetricAverage`: epoch metrics averaged over ranks (put it first in the list).
+- :class:`LearningRateSchedule`: a :mod:`largebatch.schedules` callable ``lr(step)`` applied
+  before every optimizer update, with Goyal et al.'s momentum correction where the lr lives
+  inside the momentum buffer (LARS, SGD with momentum).
+- :class:`TrustRatioLogger`: per-layer trust ratios to TensorBoard and/or CSV.
+- :class:`RankConsistencyCheck`: a checksum of the weights gathered from every rank every N
+  steps; stops training with :class:`RankDivergenceError` if ranks differ.
+
+Every callback refuses a ``horovod.tensorflow.keras.DistributedOptimizer`` (it does not
+average under Keras 3) with :class:`largebatch.keras.HorovodKerasError`.
+"""
+import csv
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from largebatch import schedules as _schedules
+from largebatch.validation import check_positive_int
+
+from ._checks import HorovodKerasError, check_optimizer
+from .distributed import is_distributed
+from .optimizers import LARS
+
+__all__ = ["BroadcastGlobalVariables", "MetricAverage", "LearningRateSchedule", "TrustRatioLogger",
+           "RankConsistencyCheck", "RankDivergenceError"]
+
+
+class RankDivergenceError(RuntimeError):
+    """Ranks hold different weights: they are no longer training one model."""
+
+
+def _hvd():
+    import horovod.tensorflow as hvd
+    if not hvd.is_initialized():
+        raise RuntimeError("largebatch.keras.callbacks: Horovod is not initialized; call horovod.tensorflow.init()")
+    return hvd
+
+
+def _innermost(optimizer):
+    while getattr(optimizer, "inner_optimizer", None) is not None:
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def _tf_vars(variables):
+    return [v.value if isinstance(v, keras.Variable) else v for v in variables]
+
+
+class _Callback(keras.callbacks.Callback):
+    def _check_model_optimizer(self):
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None:
+            check_optimizer(optimizer)
+        return optimizer
+
+    def on_train_begin(self, logs=None):
+        self._check_model_optimizer()
+
+
+class BroadcastGlobalVariables(_Callback):
+    """Broadcast the model's and the optimizer's variables from ``root_rank`` before training.
+
+    The optimizer is built first (Keras 3 builds it lazily), so its state (momentum buffers,
+    iteration count, learning rate) starts identical too. With more than one rank it also
+    refuses an optimizer that does not average gradients (not wrapped by
+    ``largebatch.keras.DistributedOptimizer``) unless ``require_distributed_optimizer=False``.
+    """
+
+    def __init__(self, root_rank=0, require_distributed_optimizer=True):
+        super().__init__()
+        self.root_rank = check_positive_int("root_rank", root_rank, allow_zero=True)
+        self.require_distributed_optimizer = bool(require_distributed_optimizer)
+        self._done = False
+
+    def on_train_begin(self, logs=None):
+        optimizer = self._check_model_optimizer()
+        hvd = _hvd()
+        if (self.require_distributed_optimizer and hvd.size() > 1 and optimizer is not None
+                and not is_distributed(optimizer)):
+            raise HorovodKerasError(
+                f"model.optimizer ({type(optimizer).__name__}) does not average gradients over the "
+                f"{hvd.size()} ranks: wrap it with largebatch.keras.DistributedOptimizer(optimizer) "
+                "(or pass require_distributed_optimizer=False if the train step averages itself)")
+        if self._done:
+            return
+        if self.model.built:
+            self._broadcast()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._done:            # model built lazily by the first step: broadcast after it
+            self._broadcast()
+
+    def _broadcast(self):
+        hvd = _hvd()
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        variables = list(self.model.variables) + (list(optimizer.variables) if optimizer is not None else [])
+        if hvd.size() > 1 and variables:
+            hvd.broadcast_variables(_tf_vars(variables), root_rank=self.root_rank)
+        self._done = True
+
+
+class MetricAverage(_Callback):
+    """Replace every numeric entry of the epoch logs by its mean over ranks.
+
+    Put it before callbacks that read the logs (ModelCheckpoint, EarlyStopping, CSVLogger).
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not logs:
+            return
+        hvd = _hvd()
+        if hvd.size() == 1:
+            return
+        for key in sorted(logs):
+            value = logs[key]
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            averaged = hvd.allreduce(tf.constant(number, tf.float64), op=hvd.Average,
+                                     name=f"largebatch.metric.{key}")
+            logs[key] = float(averaged.numpy())
+
+
+def _momentum_buffers_with_lr(optimizer):
+    """Momentum buffers that hold the learning rate inside (v ← m·v + γ·g): LARS and Keras SGD."""
+    optimizer = _innermost(optimizer)
+    if isinstance(optimizer, LARS) or (isinstance(optimizer, keras.optimizers.SGD) and optimizer.momentum):
+        return [m for m in getattr(optimizer, "momentums", []) if m is not None]
+    return []
+
+
+class LearningRateSchedule(_Callback):
+    """Set the optimizer's learning rate from ``schedule(step)`` before every batch.
+
+    ``schedule`` is a callable of the optimizer update step (an int from 0), e.g.
+    ``largebatch.schedules.build_schedule(peak_lr=..., steps_per_epoch=..., epochs=...,
+    warmup_epochs=5)``. The step is ``optimizer.iterations``, so gradient accumulation and
+    resumed training count updates correctly. With ``momentum_correction`` (default) the
+    momentum buffers of optimizers that keep the lr inside them (LARS, SGD with momentum) are
+    multiplied by new_lr/old_lr when the rate changes (Goyal et al. 2017, §3, eq. 10;
+    :func:`largebatch.schedules.momentum_correction`). The rate of the epoch's last batch is
+    added to the epoch logs as ``learning_rate``.
+    """
+
+    def __init__(self, schedule, momentum_correction=True, verbose=0):
+        super().__init__()
+        if not callable(schedule):
+            raise ValueError(f"schedule: expected a callable step -> lr, got {schedule!r}")
+        self.schedule = schedule
+        self.momentum_correction = bool(momentum_correction)
+        self.verbose = verbose
+        self._scale = None
+        self.last_lr = None
+
+    def on_train_begin(self, logs=None):
+        optimizer = self._check_model_optimizer()
+        if optimizer is None:
+            raise ValueError("model.optimizer: compile the model before fit with LearningRateSchedule")
+        if not isinstance(_innermost(optimizer)._learning_rate, keras.Variable):
+            raise ValueError("learning_rate: the optimizer was created with a schedule or callable; "
+                             "LearningRateSchedule needs a float learning_rate to set")
+
+    def on_train_batch_begin(self, batch, logs=None):
+        optimizer = _innermost(self.model.optimizer)
+        step = int(optimizer.iterations.numpy())
+        new_lr = float(self.schedule(step))
+        if not math.isfinite(new_lr) or new_lr < 0:
+            raise ValueError(f"schedule: returned {new_lr!r} at step {step}, expected a finite lr >= 0")
+        old_lr = float(optimizer.learning_rate.numpy())            # the float32 the variable holds
+        stored = float(np.float32(new_lr))
+        if stored != old_lr:
+            optimizer.learning_rate = new_lr
+            factor = _schedules.momentum_correction(stored, old_lr)
+            if self.momentum_correction and factor != 1.0:
+                buffers = _momentum_buffers_with_lr(optimizer)
+                if buffers:
+                    self._scale_buffers(buffers, factor)
+            if self.verbose:
+                print(f"\nstep {step}: learning rate {new_lr:.6g}")
+        self.last_lr = new_lr
+
+    def _scale_buffers(self, buffers, factor):
+        if self._scale is None:
+            @tf.function(autograph=False)
+            def scale(variables, factor):
+                for v in variables:
+                    v.assign(v * tf.cast(factor, v.dtype))
+            self._scale = scale
+        self._scale(_tf_vars(buffers), tf.constant(factor, tf.float64))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.last_lr is not None:
+            logs["learning_rate"] = self.last_lr
+
+
+def _scalar_summary(tag, value, step):
+    """A TensorBoard scalar written with core TF only (tf.summary.scalar needs the tensorboard
+    package, which tensorflow-cpu >= 2.20 no longer installs): the scalars plugin's metadata."""
+    from tensorflow.core.framework import summary_pb2
+    metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=metadata)
+
+
+class TrustRatioLogger(_Callback):
+    """Log every layer's trust ratio (layer lr / global lr) every ``every_n_steps`` updates.
+
+    Writes TensorBoard scalars ``trust_ratio/<variable path>`` under ``log_dir`` and/or rows
+    ``step,variable,trust_ratio,layer_lr`` to ``csv_path``; only on rank 0 when Horovod runs
+    (``all_ranks=True`` to log everywhere). ``records`` keeps (step, {path: ratio}) in memory.
+    Needs a largebatch.keras optimizer (LARS, LAMB).
+    """
+
+    def __init__(self, log_dir=None, csv_path=None, every_n_steps=100, all_ranks=False):
+        super().__init__()
+        self.log_dir, self.csv_path = log_dir, csv_path
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        self.all_ranks = bool(all_ranks)
+        self.records = []
+        self._writer = self._csv_file = self._csv = None
+        self._last_step = None
+
+    def _is_writer(self):
+        if self.all_ranks:
+            return True
+        try:
+            import horovod.tensorflow as hvd
+            return not hvd.is_initialized() or hvd.rank() == 0
+        except ImportError:
+            return True
+
+    def on_train_begin(self, logs=None):
+        optimizer = self._check_model_optimizer()
+        if optimizer is None or not hasattr(_innermost(optimizer), "trust_ratios"):
+            raise ValueError("optimizer: TrustRatioLogger needs a largebatch.keras optimizer (LARS, LAMB), got "
+                             f"{type(optimizer).__name__}")
+        if not self._is_writer():
+            return
+        if self.log_dir is not None and self._writer is None:
+            self._writer = tf.summary.create_file_writer(str(self.log_dir))
+        if self.csv_path is not None and self._csv is None:
+            new = not os.path.exists(self.csv_path) or os.path.getsize(self.csv_path) == 0
+            self._csv_file = open(self.csv_path, "a", newline="")
+            self._csv = csv.writer(self._csv_file)
+            if new:
+                self._csv.writerow(["step", "variable", "trust_ratio", "layer_lr"])
+
+    def on_train_batch_end(self, batch, logs=None):
+        optimizer = _innermost(self.model.optimizer)
+        step = int(optimizer.iterations.numpy())
+        if step == 0 or step % self.every_n_steps or step == self._last_step or not self._is_writer():
+            return
+        self._last_step = step
+        ratios, layer_lrs = optimizer.trust_ratios(), optimizer.layer_learning_rates()
+        self.records.append((step, ratios))
+        if self._writer is not None:
+            with self._writer.as_default():
+                for name, value in ratios.items():
+                    _scalar_summary(f"trust_ratio/{name}", value, step)
+            self._writer.flush()
+        if self._csv is not None:
+            for name, value in ratios.items():
+                self._csv.writerow([step, name, repr(value), repr(layer_lrs[name])])
+            self._csv_file.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._csv_file is not None:
+            self._csv_file.close()
+            self._csv_file = self._csv = None
+
+
+class RankConsistencyCheck(_Callback):
+    """Every ``every_n_steps`` batches (and at the end of training) gather a checksum of the
+    trainable weights (and optimizer state) from every rank; if ranks differ, stop training and
+    raise :class:`RankDivergenceError` naming the first variable that differs.
+
+    The checksum is (Σw, Σw²) per variable in float64: two small numbers per variable, one
+    allgather. With ``rtol=0`` (default) ranks must agree bit for bit, which they do when
+    gradients are averaged. Non-trainable variables (BatchNorm moving statistics) are
+    computed from each rank's own batches and are not compared.
+    """
+
+    def __init__(self, every_n_steps=100, include_optimizer=True, rtol=0.0):
+        super().__init__()
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        self.include_optimizer = bool(include_optimizer)
+        self.rtol = float(rtol)
+        self._batches = 0
+        self._checksum = None
+        self.checks = 0
+
+    def _variables(self):
+        variables = list(self.model.trainable_variables)
+        optimizer = self.model.optimizer
+        if self.include_optimizer and optimizer is not None and optimizer.built:
+            local = set()
+            opt = optimizer
+            while opt is not None:           # gradient accumulators are rank-local by design
+                local.update(getattr(opt, "_lb_rank_local_paths", ()))
+                opt = getattr(opt, "inner_optimizer", None)
+            variables += [v for v in optimizer.variables if v.path not in local]
+        return variables
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self._batches % self.every_n_steps == 0:
+            self.check(f"batch {self._batches}")
+
+    def on_train_end(self, logs=None):
+        if self._batches % self.every_n_steps:
+            self.check(f"the end of training (batch {self._batches})")
+
+    def check(self, where="now"):
+        hvd = _hvd()
+        variables = self._variables()
+        if self._checksum is None or self._checksum[0] != len(variables):
+            @tf.function(autograph=False)
+            def checksum(vs):
+                parts = []
+                for v in vs:
+                    x = tf.cast(v, tf.float64)
+                    parts += [tf.reduce_sum(x), tf.reduce_sum(x * x)]
+                return tf.stack(parts)
+            self._checksum = (len(variables), checksum)
+        local = self._checksum[1](_tf_vars(variables))
+        gathered = hvd.allgather(local[None, :], name="largebatch.rank_consistency").numpy()
+        self.checks += 1
+        reference = gathered[0]
+        for rank in range(1, gathered.shape[0]):
+            row = gathered[rank]
+            bad = ~np.isclose(row, reference, rtol=self.rtol, atol=0.0, equal_nan=True)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                var = variables[i // 2]
+                name = getattr(var, "path", None) or var.name
+                what = "sum" if i % 2 == 0 else "sum of squares"
+                self.model.stop_training = True
+                raise RankDivergenceError(
+                    f"ranks' weights differ at {where}: {what} of {name!r} is {float(reference[i]):.17g} on rank 0 "
+                    f"but {float(row[i]):.17g} on rank {rank}; the ranks are training different models (is the optimizer "
+                    "wrapped with largebatch.keras.DistributedOptimizer and BroadcastGlobalVariables(0) in the "
+                    "callbacks?)")

@@ -1,0 +1,408 @@
+"""LARS / LARC and LAMB as Keras 3 optimizers (``keras.optimizers.Optimizer`` subclasses).
+
+Every formula comes from :mod:`largebatch.trust` (called with ``xp=tensorflow``); this module
+only computes norms, picks per-variable options from :class:`largebatch.policy.ParamPolicy`
+and assigns the results.
+
+Speed: the per-variable elementwise update (``trust.lars_momentum_update``, LAMB's moments and
+direction) runs as a small XLA-compiled function (``fused=None``/``True``): XLA fuses the
+formula's five elementwise operations into one pass over w, g and v, which makes a LARS step
+as cheap as Keras' unfused SGD(momentum) (bench/keras_optimizer_cost.py). Norms are computed
+outside XLA with ``tf.nn.l2_loss`` (one fused pass). ``fused=False`` runs the same core formulas as
+plain TensorFlow ops.
+"""
+import keras
+import tensorflow as tf
+
+from largebatch import trust
+from largebatch.policy import ParamPolicy
+from largebatch.validation import check_hyperparameters, check_number
+
+from ._checks import HOROVOD_KERAS_MESSAGE, HorovodKerasError, is_horovod_keras_optimizer
+
+__all__ = ["LARS", "LAMB", "CLARS"]
+
+# Keras' own keyword arguments that make sense for a LARS/LAMB optimizer.
+_KERAS_KWARGS = ("clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
+                 "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps")
+
+
+def _tf_var(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _half_sum_sq(x):
+    """Σx²/2 in float32 (float64 for float64 x): ``tf.nn.l2_loss`` is one fused, accurate pass
+    over x, cheaper than square + reduce_sum (and far more accurate than a dot product)."""
+    if x.dtype not in (tf.float32, tf.float64):
+        x = tf.cast(x, tf.float32)
+    return tf.nn.l2_loss(x)
+
+
+def _norm_from_half(half_sum_sq):
+    return tf.sqrt(2.0 * half_sum_sq)
+
+
+def _norm(x):
+    """‖x‖₂ (see :func:`_half_sum_sq`)."""
+    return _norm_from_half(_half_sum_sq(x))
+
+
+def _dense(gradient, dtype):
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.convert_to_tensor(gradient)
+    return tf.cast(gradient, dtype)
+
+
+def _learning_rate_arg(learning_rate):
+    check_hyperparameters(lr=learning_rate, lr_name="learning_rate")
+    if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+        return float(learning_rate)                 # Keras insists on a float
+    if hasattr(learning_rate, "numpy") and getattr(learning_rate, "shape", None) == ():
+        return float(learning_rate)
+    return learning_rate
+
+
+def _exclude_to_config(exclude):
+    if isinstance(exclude, ParamPolicy):
+        return {"adaptation": exclude.exclude_from_adaptation, "decay": exclude.exclude_from_decay}
+    return exclude
+
+
+class _Collector:
+    """Holds the per-layer rates of one step while update_step runs (not tracked by Keras)."""
+    def __init__(self):
+        self.items = {}
+
+
+class _LayerwiseOptimizer(keras.optimizers.Optimizer):
+    """Shared machinery: the exclusion policy, weight decay handled by the algorithm (never by
+    Keras' base class), per-layer learning-rate telemetry and the Horovod-Keras refusal."""
+
+    def __init__(self, learning_rate, weight_decay, exclude, fused, name, kwargs):
+        if is_horovod_keras_optimizer(type(self)):
+            # horovod.tensorflow.keras.DistributedOptimizer re-creates us as a subclass of our class
+            raise HorovodKerasError(HOROVOD_KERAS_MESSAGE)
+        unknown = sorted(set(kwargs) - set(_KERAS_KWARGS) - {"decay"})
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown argument for {type(self).__name__}")
+        learning_rate = _learning_rate_arg(learning_rate)
+        if weight_decay is None:
+            weight_decay = 0.0
+        weight_decay = check_number("weight_decay", weight_decay, low=0.0)
+        if fused not in (None, True, False):
+            raise ValueError(f"fused: expected None, True or False, got {fused!r}")
+        try:
+            policy = ParamPolicy.from_spec(exclude)
+        except ValueError as err:
+            message = str(err)
+            raise ValueError(message if message.startswith("exclude:") else f"exclude: {message}") from None
+        # weight_decay is NOT given to Keras: its base class would decay every variable a second
+        # time, outside the trust ratio (and regardless of the exclusion policy).
+        super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
+        self.weight_decay = weight_decay
+        self.exclude = exclude
+        self.fused = fused
+        self._lb_policy = policy
+        self._lb_collector = None
+
+    # Keras' decoupled weight decay is replaced by the algorithm's own (inside the update).
+    def _apply_weight_decay(self, variables):
+        return
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        names, adapt, decay = [], [], []
+        for variable in variables:
+            name = getattr(variable, "path", None) or variable.name
+            shape = tuple(variable.shape)
+            names.append(name)
+            adapt.append(bool(self._lb_policy.adapts(name, shape)))
+            decay.append(bool(self._lb_policy.decays(name, shape)) and self._use_weight_decay(variable))
+        self._lb_names, self._lb_adapt, self._lb_decay = tuple(names), tuple(adapt), tuple(decay)
+        self._layer_lrs = self.add_variable(shape=(len(variables),), name="layer_learning_rates")
+        self._last_lr = self.add_variable(shape=(), name="last_learning_rate")
+
+    def _use_fused(self, variable):
+        """XLA kernel for tensors big enough to gain from it; below ``_FUSE_MIN_SIZE`` elements
+        (biases, BatchNorm scale/shift) the kernel launch costs more than the plain ops."""
+        if self.fused is None:
+            return variable.shape.num_elements() >= _FUSE_MIN_SIZE
+        return self.fused
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        collector = self._lb_collector = _Collector()
+        try:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+        finally:
+            self._lb_collector = None
+        if collector.items:
+            index = sorted(collector.items)
+            values = tf.stack([tf.cast(collector.items[i], tf.float32) for i in index])
+            if len(index) == len(self._lb_names):
+                new = values
+            else:
+                new = tf.tensor_scatter_nd_update(tf.convert_to_tensor(self._layer_lrs.value),
+                                                  [[i] for i in index], values)
+            self._layer_lrs.assign(new)
+            self._last_lr.assign(tf.cast(learning_rate, tf.float32))
+
+    def _record(self, index, layer_lr):
+        if self._lb_collector is not None:
+            self._lb_collector.items[index] = layer_lr
+
+    # ---- telemetry (eager) -------------------------------------------------------------
+    def layer_learning_rates(self):
+        """{variable path: the rate its last update was scaled with} (eager; empty before the first step)."""
+        if not self.built:
+            return {}
+        values = self._layer_lrs.numpy()
+        return {name: float(v) for name, v in zip(self._lb_names, values)}
+
+    def trust_ratios(self):
+        """{variable path: layer lr / global lr} of the last step (1 for excluded variables)."""
+        lr = float(self._last_lr.numpy()) if self.built else 0.0
+        return {name: (v / lr if lr > 0 else 1.0) for name, v in self.layer_learning_rates().items()}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"weight_decay": self.weight_decay, "exclude": _exclude_to_config(self.exclude),
+                       "fused": self.fused})
+        return config
+
+
+_FUSE_MIN_SIZE = 4096
+
+# One XLA-compiled kernel per (variable shape and dtype, formula options): each tf.function is
+# traced once (no retracing warnings on models with many shapes).
+_KERNELS = {}
+
+# The kernels take variables as resource *handles* (tensors), never as tf.Variable objects: a
+# tf.Function traced inside Keras' train function with Variable arguments captures those
+# Variables, and a later model with same-shaped variables would reuse the trace and fail
+# ("referencing variables which have been deleted").
+
+
+def _signature(variable):
+    return tuple(variable.shape), variable.dtype.name
+
+
+def _read(handle, dtype, shape):
+    return tf.ensure_shape(tf.raw_ops.ReadVariableOp(resource=handle, dtype=dtype), shape)
+
+
+def _write(handle, value):
+    tf.raw_ops.AssignVariableOp(resource=handle, value=value)
+
+
+def _lars_kernel(signature, momentum, weight_decay, nesterov, trust_coefficient, eps, clip, adapt, norm_of_sum):
+    """XLA kernel for one variable: layer lr from the norms (trust.lars_layer_lr), then the update
+    (trust.lars_momentum_update); returns the layer lr. Scalars and the elementwise update fuse."""
+    key = ("lars", signature, momentum, weight_decay, nesterov, trust_coefficient, eps, clip, adapt, norm_of_sum)
+    if key not in _KERNELS:
+        shape, dtype = signature[0], tf.as_dtype(signature[1])
+
+        def lars_kernel(w_handle, g, v_handle, lr, w_half, g_half, update_half):
+            w, v = _read(w_handle, dtype, shape), _read(v_handle, dtype, shape)
+            w_norm, g_norm, update_norm = (_norm_from_half(h) for h in (w_half, g_half, update_half))
+            layer_lr = trust.lars_layer_lr(tf, w_norm, g_norm, lr, trust_coefficient=trust_coefficient,
+                                           weight_decay=weight_decay, eps=eps,
+                                           update_norm=update_norm if norm_of_sum else None,
+                                           clip=clip, adapt=adapt)
+            layer_lr = tf.cast(layer_lr, dtype)
+            new_w, new_v = trust.lars_momentum_update(w, g, v, layer_lr, momentum=momentum,
+                                                      weight_decay=weight_decay, nesterov=nesterov)
+            _write(v_handle, new_v)
+            _write(w_handle, new_w)
+            return layer_lr
+        _KERNELS[key] = tf.function(lars_kernel, jit_compile=True, autograph=False)
+    return _KERNELS[key]
+
+
+def _lamb_direction(w, m, v, step, beta_1, beta_2, epsilon, weight_decay):
+    """trust.lamb_direction evaluated in float64, returned in w's dtype.
+
+    Its bias corrections 1 − β^t are scalars; in float32 ``1 − 0.999^t`` loses ~6 digits to
+    cancellation (relative error ~3e-6 at t = 20, compounding over steps), where the NumPy
+    reference computes them from Python floats. float64 here costs nothing that matters (the
+    kernel is memory-bound) and keeps the adapter as accurate as the reference.
+    """
+    f64 = lambda x: tf.cast(x, tf.float64)  # noqa: E731
+    u = trust.lamb_direction(tf.sqrt, f64(w), f64(m), f64(v), step=f64(step), beta1=beta_1, beta2=beta_2,
+                             eps=epsilon, weight_decay=weight_decay)
+    return tf.cast(u, w.dtype)
+
+
+def _lamb_kernel(signature, beta_1, beta_2, epsilon, weight_decay):
+    key = ("lamb", signature, beta_1, beta_2, epsilon, weight_decay)
+    if key not in _KERNELS:
+        shape, dtype = signature[0], tf.as_dtype(signature[1])
+
+        def lamb_kernel(w_handle, g, m_handle, v_handle, step):
+            w, m, v = (_read(h, dtype, shape) for h in (w_handle, m_handle, v_handle))
+            new_m, new_v = trust.adam_moments(m, v, g, beta_1, beta_2)
+            _write(m_handle, new_m)
+            _write(v_handle, new_v)
+            return _lamb_direction(w, new_m, new_v, step, beta_1, beta_2, epsilon, weight_decay)
+        _KERNELS[key] = tf.function(lamb_kernel, jit_compile=True, autograph=False)
+    return _KERNELS[key]
+
+
+@keras.saving.register_keras_serializable(package="largebatch")
+class LARS(_LayerwiseOptimizer):
+    """LARS (You, Gitman, Ginsburg 2017, Algorithm 1) and LARC (``clip=True``) for Keras 3.
+
+    For each variable w with gradient g, global lr γ_t, momentum m, weight decay β, trust
+    coefficient η::
+
+        λ = η‖w‖ / (‖g‖ + β‖w‖ + eps)          (trust_denominator="norm_of_sum": ‖g + βw‖ + eps)
+        layer lr = γ_t·λ   (clip=True: min(λ, γ_t); λ = 1 when ‖w‖ = 0 or ‖g‖ = 0)
+        v ← m·v + layer lr·(g + βw);   w ← w − v   (nesterov: w ← w − (m·v + layer lr·(g + βw)))
+
+    Excluded variables (``exclude``, default: ndim <= 1, i.e. biases and BatchNorm
+    scale/shift) are updated with γ_t and no weight decay. ``exclude`` is a rule (None, a bool,
+    a regex searched in the variable's path such as ``"sequential/dense/kernel"``, a callable
+    ``(path, shape) -> bool``, a list of those), a dict ``{"adaptation": rule, "decay": rule}`` or a
+    :class:`largebatch.ParamPolicy`. Keras' ``exclude_from_weight_decay()`` is honoured too.
+    ``weight_decay`` is the paper's (inside the trust ratio and the update); Keras' own
+    decoupled decay is never applied on top. The momentum buffers are ``self.momentums`` and
+    hold v as written above (γ_t inside, so schedules should use momentum correction:
+    :class:`largebatch.keras.callbacks.LearningRateSchedule` does).
+    """
+
+    def __init__(self, learning_rate=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
+                 eps=0.0, trust_denominator="sum_of_norms", clip=False, nesterov=False, exclude=None,
+                 fused=None, name="lars", **kwargs):
+        check_hyperparameters(momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                              eps=eps, trust_denominator=trust_denominator)
+        for flag, value in (("clip", clip), ("nesterov", nesterov)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag}: expected True or False, got {value!r}")
+        if nesterov and momentum <= 0:
+            raise ValueError(f"nesterov: needs momentum > 0, got momentum={momentum}")
+        super().__init__(learning_rate, weight_decay, exclude, fused, name, kwargs)
+        self.momentum = float(momentum)
+        self.trust_coefficient = float(trust_coefficient)
+        self.eps = float(eps)
+        self.trust_denominator = trust_denominator
+        self.clip = clip
+        self.nesterov = nesterov
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = self.add_optimizer_variables(variables, "momentum")
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        w = _tf_var(variable)
+        v = _tf_var(self.momentums[index])
+        dtype = w.dtype
+        g = _dense(gradient, dtype)
+        beta = self.weight_decay if self._lb_decay[index] else 0.0
+        adapt = self._lb_adapt[index]
+        norm_of_sum = self.trust_denominator == "norm_of_sum"
+        # norms in float32 (float64 for float64 variables), as halved sums of squares
+        if adapt:
+            w_half, g_half = _half_sum_sq(w), _half_sum_sq(g)
+            update_half = _half_sum_sq(g + beta * w) if norm_of_sum else tf.zeros((), w_half.dtype)
+        else:                                        # not adapted: the layer lr is γ_t, norms unused
+            w_half = g_half = update_half = tf.zeros((), tf.float64 if dtype == tf.float64 else tf.float32)
+        lr = tf.cast(learning_rate, w_half.dtype)
+        if self._use_fused(w):
+            kernel = _lars_kernel(_signature(w), self.momentum, beta, self.nesterov, self.trust_coefficient, self.eps,
+                                  self.clip, adapt, norm_of_sum)
+            layer_lr = kernel(w.handle, g, v.handle, lr, w_half, g_half, update_half)
+        else:
+            w_norm, g_norm, update_norm = (_norm_from_half(h) for h in (w_half, g_half, update_half))
+            layer_lr = trust.lars_layer_lr(tf, w_norm, g_norm, lr, trust_coefficient=self.trust_coefficient,
+                                           weight_decay=beta, eps=self.eps,
+                                           update_norm=update_norm if norm_of_sum else None,
+                                           clip=self.clip, adapt=adapt)
+            layer_lr = tf.cast(layer_lr, dtype)
+            new_w, new_v = trust.lars_momentum_update(w, g, v, layer_lr, momentum=self.momentum,
+                                                      weight_decay=beta, nesterov=self.nesterov)
+            self.assign(v, new_v)
+            self.assign(w, new_w)
+        self._record(index, layer_lr)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"momentum": self.momentum, "trust_coefficient": self.trust_coefficient,
+                       "eps": self.eps, "trust_denominator": self.trust_denominator, "clip": self.clip,
+                       "nesterov": self.nesterov})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="largebatch")
+class LAMB(_LayerwiseOptimizer):
+    """LAMB (You et al. 2019, arXiv 1904.00962, Algorithm 2) for Keras 3.
+
+    Adam moments with bias correction, u = m̂/(√v̂ + ε) + βw, layer ratio ‖w‖/‖u‖ (1 when either
+    norm is 0, and for excluded variables), w ← w − γ_t·ratio·u. Same ``exclude`` policy as
+    :class:`LARS` (excluded variables: ratio 1 and no weight decay).
+    """
+
+    def __init__(self, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-6, weight_decay=0.0,
+                 exclude=None, fused=None, name="lamb", **kwargs):
+        beta_1 = check_number("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
+        beta_2 = check_number("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
+        epsilon = check_number("epsilon", epsilon, low=0.0)
+        super().__init__(learning_rate, weight_decay, exclude, fused, name, kwargs)
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums, self.velocities = self.add_optimizer_variables(variables, ["momentum", "velocity"])
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        w = _tf_var(variable)
+        m, v = _tf_var(self.momentums[index]), _tf_var(self.velocities[index])
+        dtype = w.dtype
+        g = _dense(gradient, dtype)
+        lr = tf.cast(learning_rate, dtype)
+        step = tf.cast(self.iterations + 1, tf.float64)   # t >= 1 (per update, also with accumulation)
+        beta = self.weight_decay if self._lb_decay[index] else 0.0
+        if self._use_fused(w):
+            u = _lamb_kernel(_signature(w), self.beta_1, self.beta_2, self.epsilon, beta)(w.handle, g, m.handle, v.handle, step)
+        else:
+            new_m, new_v = trust.adam_moments(m, v, g, self.beta_1, self.beta_2)
+            self.assign(m, new_m)
+            self.assign(v, new_v)
+            u = _lamb_direction(w, new_m, new_v, step, self.beta_1, self.beta_2, self.epsilon, beta)
+        if self._lb_adapt[index]:
+            ratio = tf.cast(trust.lamb_trust_ratio(tf, _norm(w), _norm(u)), dtype)
+        else:
+            ratio = tf.ones((), dtype)
+        self._record(index, lr * ratio)
+        self.assign(w, trust.lamb_update(w, u, lr, ratio))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon})
+        return config
+
+
+class CLARS:
+    """CLARS (Huo, Gu, Huang 2020) is not available for Keras.
+
+    Its denominator is each layer's mean per-example gradient norm over the global batch. A
+    Keras optimizer only ever receives the batch-mean gradient from ``model.fit``'s train step;
+    per-example norms need a custom ``train_step`` that differentiates every example's loss
+    separately (``tf.vectorized_map`` over a per-example tape: B times the backward memory, and
+    not every layer vectorises). Use ``largebatch.torch.CLARS`` or the NumPy reference
+    (``largebatch.ReferenceOptimizer("clars", ...)``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError(
+            "largebatch.keras.CLARS is not implemented: CLARS needs each layer's per-example gradient "
+            "norms, but a Keras optimizer only receives the batch-mean gradient from model.fit's train step "
+            "(per-example gradients would need a custom train_step with tf.vectorized_map, B times the "
+            "backward memory); use largebatch.torch.CLARS or largebatch.ReferenceOptimizer('clars', ...)")
