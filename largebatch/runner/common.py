@@ -217,3 +217,27 @@ def summary_dict(exp, *, status, steps, epochs_done, final_loss, eval_result, th
         "threads_per_rank": threads[0], "interop_threads": threads[1], "threads_reason": threads[2],
         "versions": framework_versions,
     }
+
+
+def datasets_and_steps(exp):
+    """Build this rank's datasets and fill ``exp.derived`` with steps_per_epoch and total_steps
+    (and epochs, for a step budget). Shared by the torch and Keras runners."""
+    from ..config import ConfigError
+    from .data import DataError, build_datasets
+    cfg, derived = exp.cfg, exp.derived
+    try:
+        train_set, val_set = build_datasets(cfg, derived)
+    except DataError as err:
+        raise ConfigError([str(err)]) from None
+    gb = derived["global_batch"]
+    spe = len(train_set) // gb
+    if spe < 1:
+        raise ConfigError([f"data.path: expected at least the global batch ({gb}) images for one step, "
+                           f"got {len(train_set)}"])
+    derived["steps_per_epoch"] = spe
+    if cfg["train"]["steps"] is not None:
+        derived["total_steps"] = cfg["train"]["steps"]
+        derived["epochs"] = cfg["train"]["steps"] / spe
+    else:
+        derived["total_steps"] = max(1, round(cfg["train"]["epochs"] * spe))
+    return train_set, val_set

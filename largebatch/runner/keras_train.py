@@ -13,8 +13,8 @@ import numpy as np
 
 from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
-from .common import Progress, RunLog, Throughput, make_schedule, summary_dict, versions
-from .data import DataError, Prefetcher, build_datasets, epoch_batches, eval_batches
+from .common import Progress, RunLog, Throughput, datasets_and_steps, make_schedule, summary_dict, versions
+from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
 
 __all__ = ["run", "build_model", "build_optimizer"]
@@ -85,21 +85,9 @@ def run(exp, loader, threads):
     cfg, derived = exp.cfg, exp.derived
     lbk = import_mapped("largebatch.keras")
     keras.utils.set_random_seed(cfg["train"]["seed"])
-    try:
-        train_set, val_set = build_datasets(cfg, derived)
-    except DataError as err:
-        raise ConfigError([str(err)]) from None
+    train_set, val_set = datasets_and_steps(exp)
     gb, pw, acc = derived["global_batch"], derived["per_worker_batch"], derived["accumulation_steps"]
-    spe = len(train_set) // gb
-    if spe < 1:
-        raise ConfigError([f"data.path: expected at least the global batch ({gb}) images for one step, "
-                           f"got {len(train_set)}"])
-    derived["steps_per_epoch"] = spe
-    if cfg["train"]["steps"] is not None:
-        derived["total_steps"] = cfg["train"]["steps"]
-        derived["epochs"] = cfg["train"]["steps"] / spe
-    else:
-        derived["total_steps"] = max(1, round(cfg["train"]["epochs"] * spe))
+    spe = derived["steps_per_epoch"]
     schedule = make_schedule(exp)
     total = derived["total_steps"]
 
