@@ -8,7 +8,7 @@ traffic bound: one triad pass a += s·b over a parameter-sized buffer moves 3 te
 reporting the median step time and the transient memory a step allocates on top of
 parameters + gradients + optimizer state (peak RSS sampled during steps).
 
-    python bench/torch_optimizer_cost.py [--threads 1] [--steps 20] [--out bench/results]
+    python bench/torch_optimizer_cost.py [--threads 1] [--steps 20] [--quick] [--out bench/results]
 """
 import argparse
 import ctypes
@@ -109,8 +109,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3 timed steps, SGD and foreach LARS only (no compile)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick and not args.child:
+        args.steps, args.methods = 3, "sgd_foreach,lars_foreach"
     if args.child:
         measure(args.child, args.steps, args.threads)
         return 0

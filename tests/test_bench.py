@@ -81,3 +81,14 @@ def test_scaling_quick(tmp_path):
         assert 0 < float(r["efficiency"]) < 3
         if r["np"] == "1":
             assert float(r["efficiency"]) == pytest.approx(1.0)
+
+
+def test_optimizer_cost_quick(tmp_path):
+    _run(["optimizer-cost"], tmp_path, timeout=300)
+    torch_rows = {r["method"]: r for r in _rows(tmp_path / "torch_optimizer_cost.csv")}
+    assert set(torch_rows) == {"sgd_foreach", "lars_foreach"}
+    for row in torch_rows.values():
+        assert float(row["median_ms"]) > 0 and float(row["vs_7pass_bound"]) > 1.0   # nothing beats memory
+        assert float(row["state_mb"]) == pytest.approx(25_557_032 * 4 / 2**20, rel=0.01)   # one buffer
+    assert (tmp_path / "torch_optimizer_cost.png").stat().st_size > 0
+    assert (tmp_path / "keras_optimizer_cost.csv").exists()

@@ -155,17 +155,6 @@ def test_usage_errors_are_one_line_exit_2(workdir, capsys, argv, message):
     assert capsys.readouterr().err.splitlines() == [message]
 
 
-def test_bench_is_a_stub_until_wired(capsys):
-    try:
-        from largebatch import bench  # noqa: F401
-        pytest.skip("largebatch.bench exists: the CLI dispatches to it")
-    except ImportError:
-        pass
-    assert cli.main(["bench", "scaling"]) == 2
-    assert capsys.readouterr().err == ("largebatch bench: benchmarks are not wired into the CLI yet; "
-                                       "run the scripts in bench/ directly\n")
-
-
 def test_bench_dispatches_to_largebatch_bench_main(monkeypatch):
     import types
     seen = []
