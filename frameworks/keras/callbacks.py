@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from largebatch import schedules as _schedules
+from largebatch.horovod_support import import_horovod
 from largebatch.validation import check_positive_int
 
 from ._checks import HorovodKerasError, check_optimizer
@@ -37,7 +38,7 @@ class RankDivergenceError(RuntimeError):
 
 
 def _hvd():
-    import horovod.tensorflow as hvd
+    hvd = import_horovod("tensorflow")
     if not hvd.is_initialized():
         raise RuntimeError("largebatch.keras.callbacks: Horovod is not initialized; call horovod.tensorflow.init()")
     return hvd

@@ -15,6 +15,7 @@ per update) and applied. ``optimizer.iterations`` counts updates, not batches.
 import keras
 import tensorflow as tf
 
+from largebatch.horovod_support import import_horovod
 from largebatch.validation import check_positive_int
 
 from ._checks import check_optimizer
@@ -23,12 +24,7 @@ __all__ = ["DistributedOptimizer", "is_distributed"]
 
 
 def _hvd():
-    try:
-        import horovod.tensorflow as hvd
-    except ImportError as err:                           # pragma: no cover - depends on the install
-        raise ImportError(f"largebatch.keras.DistributedOptimizer needs horovod.tensorflow ({err}); "
-                          "run `make setup`") from None
-    return hvd
+    return import_horovod("tensorflow")       # one-line error naming the missing piece and the fix
 
 
 def _compression(compression):

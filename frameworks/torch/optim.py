@@ -96,6 +96,17 @@ class _LayerwiseOptimizer(Optimizer):
                     out[name if name is not None else f"param{i}"] = ratio
         return out
 
+    def _ratio_slots(self, group, params):
+        if not group.get("track_trust_ratios"):
+            return None
+        slots = []
+        for p in params:
+            state = self.state[p]
+            if "trust_ratio" not in state:
+                state["trust_ratio"] = torch.ones((), device=p.device, dtype=p.dtype)
+            slots.append(state["trust_ratio"])
+        return slots
+
     @staticmethod
     def _impl(group):
         if group.get("fused"):
@@ -228,17 +239,6 @@ class LARS(_LayerwiseOptimizer):
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             bufs.append(state["momentum_buffer"])
         return bufs
-
-    def _ratio_slots(self, group, params):
-        if not group.get("track_trust_ratios"):
-            return None
-        slots = []
-        for p in params:
-            state = self.state[p]
-            if "trust_ratio" not in state:
-                state["trust_ratio"] = torch.ones((), device=p.device, dtype=p.dtype)
-            slots.append(state["trust_ratio"])
-        return slots
 
     def _grad_norm_override(self, group, params):
         """Hook for CLARS: the per-layer norm that replaces ‖g‖ in the ratio (None: use ‖g‖)."""
@@ -391,10 +391,10 @@ class LAMB(_LayerwiseOptimizer):
         exp_avgs, exp_avg_sqs, steps = self._moments(params)
         decays, adapts = _lars_scalars(group, flags)
         beta1, beta2 = group["betas"]
-        ratios = LARS._ratio_slots(self, group, params)
-        kernel = _fused(_single_tensor_lamb) if self._impl(group) == "fused" else _single_tensor_lamb
-        lr = group["lr"]
+        ratios = self._ratio_slots(group, params)
+        kernel, lr = _single_tensor_lamb, group["lr"]
         if self._impl(group) == "fused":
+            kernel = _fused(_single_tensor_lamb)
             lr = torch.tensor(lr, dtype=params[0].dtype, device=params[0].device)
         # counted outside the kernel: torch.compile does not write back in-place updates of these
         # 0-d counters (the fused step then saw t = 0 and divided by 1 − β⁰ = 0)
