@@ -173,14 +173,8 @@ def cmd_doctor(argv):
 
 
 def cmd_bench(argv):
-    try:
-        from . import bench
-    except ImportError:
-        bench = None
-    if bench is not None and hasattr(bench, "main"):
-        return bench.main(argv)
-    return _fail(["largebatch bench: benchmarks are not wired into the CLI yet; "
-                  "run the scripts in bench/ directly"])
+    from . import bench            # lazy: the dispatcher finds bench/ scripts next to the package
+    return bench.main(argv)
 
 
 def _experiment_parser(command):
