@@ -6,7 +6,8 @@ A checkpoint file is::
 
 The manifest records the payload's size and SHA-256, the framework, step and epoch, a hash of
 the training-relevant configuration and the model signature (parameter names and shapes). The
-payload is whatever the framework adapter serialised (``torch.save`` bytes for torch).
+payload is whatever the framework adapter serialised (``torch.save`` bytes for torch, ``np.savez``
+bytes of named arrays for Keras).
 
 Writes are atomic: a temporary file in the same folder, ``fsync``, ``os.replace``, then an fsync
 of the folder. A reader therefore sees either the previous file or the complete new one; a file
@@ -26,7 +27,9 @@ __all__ = ["CheckpointError", "write", "read", "read_manifest", "config_hash", "
 MAGIC = b"LBCKPT1\n"
 _LEN = struct.Struct(">Q")
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^epoch-(\d+)\.pt$")
+_NAME = re.compile(r"^epoch-(\d+)\.(?:pt|ckpt)$")
+# the file suffix per framework (same format): torch keeps its historical ".pt"
+_SUFFIX = {"torch": ".pt", "keras": ".ckpt"}
 # configuration sections/keys that do not change what a checkpoint means
 _CONFIG_IGNORED = {"output", "launcher", "description", "name", "derived", "source"}
 _TRAIN_IGNORED = {"resume", "log_every", "eval", "epochs", "steps", "on_nonfinite"}
@@ -36,8 +39,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; ``str(err)`` is one line naming the file and the problem."""
 
 
-def checkpoint_name(epoch):
-    return f"epoch-{epoch:04d}.pt"
+def checkpoint_name(epoch, framework="torch"):
+    """``epoch-NNNN.pt`` (torch) or ``epoch-NNNN.ckpt`` (keras); both are this module's format."""
+    return f"epoch-{epoch:04d}{_SUFFIX.get(framework, '.ckpt')}"
 
 
 def config_hash(cfg):
@@ -177,7 +181,7 @@ def check_compatible(path, manifest, *, framework, signature, cfg_hash=None):
 
 
 def list_checkpoints(folder):
-    """[(epoch, path)] of ``epoch-NNNN.pt`` files in ``folder``, oldest first."""
+    """[(epoch, path)] of ``epoch-NNNN.pt`` / ``epoch-NNNN.ckpt`` files in ``folder``, oldest first."""
     if not os.path.isdir(folder):
         return []
     out = []

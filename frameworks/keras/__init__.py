@@ -19,7 +19,9 @@ _check_keras()
 from ._checks import HorovodKerasError, check_callbacks, check_optimizer  # noqa: E402
 from .distributed import DistributedOptimizer, is_distributed  # noqa: E402
 from .optimizers import CLARS, LAMB, LARS  # noqa: E402
-from . import callbacks, models  # noqa: E402,F401
+from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from . import callbacks, checkpoint, models  # noqa: E402,F401
 
 __all__ = ["LARS", "LAMB", "CLARS", "DistributedOptimizer", "is_distributed", "check_optimizer",
-           "check_callbacks", "HorovodKerasError", "callbacks", "models"]
+           "check_callbacks", "HorovodKerasError", "callbacks", "models", "checkpoint", "save_checkpoint",
+           "load_checkpoint"]

@@ -9,6 +9,8 @@
 - :class:`TrustRatioLogger`: per-layer trust ratios to TensorBoard and/or CSV.
 - :class:`RankConsistencyCheck`: a checksum of the weights gathered from every rank every N
   steps; stops training with :class:`RankDivergenceError` if ranks differ.
+- :class:`NonFiniteGuard`: reports every update that ``DistributedOptimizer(nonfinite_guard=True)``
+  skipped for NaN/Inf (first offending variable and step); stops training or goes on.
 
 Every callback refuses a ``horovod.tensorflow.keras.DistributedOptimizer`` (it does not
 average under Keras 3) with :class:`largebatch.keras.HorovodKerasError`.
@@ -30,7 +32,7 @@ from .distributed import is_distributed
 from .optimizers import LARS
 
 __all__ = ["BroadcastGlobalVariables", "MetricAverage", "LearningRateSchedule", "TrustRatioLogger",
-           "RankConsistencyCheck", "RankDivergenceError"]
+           "RankConsistencyCheck", "RankDivergenceError", "NonFiniteGuard", "NonFinite"]
 
 
 class RankDivergenceError(RuntimeError):
@@ -353,3 +355,97 @@ class RankConsistencyCheck(_Callback):
                     f"but {float(row[i]):.17g} on rank {rank}; the ranks are training different models (is the optimizer "
                     "wrapped with largebatch.keras.DistributedOptimizer and BroadcastGlobalVariables(0) in the "
                     "callbacks?)")
+
+
+class NonFinite:
+    """One skipped update: ``step`` (1-based update), ``layer`` (variable path), ``kind``
+    ('gradient' | 'trust ratio'), ``value`` ('nan' | 'inf')."""
+
+    def __init__(self, step, layer, kind, value):
+        self.step, self.layer, self.kind, self.value = step, layer, kind, value
+
+    @property
+    def message(self):
+        return f"step {self.step}: non-finite {self.kind} ({self.value}) in layer '{self.layer}'"
+
+    def __repr__(self):
+        return f"NonFinite({self.message!r})"
+
+
+_CODES = {1: ("gradient", "nan"), 2: ("gradient", "inf"), 4: ("trust ratio", "nan/inf")}
+
+
+class NonFiniteGuard(_Callback):
+    """Report (and with ``on_nonfinite="stop"`` stop at) updates the optimizer skipped for NaN/Inf.
+
+    Needs ``largebatch.keras.DistributedOptimizer(..., nonfinite_guard=True)``: the decision is
+    taken in the train function from one flag computed after the allreduce (identical on every
+    rank), and the update is never applied. After each batch this callback reads one scalar
+    (the optimizer's skipped-update count); only when it grew is the per-variable code vector
+    read to name the first offending variable. Every skip is reported through ``log`` (default:
+    print). ``stop``: ``model.stop_training = True`` and :attr:`stopped` holds the
+    :class:`NonFinite`; ``skip``: training goes on, :attr:`skipped` counts (also across a
+    resumed run: the count lives in the optimizer's variables). :attr:`events` lists them all.
+    """
+
+    def __init__(self, on_nonfinite="stop", log=print):
+        super().__init__()
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {on_nonfinite!r}")
+        self.on_nonfinite, self.log = on_nonfinite, log
+        self.events, self.stopped = [], None
+        self._seen = None
+
+    def _guarded(self):
+        optimizer = self.model.optimizer
+        while optimizer is not None and not getattr(optimizer, "_lb_guard", False):
+            optimizer = getattr(optimizer, "inner_optimizer", None)
+        return optimizer
+
+    def on_train_begin(self, logs=None):
+        optimizer = self._check_model_optimizer()
+        if optimizer is None or self._guarded() is None:
+            raise ValueError("NonFiniteGuard needs an optimizer wrapped with "
+                             "largebatch.keras.DistributedOptimizer(optimizer, nonfinite_guard=True), got "
+                             f"{type(optimizer).__name__}")
+
+    @property
+    def skipped(self):
+        optimizer = self._guarded() if self.model is not None else None
+        if optimizer is None or not optimizer.built:
+            return 0
+        return int(optimizer._lb_skipped.numpy())
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._seen is None:       # after every on_train_begin (the broadcast of a resumed count)
+            self._seen = self.skipped
+
+    def on_train_batch_end(self, batch, logs=None):
+        optimizer = self._guarded()
+        count = int(optimizer._lb_skipped.numpy())           # the one host read per batch
+        if self._seen is None:
+            self._seen = count
+            return
+        if count == self._seen:
+            return
+        self._seen = count
+        bad = self.describe(optimizer)
+        self.events.append(bad)
+        if self.on_nonfinite == "stop":
+            self.stopped = bad
+            self.model.stop_training = True
+            self.log(f"{bad.message}; stopping (train.on_nonfinite=stop)")
+        else:
+            self.log(f"{bad.message}; step skipped (train.on_nonfinite=skip, {count} skipped so far)")
+
+    @staticmethod
+    def describe(optimizer):
+        """The :class:`NonFinite` of the last skipped update (host reads: only after a trip)."""
+        step = int(optimizer.iterations.numpy())
+        codes = optimizer._lb_codes.numpy()
+        names = [getattr(v, "path", None) or v.name for v in optimizer._trainable_variables]
+        for wanted in ((1, 2), (4,)):                    # gradients first, then trust ratios
+            for name, code in zip(names, codes):
+                if int(code) in wanted:
+                    return NonFinite(step, name, *_CODES[int(code)])
+        return NonFinite(step, "<unknown>", "gradient", "nan/inf")

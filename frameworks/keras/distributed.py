@@ -11,6 +11,15 @@ trust ratio is computed from the averaged gradient.
 With ``accumulation_steps=k`` the local gradients of k consecutive batches are summed in
 optimizer variables; on every k-th batch their mean is averaged across ranks (one allreduce
 per update) and applied. ``optimizer.iterations`` counts updates, not batches.
+
+With ``nonfinite_guard=True`` every update computes, in the train function and after the
+allreduce (so every rank gets the same answer), one flag: are all averaged gradients finite, and
+were the previous update's per-layer rates (trust ratios) finite? If not, the update is skipped
+(weights, momentum and moments untouched; ``iterations`` still advances, so the schedule does),
+``lb_skipped_steps`` is incremented and ``lb_nonfinite_codes`` says which variables were at fault
+(1 NaN gradient, 2 Inf gradient, 4 non-finite trust ratio). The host reads one scalar per update:
+:class:`largebatch.keras.callbacks.NonFiniteGuard` reports every skip (naming the first offending
+variable and the step) and stops training or goes on (``on_nonfinite``).
 """
 import keras
 import tensorflow as tf
@@ -53,6 +62,8 @@ class _DistributedMixin:
     _lb_distributed = True
     _lb_compression = None
     _lb_accumulation_steps = 1
+    _lb_guard = False
+    _lb_inject_nan = None            # (update step, variable path): testing only, see largebatch.runner.faults
 
     def _lb_average(self, grads):
         hvd = _hvd()
@@ -83,6 +94,63 @@ class _DistributedMixin:
             self._lb_micro_step = self.add_variable(shape=(), dtype="int64", name="lb_micro_step")
             # each rank's own partial sums: legitimately different across ranks
             self._lb_rank_local_paths = tuple(a.path for a in self._lb_accumulators if a is not None)
+        if self._lb_guard:
+            self._lb_build_guard(variables)
+
+    def _lb_build_guard(self, variables):
+        self._lb_skipped = self.add_variable(shape=(), dtype="int64", name="lb_skipped_steps")
+        self._lb_codes = self.add_variable(shape=(len(variables),), dtype="int32", name="lb_nonfinite_codes")
+
+    # ---- non-finite guard --------------------------------------------------------------
+    def _lb_nonfinite_codes(self, grads, trainable_variables):
+        """int32 vector over the optimizer's variables: 1 NaN gradient, 2 Inf gradient, 4 non-finite
+        trust ratio of the previous update, 0 fine (computed in the graph, no host read)."""
+        codes = [tf.zeros((), tf.int32)] * len(self._trainable_variables)
+        for g, v in zip(grads, trainable_variables):
+            if g is None:
+                continue
+            g = tf.convert_to_tensor(g)
+            nan = tf.reduce_any(tf.math.is_nan(g))
+            finite = tf.reduce_all(tf.math.is_finite(g))
+            codes[self._get_variable_index(v)] = tf.where(nan, 1, tf.where(finite, 0, 2))
+        codes = tf.stack(codes)
+        rates = getattr(self, "_layer_lrs", None)        # LARS/LAMB: the previous update's layer rates
+        if rates is not None and rates.shape[0] == len(self._trainable_variables):
+            ratio_bad = tf.logical_not(tf.math.is_finite(tf.convert_to_tensor(rates.value)))
+            codes = tf.where(tf.logical_and(tf.equal(codes, 0), ratio_bad), 4, codes)
+        return codes
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if not self._lb_guard:
+            return super()._backend_apply_gradients(grads, trainable_variables)
+        codes = self._lb_nonfinite_codes(grads, trainable_variables)
+        self._lb_codes.assign(codes)
+        finite = tf.equal(tf.reduce_max(codes), 0)
+
+        def apply():
+            super(_DistributedMixin, self)._backend_apply_gradients(grads, trainable_variables)
+
+        def skip():                         # Keras still advances self._iterations after this
+            self._lb_skipped.assign_add(1)
+
+        keras.ops.cond(finite, apply, skip)
+
+    def _lb_update_count(self):
+        """Updates applied so far: ``iterations`` less the skipped ones (LAMB's bias correction)."""
+        skipped = getattr(self, "_lb_skipped", None)
+        return self.iterations if skipped is None else self.iterations - skipped
+
+    def _lb_inject(self, grads, trainable_variables):
+        step, name = self._lb_inject_nan
+        if trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        hit = tf.equal(self.iterations + 1, step)
+        out = list(grads)
+        for i, (g, v) in enumerate(zip(grads, trainable_variables)):
+            if g is not None and (getattr(v, "path", None) or v.name) == name:
+                g = tf.convert_to_tensor(g)
+                out[i] = g * tf.where(hit, tf.constant(float("nan"), g.dtype), tf.constant(1, g.dtype))
+        return out
 
     def apply_gradients(self, grads_and_vars):
         grads, trainable_variables = zip(*grads_and_vars)
@@ -93,6 +161,8 @@ class _DistributedMixin:
         grads = list(grads)
         if not grads:
             return
+        if self._lb_inject_nan is not None:
+            grads = self._lb_inject(grads, trainable_variables)
         if self._lb_accumulation_steps == 1:
             return super().apply(self._lb_average(grads), trainable_variables)
         return self._lb_accumulate(grads, trainable_variables)
@@ -137,12 +207,15 @@ def is_distributed(optimizer):
     return False
 
 
-def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1):
+def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonfinite_guard=False):
     """Return a copy of the Keras 3 ``optimizer`` that averages gradients over Horovod ranks.
 
     ``compression``: None or 'fp16' (gradients are sent as float16, averaged, cast back).
     ``accumulation_steps``: batches whose gradients are summed locally before one averaged update
     (global batch = per-rank batch × ranks × accumulation_steps).
+    ``nonfinite_guard``: skip an update whose averaged gradients (or the previous update's trust
+    ratios) hold NaN/Inf, decided by one in-graph flag that is the same on every rank; put
+    :class:`largebatch.keras.callbacks.NonFiniteGuard` in the callbacks to report (and stop).
 
     Works with any Keras 3 optimizer (LARS, LAMB, SGD, Adam ...); then
     ``model.compile(optimizer=..., jit_compile=False)``. An optimizer that is not built yet is
@@ -156,6 +229,8 @@ def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1):
         raise ValueError("optimizer: already a largebatch.keras.DistributedOptimizer")
     _compression(compression)
     accumulation_steps = check_positive_int("accumulation_steps", accumulation_steps)
+    if nonfinite_guard not in (True, False):
+        raise ValueError(f"nonfinite_guard: expected True or False, got {nonfinite_guard!r}")
     built = getattr(optimizer, "built", False)
     if built and accumulation_steps > 1:
         raise ValueError("accumulation_steps: an optimizer that is already built (e.g. loaded with a model) "
@@ -175,4 +250,7 @@ def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1):
         wrapped = cls.from_config(optimizer.get_config())
     wrapped._lb_compression = compression
     wrapped._lb_accumulation_steps = accumulation_steps
+    wrapped._lb_guard = bool(nonfinite_guard)
+    if built and nonfinite_guard:
+        wrapped._lb_build_guard(wrapped._trainable_variables)
     return wrapped

@@ -149,6 +149,10 @@ class _LayerwiseOptimizer(keras.optimizers.Optimizer):
             self._layer_lrs.assign(new)
             self._last_lr.assign(tf.cast(learning_rate, tf.float32))
 
+    def _lb_update_count(self):
+        """Updates applied so far (DistributedOptimizer's non-finite guard subtracts skipped ones)."""
+        return self.iterations
+
     def _record(self, index, layer_lr):
         if self._lb_collector is not None:
             self._lb_collector.items[index] = layer_lr
@@ -367,7 +371,8 @@ class LAMB(_LayerwiseOptimizer):
         dtype = w.dtype
         g = _dense(gradient, dtype)
         lr = tf.cast(learning_rate, dtype)
-        step = tf.cast(self.iterations + 1, tf.float64)   # t >= 1 (per update, also with accumulation)
+        # t >= 1: updates applied (per update, also with accumulation; skipped non-finite ones excluded)
+        step = tf.cast(self._lb_update_count() + 1, tf.float64)
         beta = self.weight_decay if self._lb_decay[index] else 0.0
         if self._use_fused(w):
             u = _lamb_kernel(_signature(w), self.beta_1, self.beta_2, self.epsilon, beta)(w.handle, g, m.handle, v.handle, step)

@@ -7,6 +7,11 @@ STEP (1-based):
     raise  raise RuntimeError (a bug on one rank)
     nan    turn the gradient of LAYER (default: the first parameter) into NaN
     hang   sleep forever without exiting (a stuck rank)
+
+LAYER is a torch parameter name (``features.4.weight``) or a Keras variable path
+(``conv1/kernel``). Keras: the nan fault is armed in the train function (:meth:`Fault.arm_keras`,
+the local gradient is multiplied by NaN at that update, before the allreduce); the others run in
+a callback before the update's first batch (``before_step(step, None)``).
 """
 import os
 import signal
@@ -60,12 +65,27 @@ class Fault:
             while True:
                 time.sleep(60)
         elif self.kind == "nan":
+            if model is None:            # Keras: armed in the train function by arm_keras()
+                return
             named = dict(model.named_parameters())
             name = self.layer or next(iter(named))
             if name not in named:
                 raise ValueError(f"{FAULT_ENV}: no parameter {name!r} (have {', '.join(list(named)[:8])}, ...)")
             # a tensor hook runs before the gradient is accumulated and before Horovod's allreduce hook
             self._handle = named[name].register_hook(lambda g: g * float("nan"))
+
+
+    def arm_keras(self, model, optimizer):
+        """Keras ``nan``: have ``optimizer`` (a largebatch.keras.DistributedOptimizer, before its
+        train function is traced) multiply the gradient of variable LAYER (default: the first
+        trainable variable) by NaN at update STEP on this rank. Other kinds: nothing to arm."""
+        if self.kind != "nan":
+            return
+        paths = [getattr(v, "path", None) or v.name for v in model.trainable_variables]
+        name = self.layer or paths[0]
+        if name not in paths:
+            raise ValueError(f"{FAULT_ENV}: no variable {name!r} (have {', '.join(paths[:8])}, ...)")
+        optimizer._lb_inject_nan = (self.step, name)
 
 
 def from_env(rank, env=None):

@@ -5,14 +5,25 @@ optimizer does not average under Keras 3), variables are broadcast from rank 0 b
 ``largebatch.keras.callbacks.BroadcastGlobalVariables``, the learning rate follows the core's
 schedule through ``largebatch.keras.callbacks.LearningRateSchedule`` (per optimizer update,
 with momentum correction), and the runner's callback logs, evaluates and checkpoints.
+
+Checkpoints (``checkpoints/epoch-NNNN.ckpt``, :mod:`largebatch.keras.checkpoint`) hold the model's
+and the optimizer's variables, step, epoch, RNG states and the resolved configuration;
+``train.resume`` loads one on rank 0 before anything in the run directory is written (the
+broadcast callback then sends rank 0's variables to every rank) and training continues at the
+saved step, inside the saved epoch if need be. NaN/Inf gradients (or trust ratios) are caught by
+the optimizer's in-graph guard and reported by ``largebatch.keras.callbacks.NonFiniteGuard``
+(``train.on_nonfinite``).
 """
 import math
+import os
+import sys
 import time
 
 import numpy as np
 
 from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
+from . import faults
 from .common import Progress, RunLog, Throughput, datasets_and_steps, make_schedule, summary_dict, versions
 from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
@@ -68,6 +79,42 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
+def _resolve_resume(cfg, run_dir):
+    """The checkpoint to resume from, or None (train.resume: auto | PATH | none)."""
+    from .. import checkpoint as core
+    resume = cfg["train"]["resume"]
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return core.latest(os.path.join(run_dir, "checkpoints"))
+    return resume
+
+
+def _load_resume(cfg, run_dir, model, optimizer, hvd, rank):
+    """Rank 0 reads and checks the checkpoint into model and optimizer (the broadcast callback
+    sends its variables to the others before the first step); every rank gets step, epoch, extra
+    and RNG. ConfigError (exit 2) on a bad file, raised on every rank before anything in the run
+    directory is written."""
+    from .. import checkpoint as core
+    lbk_ckpt = import_mapped("largebatch.keras.checkpoint")
+    path = _resolve_resume(cfg, run_dir)
+    info, error = None, None
+    if path is not None and rank == 0:
+        try:
+            got = lbk_ckpt.load_checkpoint(path, model, optimizer, cfg_hash=core.config_hash(cfg))
+            info = {"path": os.path.abspath(path), "step": got["step"], "epoch": got["epoch"],
+                    "extra": got["extra"], "warning": got["warning"], "rng": lbk_ckpt.rng_state()}
+        except core.CheckpointError as err:
+            error = f"train.resume: {err}"
+    if path is not None and hvd.size() > 1:
+        info, error = hvd.broadcast_object((info, error), root_rank=0, name="largebatch.resume")
+    if error:
+        raise ConfigError([error])
+    if info is not None and rank != 0:
+        lbk_ckpt.set_rng_state(info["rng"])
+    return info
+
+
 def run(exp, loader, threads):
     import tensorflow as tf
     t, i, _ = threads
@@ -77,6 +124,7 @@ def run(exp, loader, threads):
     except RuntimeError:       # TF already initialised by an import; the environment variables hold
         pass
     import keras
+    faults.horovod_timeouts()
     hvd = import_mapped("largebatch.horovod_support").import_horovod("tensorflow")
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
@@ -92,44 +140,57 @@ def run(exp, loader, threads):
     total = derived["total_steps"]
 
     run_dir = run_dir_of(exp)
-    log = RunLog(run_dir, exp, rank)
-    log.write_config()
-
     model = build_model(cfg, derived)
-    optimizer = lbk.DistributedOptimizer(build_optimizer(cfg, model, schedule(0)), accumulation_steps=acc)
+    optimizer = lbk.DistributedOptimizer(build_optimizer(cfg, model, schedule(0)), accumulation_steps=acc,
+                                         nonfinite_guard=True)
     exclude_from_decay(optimizer, cfg, model)
+    fault = faults.from_env(rank)
+    if fault is not None:
+        fault.arm_keras(model, optimizer)          # before the train function is traced
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=False)
+    optimizer.build(model.trainable_variables)     # its variables exist before a checkpoint is loaded
+    resumed = _load_resume(cfg, run_dir, model, optimizer, hvd, rank)   # before anything is written
+    log = RunLog(run_dir, exp, rank, append=resumed is not None)
+    log.write_config()
 
     workers = cfg["data"]["loader_workers"]
 
     class Shard(keras.utils.PyDataset):
-        """This rank's micro-batches, re-shuffled and re-sharded every epoch."""
+        """This rank's micro-batches of one training epoch (``set_epoch`` by the runner's callback
+        at every epoch begin: Keras calls ``on_epoch_end`` also once before training starts, so
+        counting those calls would be off by one), from micro-batch ``skip`` on (a resumed run
+        that starts inside an epoch)."""
 
-        def __init__(self):
+        def __init__(self, epoch, skip=0):
             super().__init__(workers=max(1, workers), use_multiprocessing=False)
-            self.epoch = 0
-            self._batches = self._make(0)
+            self.skip = skip
+            self.set_epoch(epoch)
 
-        def _make(self, epoch):
-            return epoch_batches(len(train_set), epoch, seed=cfg["train"]["seed"], rank=rank, size=size,
-                                 per_worker=pw, accumulation=acc, steps=spe)
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+            self._batches = epoch_batches(len(train_set), epoch, seed=cfg["train"]["seed"], rank=rank, size=size,
+                                          per_worker=pw, accumulation=acc, steps=spe)[self.skip:]
 
         def __len__(self):
-            return spe * acc
+            return spe * acc - self.skip
 
         def __getitem__(self, index):
             return train_set.batch(self._batches[index], self.epoch, True)
 
-        def on_epoch_end(self):
-            self.epoch += 1
-            self._batches = self._make(self.epoch)
-
     track = cfg["output"]["trust_ratios"] and hasattr(optimizer, "trust_ratios")
     progress = Progress(total, cfg["output"]["progress"], cfg["name"], rank)
     rate = Throughput()
-    state = {"loss": float("nan"), "eval": None, "status": "completed", "step": 0, "logged": 0}
+    state = {"loss": float("nan"), "eval": None, "status": "completed", "step": 0, "logged": 0, "shard": None}
     ckpt_every = cfg["output"]["checkpoint_every"]
+    if resumed is not None:
+        state["step"] = state["logged"] = int(resumed["step"])
+        if rank == 0:
+            if resumed["warning"]:
+                print(f"largebatch: {resumed['warning']}", file=sys.stderr, flush=True)
+            print(f"largebatch: resumed from {resumed['path']} at step {state['step']} "
+                  f"(epoch {state['step'] // spe})", file=sys.stderr, flush=True)
+        progress.update(state["step"])
 
     def evaluate():
         loss_sum = correct = count = 0.0
@@ -147,6 +208,11 @@ def run(exp, loader, threads):
     class RunnerCallback(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.sum_seen, self.n_seen = 0.0, 0
+            state["shard"].set_epoch(epoch)          # data order: a function of (seed, epoch)
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if fault is not None and batch % acc == 0:
+                fault.before_step(int(self.model.optimizer.iterations.numpy()) + 1, None)
 
         def on_train_batch_end(self, batch, logs=None):
             if (batch + 1) % acc:
@@ -178,6 +244,8 @@ def run(exp, loader, threads):
 
         def on_epoch_end(self, epoch, logs=None):
             step = state["step"]
+            if guard.stopped is not None:
+                state["status"] = "nonfinite"
             if state["status"] != "completed":
                 return
             if val_set is not None and cfg["train"]["eval"]:
@@ -187,25 +255,59 @@ def run(exp, loader, threads):
                 progress.write(f"epoch {epoch + 1}: eval loss {state['eval']['loss']:.4f}, "
                                f"accuracy {state['eval']['accuracy']:.4f}")
             if ckpt_every and ((epoch + 1) % ckpt_every == 0 or step >= total) and rank == 0:
-                model.save_weights(log.checkpoint_path(f"epoch-{epoch + 1:04d}.weights.h5"))
+                _checkpoint(log, exp, model, self.model.optimizer, step, epoch + 1,
+                            {"last_lr": lr_callback.last_lr, "skipped_steps": guard.skipped})
 
-    callbacks = [lbk.callbacks.BroadcastGlobalVariables(0),
-                 lbk.callbacks.LearningRateSchedule(schedule, momentum_correction=cfg["schedule"]["momentum_correction"]),
-                 RunnerCallback()]
+    def report(line):
+        progress.write(f"largebatch: {line}")
+
+    guard = lbk.callbacks.NonFiniteGuard(cfg["train"]["on_nonfinite"], log=report)
+    lr_callback = lbk.callbacks.LearningRateSchedule(schedule,
+                                                     momentum_correction=cfg["schedule"]["momentum_correction"])
+    callbacks = [lbk.callbacks.BroadcastGlobalVariables(0), lr_callback, guard, RunnerCallback()]
+    epochs = math.ceil(total / spe)
+    epoch, first_in_epoch = divmod(state["step"], spe)
     started = time.perf_counter()
     try:
-        model.fit(Shard(), epochs=math.ceil(total / spe), steps_per_epoch=spe * acc, verbose=0,
-                  callbacks=callbacks)
+        if first_in_epoch and state["step"] < total:
+            # a checkpoint that ends inside an epoch: the rest of that epoch, then the others
+            state["shard"] = Shard(epoch, skip=first_in_epoch * acc)
+            model.fit(state["shard"], initial_epoch=epoch, epochs=epoch + 1, shuffle=False,
+                      steps_per_epoch=(spe - first_in_epoch) * acc, verbose=0, callbacks=callbacks)
+            epoch += 1
+        if epoch < epochs and state["step"] < total and state["status"] == "completed" and guard.stopped is None:
+            state["shard"] = Shard(epoch)
+            # shuffle=False: the order is epoch_batches' (Keras would shuffle the PyDataset's
+            # indices with Python's random, mixing micro-batches across updates)
+            model.fit(state["shard"], initial_epoch=epoch, epochs=epochs, steps_per_epoch=spe * acc, shuffle=False,
+                      verbose=0, callbacks=callbacks)
     finally:
         progress.close()
+    if guard.stopped is not None:
+        state["status"] = "nonfinite"
     step = state["step"]
-    log.summary(summary_dict(exp, status=state["status"], steps=step, epochs_done=step / spe,
-                             final_loss=state["loss"], eval_result=state["eval"], throughput=rate.steady(),
-                             wall=time.perf_counter() - started, threads=threads,
-                             framework_versions=versions("keras"), size=size))
+    summary = summary_dict(exp, status=state["status"], steps=step, epochs_done=step / spe,
+                           final_loss=state["loss"], eval_result=state["eval"], throughput=rate.steady(),
+                           wall=time.perf_counter() - started, threads=threads,
+                           framework_versions=versions("keras"), size=size)
+    # the update that stopped the run was not applied either, but is not counted as skipped (as torch)
+    summary["skipped_steps"] = guard.skipped - (guard.stopped is not None)
+    summary["resumed_from"] = resumed["path"] if resumed else None
+    log.summary(summary)
     log.close()
     if rank == 0:
         ev = state["eval"]
         print(f"run dir: {run_dir} ({state['status']}, {step} steps, loss {state['loss']:.4g}"
               + (f", eval accuracy {ev['accuracy']:.4f}" if ev else "") + ")", flush=True)
     return 0 if state["status"] == "completed" else 1
+
+
+def _checkpoint(log, exp, model, optimizer, step, epoch, extra):
+    """Rank 0 writes ``checkpoints/epoch-NNNN.ckpt`` atomically and keeps the newest
+    ``output.checkpoint_keep``; the file names the step it ends (a partial last epoch included)."""
+    from .. import checkpoint as core
+    lbk_ckpt = import_mapped("largebatch.keras.checkpoint")
+    cfg = exp.cfg
+    lbk_ckpt.save_checkpoint(log.checkpoint_path(core.checkpoint_name(epoch, "keras")), model, optimizer,
+                             step=step, epoch=epoch, config=exp.resolved(), cfg_hash=core.config_hash(cfg),
+                             model_name=cfg["model"]["name"], extra=extra, keep=cfg["output"]["checkpoint_keep"])
