@@ -349,6 +349,8 @@ SCHEMA = {
         "resume": F(string, "none", doc="auto (newest checkpoint in the run dir, if any) | PATH | none"),
         "on_nonfinite": F(choice(("stop", "skip")), "stop",
                           doc="NaN/Inf gradient: stop the run (exit 1) or skip the step; always reported"),
+        "commit_every": F(integer(1), 10, doc="launcher.elastic: steps between in-memory commits (work lost "
+                                             "on a failure is at most this many steps)"),
     },
     "output": {
         "dir": F(string, "runs"),
@@ -374,6 +376,14 @@ SCHEMA = {
         "env": F(env_mapping, {}),
         "args": F(args_list, []),
         "python": F(string, None, nullable=True),
+        "elastic": F(boolean, False, doc="Horovod Elastic (horovodrun --gloo, torch): ranks may leave and "
+                                         "join; the global batch is kept by changing accumulation steps"),
+        "min_np": F(integer(1), None, nullable=True, doc="elastic: fewest ranks to keep training (default 1)"),
+        "max_np": F(integer(1), None, nullable=True, doc="elastic: most ranks (default launcher.np)"),
+        "host_discovery_script": F(string, None, nullable=True,
+                                   doc="elastic: executable printing host:slots lines (default: launcher.hosts)"),
+        "elastic_timeout": F(integer(1), None, nullable=True, doc="elastic: seconds to wait for min_np (600)"),
+        "reset_limit": F(integer(1), None, nullable=True, doc="elastic: most world-size resets before failing"),
     },
 }
 
@@ -488,6 +498,10 @@ class Experiment:
             del out["model"]["zero_init_residual"]
         if out["train"]["steps"] is not None:
             del out["train"]["epochs"]
+        if not out["launcher"]["elastic"]:
+            for key in ELASTIC_KEYS:
+                del out["launcher"][key]
+            del out["train"]["commit_every"]
         else:
             del out["train"]["steps"]
         out["derived"] = copy.deepcopy(self.derived)
@@ -642,6 +656,7 @@ def _cross_checks(cfg, explicit, derived, problems, check_paths):
         per_worker = batch["per_worker"] if batch["per_worker"] is not None else 32
     global_batch = per_worker * np_ * acc
     derived.update(per_worker_batch=per_worker, accumulation_steps=acc, global_batch=global_batch)
+    _check_elastic(cfg, explicit, derived, problems, check_paths, batch_ok)
 
     # data
     synthetic = data["kind"] == "synthetic"
@@ -690,9 +705,6 @@ def _cross_checks(cfg, explicit, derived, problems, check_paths):
 
     # resume
     resume = train["resume"]
-    if resume != "none" and cfg["framework"] != "torch":
-        problems.append(f"train.resume: resuming is implemented for framework torch only, got {resume!r} "
-                        f"with framework {cfg['framework']!r} (use none)")
     if resume not in ("auto", "none") and check_paths:
         if not os.path.exists(resume):
             problems.append(f"train.resume: expected auto, none or a checkpoint file, got {resume!r} (no such file)")
@@ -828,6 +840,79 @@ def _check_launcher(la, explicit, problems, check_paths):
     if la["python"] is not None and check_paths and os.sep in la["python"] and not os.path.exists(la["python"]):
         problems.append(f"launcher.python: expected an existing interpreter, got {la['python']!r} (no such file)")
     return np_, placed
+
+
+ELASTIC_KEYS = ("min_np", "max_np", "host_discovery_script", "elastic_timeout", "reset_limit")
+
+
+def elastic_accumulation(global_batch, per_worker, size):
+    """Accumulation steps that keep ``global_batch`` on ``size`` ranks of ``per_worker`` samples,
+    or None when it cannot be kept exactly (the elastic global-batch policy)."""
+    ranks_batch = per_worker * size
+    return global_batch // ranks_batch if global_batch % ranks_batch == 0 else None
+
+
+def _listed_hosts(la, check_paths):
+    """How many hosts launcher.hosts / launcher.hostfile name (1: neither, localhost); None if unreadable."""
+    hostfile = launchers_module("hostfile")
+    try:
+        if la["hosts"] is not None:
+            return len(hostfile.parse_hosts(la["hosts"]))
+        if la["hostfile"] is not None:
+            return len(hostfile.parse_hostfile(la["hostfile"])) if check_paths else None
+    except (ValueError, OSError):
+        return None                 # reported by the launcher checks
+    return 1
+
+
+def _check_elastic(cfg, explicit, derived, problems, check_paths, batch_ok):
+    """launcher.elastic: Horovod Elastic under horovodrun --gloo, torch only; every world size in
+    [min_np, max_np] must keep the global batch with a whole number of accumulation steps."""
+    la, np_ = cfg["launcher"], derived["np"]
+    if not la["elastic"]:
+        for key in ELASTIC_KEYS:
+            if f"launcher.{key}" in explicit:
+                problems.append(f"launcher.{key}: only used with launcher.elastic: true")
+        if "train.commit_every" in explicit:
+            problems.append("train.commit_every: only used with launcher.elastic: true")
+        return
+    if cfg["framework"] != "torch":
+        problems.append(f"launcher.elastic: needs framework 'torch', got {cfg['framework']!r} (Horovod 0.28.1's "
+                        f"elastic Keras state calls optimizer.variables(), a list under Keras 3)")
+    if la["type"] != "horovodrun":
+        problems.append(f"launcher.elastic: needs launcher.type 'horovodrun' (Horovod Elastic is started by "
+                        f"horovodrun), got {la['type']!r}")
+    if la["controller"] != "gloo":
+        problems.append(f"launcher.elastic: needs launcher.controller 'gloo' (Horovod Elastic runs on Gloo), "
+                        f"got {la['controller']!r}")
+    if la["hostfile"] is not None and la["host_discovery_script"] is not None:
+        problems.append("launcher.host_discovery_script: set either it or launcher.hostfile, not both")
+    if la["hosts"] is not None and la["host_discovery_script"] is not None:
+        problems.append("launcher.host_discovery_script: set either it or launcher.hosts, not both")
+    script = la["host_discovery_script"]
+    if script is None:
+        listed = _listed_hosts(la, check_paths)
+        if listed is not None and listed < 2:
+            where = "launcher.hostfile" if la["hostfile"] is not None else "launcher.hosts"
+            problems.append(f"{where}: Horovod Elastic with a fixed host list needs at least 2 hosts (a failed "
+                            f"host is dropped), got {listed}; list more hosts or set launcher.host_discovery_script")
+    if script is not None and check_paths and not (os.path.isfile(script) and os.access(script, os.X_OK)):
+        problems.append(f"launcher.host_discovery_script: expected an executable file, got {script!r}"
+                        + (" (not executable)" if os.path.isfile(script) else " (no such file)"))
+    min_np = la["min_np"] if la["min_np"] is not None else 1
+    max_np = la["max_np"] if la["max_np"] is not None else np_
+    if not min_np <= np_ <= max_np:
+        problems.append(f"launcher.np: expected launcher.min_np <= np <= launcher.max_np = {min_np} <= np <= "
+                        f"{max_np}, got {np_}")
+    derived.update(min_np=min_np, max_np=max_np)
+    if not batch_ok:
+        return
+    gb, pw = derived["global_batch"], derived["per_worker_batch"]
+    bad = [s for s in range(min_np, max_np + 1) if elastic_accumulation(gb, pw, s) is None]
+    if bad:
+        problems.append(f"launcher.min_np: the global batch {gb} is kept by accumulation when ranks leave or "
+                        f"join, so it must be a multiple of batch.per_worker ({pw}) × every world size from "
+                        f"{min_np} to {max_np}; not for {', '.join(map(str, bad))}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Dict, List
 from . import hostfile as _hostfile
 from .threads import plan_threads
 
-__all__ = ["LaunchCommand", "mpi_binding_args", "srun_cpu_bind", "horovodrun_command", "mpirun_command",
+__all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind", "horovodrun_command", "mpirun_command",
            "srun_command", "build_command", "rank_program", "find_executable", "LARGE_CLUSTER_HOSTS"]
 
 LARGE_CLUSTER_HOSTS = 64          # horovodrun's _LARGE_CLUSTER_THRESHOLD
@@ -85,10 +85,27 @@ def _hosts_args(placed, hostfile_path, flag_h, flag_file):
     return [flag_h, _hostfile.hosts_arg(placed)]
 
 
+def elastic_args(*, min_np, max_np, host_discovery_script=None, elastic_timeout=None, reset_limit=None):
+    """horovodrun's Horovod Elastic flags (``-np`` is then the number of ranks to start with)."""
+    argv = ["--min-np", str(min_np), "--max-np", str(max_np)]
+    if host_discovery_script is not None:
+        argv += ["--host-discovery-script", os.path.abspath(host_discovery_script)]
+    if elastic_timeout is not None:
+        argv += ["--elastic-timeout", str(elastic_timeout)]
+    if reset_limit is not None:
+        argv += ["--reset-limit", str(reset_limit)]
+    return argv
+
+
 def horovodrun_command(program, *, np, placed, hostfile=None, controller="mpi", binding="none", plan,
-                       network_interface=None, extra_args=(), env=None):
-    argv = [find_executable("horovodrun"), "-np", str(np), *_hosts_args(placed, hostfile, "-H", "--hostfile"),
-            f"--{controller}"]
+                       network_interface=None, extra_args=(), env=None, elastic=None):
+    """``elastic``: None, or the keyword arguments of :func:`elastic_args`; with a discovery
+    script horovodrun gets no -H/--hostfile (the script names the hosts)."""
+    discovered = elastic is not None and elastic.get("host_discovery_script") is not None
+    hosts = [] if discovered else _hosts_args(placed, hostfile, "-H", "--hostfile")
+    argv = [find_executable("horovodrun"), "-np", str(np), *hosts, f"--{controller}"]
+    if elastic is not None:
+        argv += elastic_args(**elastic)
     if network_interface:
         argv += ["--network-interfaces", network_interface]
     if binding != "none":
@@ -145,8 +162,13 @@ def build_command(launcher, derived, program, *, environ=None):
                         interop=la["interop_threads"], binding=la["binding"])
     common = dict(np=np_, placed=placed, binding=la["binding"], plan=plan, extra_args=la["args"], env=la["env"])
     if la["type"] == "horovodrun":
+        elastic = None
+        if la.get("elastic"):
+            elastic = dict(min_np=derived["min_np"], max_np=derived["max_np"],
+                           host_discovery_script=la["host_discovery_script"],
+                           elastic_timeout=la["elastic_timeout"], reset_limit=la["reset_limit"])
         return horovodrun_command(program, hostfile=la["hostfile"], controller=la["controller"],
-                                  network_interface=la["network_interface"], **common)
+                                  network_interface=la["network_interface"], elastic=elastic, **common)
     if la["type"] == "mpirun":
         return mpirun_command(program, hostfile=la["hostfile"], network_interface=la["network_interface"],
                               environ=environ, **common)

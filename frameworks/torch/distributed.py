@@ -43,18 +43,55 @@ def distributed_optimizer(optimizer, model=None, *, named_parameters=None, compr
     return wrapped
 
 
-def broadcast_state(model, optimizer, root_rank=0):
-    """Make every rank start from ``root_rank``'s parameters and optimizer state.
+def init_optimizer_state(optimizer):
+    """Create the optimizer's state now (largebatch optimizers: ``init_state()``; torch SGD with
+    momentum: zero buffers, which give the same first step as torch's lazily cloned ones).
 
-    largebatch optimizers create their state up front, so Horovod does not need its
-    zero-gradient initialisation step (which would apply one step of weight decay).
+    With state present, ``hvd.broadcast_optimizer_state`` sends it as is instead of running
+    Horovod's zero-gradient initialisation step, which would apply one step of weight decay.
     """
-    hvd = import_horovod("torch")
+    import torch
     init = getattr(optimizer, "init_state", None)
     if init is not None:
         init()
-    hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)
+    elif isinstance(optimizer, torch.optim.SGD):
+        for group in optimizer.param_groups:
+            if group["momentum"] and group.get("dampening", 0) == 0:
+                for p in group["params"]:
+                    if p.requires_grad and optimizer.state[p].get("momentum_buffer") is None:
+                        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+
+def broadcast_state(model, optimizer, root_rank=0):
+    """Make every rank start from ``root_rank``'s parameters and optimizer state."""
+    hvd = import_horovod("torch")
+    init_optimizer_state(optimizer)
+    if optimizer.state:
+        hvd.broadcast_optimizer_state(optimizer, root_rank=root_rank)
     hvd.broadcast_parameters(model.state_dict(), root_rank=root_rank)
+
+
+def elastic_state(model, optimizer, **attrs):
+    """``hvd.elastic.TorchState`` for Horovod Elastic with a largebatch (or torch SGD) optimizer.
+
+    ``attrs`` (step counters, last lr, ...) are committed, restored and broadcast with the model
+    and optimizer. Each sync first creates the optimizer state (:func:`init_optimizer_state`),
+    so a worker that joins holds the same layout as rank 0 and no rank runs Horovod's
+    weight-decaying initialisation step; a stateless optimizer (SGD without momentum) sends
+    only the parameters. Use with ``hvd.elastic.run`` and ``state.commit()``.
+    """
+    hvd = import_horovod("torch")
+
+    class LargeBatchTorchState(hvd.elastic.TorchState):
+        def sync(self):
+            init_optimizer_state(self.optimizer)
+            if self.optimizer.state:
+                super().sync()
+            else:
+                hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+                super(hvd.elastic.TorchState, self).sync()          # the plain attributes
+
+    return LargeBatchTorchState(model, optimizer, **attrs)
 
 
 def amp_step(optimizer, scaler, clip_grad_norm=None, parameters=None):

@@ -227,9 +227,12 @@ class LARS(_LayerwiseOptimizer):
                               trust_denominator=group["trust_denominator"])
 
     def init_state(self):
-        """Create every trainable parameter's momentum buffer now (zeros) instead of at the first step."""
+        """Create every trainable parameter's momentum buffer (zeros) and tracked trust-ratio slot now
+        instead of at the first step, so that every rank holds the same state layout."""
         for group in self.param_groups:
-            self._buffers([p for p in group["params"] if p.requires_grad])
+            params = [p for p in group["params"] if p.requires_grad]
+            self._buffers(params)
+            self._ratio_slots(group, params)
 
     def _buffers(self, params):
         bufs = []
@@ -368,9 +371,11 @@ class LAMB(_LayerwiseOptimizer):
                               betas=group["betas"])
 
     def init_state(self):
-        """Create every trainable parameter's moments and step counter now."""
+        """Create every trainable parameter's moments, step counter and tracked trust-ratio slot now."""
         for group in self.param_groups:
-            self._moments([p for p in group["params"] if p.requires_grad])
+            params = [p for p in group["params"] if p.requires_grad]
+            self._moments(params)
+            self._ratio_slots(group, params)
 
     def _moments(self, params):
         exp_avgs, exp_avg_sqs, steps = [], [], []

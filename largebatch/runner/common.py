@@ -91,6 +91,12 @@ class Progress:
                                      refresh=False)
             self.bar.update(n)
 
+    def seek(self, n):
+        """Show step ``n`` (a restart from an elastic commit goes back)."""
+        if self.bar is not None:
+            self.bar.n = n
+            self.bar.refresh()
+
     def write(self, text):
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)

@@ -47,7 +47,8 @@ class Loader:
         self.path, self.overrides = path, list(overrides)
 
     def __call__(self, size):
-        return load(self.path, self.overrides + [f"launcher.np={size}"])
+        """``size=None``: the world size the YAML and the command line set (elastic runs)."""
+        return load(self.path, self.overrides + ([] if size is None else [f"launcher.np={size}"]))
 
 
 def _usage():
@@ -64,8 +65,10 @@ def main(argv=None):
     path, overrides = argv[0], argv[1:]
     rank = world_rank_from_env()
     loader = Loader(path, overrides)
+    # Horovod Elastic: the launch world size (YAML / command line) fixes the batch, not the current one
+    size = None if os.environ.get("HOROVOD_ELASTIC") == "1" else (world_size_from_env() or 1)
     try:
-        exp = loader(world_size_from_env() or 1)
+        exp = loader(size)
     except ConfigError as err:
         if rank == 0:
             for line in err.problems:

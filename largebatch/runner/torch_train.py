@@ -3,6 +3,7 @@ import math
 import os
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -158,15 +159,18 @@ def run(exp, loader, threads):
     except RuntimeError:       # already set (a parallel region ran), keep going
         pass
     rank, size = hvd.rank(), hvd.size()
-    if exp.derived["np"] != size:
+    # elastic only when horovodrun started an elastic job (a plain launch of the YAML trains as usual)
+    elastic = exp.cfg["launcher"]["elastic"] and os.environ.get("HOROVOD_ELASTIC") == "1"
+    if not elastic and exp.derived["np"] != size:
         exp = loader(size)
     cfg, derived = exp.cfg, exp.derived
     torch.manual_seed(cfg["train"]["seed"])
     train_set, val_set = datasets_and_steps(exp)
-    gb, pw, acc = derived["global_batch"], derived["per_worker_batch"], derived["accumulation_steps"]
+    gb, pw = derived["global_batch"], derived["per_worker_batch"]
     spe = derived["steps_per_epoch"]
     schedule = make_schedule(exp)
     total = derived["total_steps"]
+    acc = _accumulation(derived, size, elastic)
 
     run_dir = run_dir_of(exp)
     model = build_model(cfg, derived)
@@ -178,7 +182,8 @@ def run(exp, loader, threads):
     # Horovod re-creates the optimizer (its state is not carried over): load into the wrapped one
     optimizer = lbt.distributed_optimizer(optimizer, model, backward_passes_per_step=acc, broadcast=False)
     resumed = _load_resume(cfg, run_dir, model, optimizer, hvd, rank)   # before anything is written
-    lbt.broadcast_state(model, optimizer)                               # rank 0's parameters and state
+    if not elastic:
+        lbt.broadcast_state(model, optimizer)                           # rank 0's parameters and state
     log = RunLog(run_dir, exp, rank, append=resumed is not None)
     log.write_config()
     guard = import_mapped("largebatch.torch.guard").NonFiniteGuard(model, optimizer, hvd=hvd)
@@ -191,34 +196,51 @@ def run(exp, loader, threads):
     correct_momentum = cfg["schedule"]["momentum_correction"] and o["name"] in LR_IN_BUFFER
 
     log_every, workers = cfg["train"]["log_every"], cfg["data"]["loader_workers"]
+    commit_every = cfg["train"]["commit_every"]
     progress = Progress(total, cfg["output"]["progress"], cfg["name"], rank)
     rate = Throughput()
     started = time.perf_counter()
-    step, epoch, last_lr = 0, 0, schedule(0)
-    window_loss, window_n, final_loss, eval_result = 0.0, 0, float("nan"), None
     ckpt_every = cfg["output"]["checkpoint_every"]
-    status, skipped, first_in_epoch = "completed", 0, 0
+    out = types.SimpleNamespace(status="completed", final_loss=float("nan"), eval_result=None, rank=rank,
+                                size=size, acc=acc, resets=[])
+    start = dict(step=0, last_lr=schedule(0), skipped=0)
     if resumed is not None:
-        step = int(resumed["step"])
-        epoch, first_in_epoch = divmod(step, spe)
-        last_lr = resumed["extra"].get("last_lr", schedule(max(step - 1, 0)))
-        skipped = int(resumed["extra"].get("skipped_steps", 0))
+        start.update(step=int(resumed["step"]), skipped=int(resumed["extra"].get("skipped_steps", 0)),
+                     last_lr=resumed["extra"].get("last_lr", schedule(max(int(resumed["step"]) - 1, 0))))
         if rank == 0:
             if resumed["warning"]:
                 print(f"largebatch: {resumed['warning']}", file=sys.stderr, flush=True)
-            print(f"largebatch: resumed from {resumed['path']} at step {step} (epoch {epoch})",
-                  file=sys.stderr, flush=True)
-        progress.update(step)
-    try:
-        while step < total:
+            print(f"largebatch: resumed from {resumed['path']} at step {start['step']} "
+                  f"(epoch {start['step'] // spe})", file=sys.stderr, flush=True)
+        progress.update(start["step"])
+
+    def train(state):
+        """Steps from ``state.step`` to the end; an elastic restart calls it again after a reset
+        (new rank, world size and accumulation steps; model, optimizer and counters restored)."""
+        nonlocal log, progress
+        rank, size = hvd.rank(), hvd.size()
+        if elastic and (rank, size) != (out.rank, out.size):
+            out.acc = _accumulation(derived, size, elastic)
+            optimizer.set_backward_passes_per_step(out.acc)
+            if (rank == 0) != log.active:          # the former rank 0 left: this process logs now
+                log.close()
+                log = RunLog(run_dir, exp, rank, append=True)
+                progress.close()
+                progress = Progress(total, cfg["output"]["progress"], cfg["name"], rank)
+            out.rank, out.size = rank, size
+        acc = out.acc
+        progress.seek(state.step)
+        window_loss, window_n = 0.0, 0
+        while state.step < total:
+            epoch, first_in_epoch = divmod(state.step, spe)
             batches = epoch_batches(len(train_set), epoch, seed=cfg["train"]["seed"], rank=rank, size=size,
                                     per_worker=pw, accumulation=acc, steps=spe)[first_in_epoch * acc:]
             micro = iter(Prefetcher(train_set, batches, epoch=epoch, train=True, workers=workers))
             for _ in range(spe - first_in_epoch):
-                if step >= total:
+                if state.step >= total:
                     break
-                lr = schedule(step)
-                factor = momentum_correction(lr, last_lr) if correct_momentum else 1.0
+                lr = schedule(state.step)
+                factor = momentum_correction(lr, state.last_lr) if correct_momentum else 1.0
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                     if factor != 1.0:
@@ -226,11 +248,11 @@ def run(exp, loader, threads):
                             buf = optimizer.state.get(p, {}).get("momentum_buffer")
                             if buf is not None:
                                 buf.mul_(factor)
-                last_lr = lr
+                state.last_lr = lr
                 optimizer.zero_grad()
                 norm_sums, seen = None, 0
                 if fault is not None:
-                    fault.before_step(step + 1, model)
+                    fault.before_step(state.step + 1, model)
                 for _ in range(acc):
                     x, y = _to_torch(next(micro), torch)
                     loss = loss_fn(model(x), y)
@@ -244,61 +266,100 @@ def run(exp, loader, threads):
                 if clars:
                     optimizer.set_per_example_norms(norm_sums, seen)
                 optimizer.synchronize()                      # gradients averaged over ranks
-                bad = guard.check(step + 1, include_ratios=track)   # one reduced flag, one host read
-                step += 1
+                bad = guard.check(state.step + 1, include_ratios=track)   # one reduced flag, one host read
+                state.step += 1
+                step = state.step
                 if bad is not None:
                     if on_nonfinite == "stop":
-                        status = "nonfinite"
+                        out.status = "nonfinite"
                         progress.write(f"largebatch: {bad.message}; stopping (train.on_nonfinite=stop)")
-                        break
-                    skipped += 1
+                        return
+                    state.skipped += 1
                     progress.write(f"largebatch: {bad.message}; step skipped (train.on_nonfinite=skip, "
-                                   f"{skipped} skipped so far)")
+                                   f"{state.skipped} skipped so far)")
                 else:
                     with optimizer.skip_synchronize():
                         optimizer.step()
                 if step % log_every == 0 or step == total:
                     avg = hvd.allreduce(torch.tensor(window_loss / max(window_n, 1)), op=hvd.Average,
                                         name="largebatch.loss")
-                    final_loss = float(avg)
+                    out.final_loss = float(avg)
                     ips = rate.tick(gb * (window_n // acc))
                     window_loss, window_n = 0.0, 0
-                    log.metrics("train", step, step / spe, lr=lr, loss=final_loss, images_per_sec=ips)
+                    log.metrics("train", step, step / spe, lr=lr, loss=out.final_loss, images_per_sec=ips)
                     if track:
                         ratios = {k: float(v) for k, v in optimizer.trust_ratios().items()}
                         log.trust_ratios(step, ratios)
-                    progress.update(0, loss=final_loss, lr=lr, img_s=round(ips, 1))
-                    if not math.isfinite(final_loss):
-                        status = "diverged"
-                        progress.write(f"step {step}: loss is {final_loss}; stopping (diverged)")
-                        break
+                    progress.update(0, loss=out.final_loss, lr=lr, img_s=round(ips, 1))
+                    if not math.isfinite(out.final_loss):
+                        out.status = "diverged"
+                        progress.write(f"step {step}: loss is {out.final_loss}; stopping (diverged)")
+                        return
                 progress.update(1)
-            if status != "completed":
-                break
+                if elastic and step % commit_every == 0 and step % spe and step < total:
+                    state.commit()        # epoch ends commit after their evaluation and checkpoint
             epoch += 1
-            first_in_epoch = 0
-            end_of_training = step >= total
             if val_set is not None and cfg["train"]["eval"]:
-                eval_result = _evaluate(model, val_set, cfg, derived, hvd, torch, rank, size)
-                log.metrics("eval", step, step / spe, loss=eval_result["loss"], accuracy=eval_result["accuracy"])
-                progress.write(f"epoch {epoch}: eval loss {eval_result['loss']:.4f}, "
-                               f"accuracy {eval_result['accuracy']:.4f}")
-            if ckpt_every and (epoch % ckpt_every == 0 or end_of_training):
-                _checkpoint(log, exp, rank, model, optimizer, step, epoch,
-                            {"last_lr": last_lr, "skipped_steps": skipped})
+                out.eval_result = _evaluate(model, val_set, cfg, derived, hvd, torch, rank, size)
+                log.metrics("eval", state.step, state.step / spe, loss=out.eval_result["loss"],
+                            accuracy=out.eval_result["accuracy"])
+                progress.write(f"epoch {epoch}: eval loss {out.eval_result['loss']:.4f}, "
+                               f"accuracy {out.eval_result['accuracy']:.4f}")
+            if ckpt_every and (epoch % ckpt_every == 0 or state.step >= total):
+                _checkpoint(log, exp, rank, model, optimizer, state.step, epoch,
+                            {"last_lr": state.last_lr, "skipped_steps": state.skipped})
+            if elastic:
+                state.commit()
+
+    try:
+        if elastic:
+            state = lbt.elastic_state(model, optimizer, **start)
+
+            def on_reset():
+                out.resets.append({"step": state.step, "world_size": hvd.size()})
+                if hvd.rank() == 0:
+                    acc_now = _accumulation(derived, hvd.size(), elastic)
+                    print(f"largebatch: world size is now {hvd.size()}; global batch {gb} kept as {pw} per rank "
+                          f"× {hvd.size()} ranks × {acc_now} accumulation steps; continuing from step "
+                          f"{state.step}", file=sys.stderr, flush=True)
+
+            state.register_reset_callbacks([on_reset])
+            hvd.elastic.run(train)(state)
+        else:
+            state = types.SimpleNamespace(**start)
+            train(state)
     finally:
         progress.close()
-    summary = summary_dict(exp, status=status, steps=step, epochs_done=step / spe, final_loss=final_loss,
-                           eval_result=eval_result, throughput=rate.steady(), wall=time.perf_counter() - started,
-                           threads=threads, framework_versions=versions("torch"), size=size)
-    summary["skipped_steps"] = skipped
+    step, rank, size = state.step, out.rank, out.size
+    summary = summary_dict(exp, status=out.status, steps=step, epochs_done=step / spe, final_loss=out.final_loss,
+                           eval_result=out.eval_result, throughput=rate.steady(),
+                           wall=time.perf_counter() - started, threads=threads,
+                           framework_versions=versions("torch"), size=size)
+    summary["skipped_steps"] = state.skipped
     summary["resumed_from"] = resumed["path"] if resumed else None
+    if elastic:
+        summary["accumulation_steps"] = out.acc
+        summary["elastic"] = {"min_np": derived["min_np"], "max_np": derived["max_np"], "resets": out.resets}
     log.summary(summary)
     log.close()
     if rank == 0:
-        print(f"run dir: {run_dir} ({status}, {step} steps, loss {final_loss:.4g}"
-              + (f", eval accuracy {eval_result['accuracy']:.4f}" if eval_result else "") + ")", flush=True)
-    return 0 if status == "completed" else 1
+        ev = out.eval_result
+        print(f"run dir: {run_dir} ({out.status}, {step} steps, loss {out.final_loss:.4g}"
+              + (f", eval accuracy {ev['accuracy']:.4f}" if ev else "") + ")", flush=True)
+    return 0 if out.status == "completed" else 1
+
+
+def _accumulation(derived, size, elastic):
+    """Accumulation steps on ``size`` ranks: the configured ones, or (elastic) those that keep the
+    global batch with the launch's per-worker batch."""
+    if not elastic:
+        return derived["accumulation_steps"]
+    from ..config import elastic_accumulation
+    acc = elastic_accumulation(derived["global_batch"], derived["per_worker_batch"], size)
+    if acc is None:
+        raise ConfigError([f"launcher.elastic: world size {size} cannot keep the global batch "
+                           f"{derived['global_batch']} with {derived['per_worker_batch']} samples per rank"])
+    return acc
 
 
 def _checkpoint(log, exp, rank, model, optimizer, step, epoch, extra):
