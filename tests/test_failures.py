@@ -19,9 +19,10 @@ pytestmark = [pytest.mark.multirank, pytest.mark.slow,
                                  reason="horovodrun / mpirun not installed")]
 
 
-def _launch(tmp_path, launcher, fault, timeout=150):
+def _launch(tmp_path, launcher, fault, timeout=150, framework="torch"):
     exp = tmp_path / "exp.yaml"
-    exp.write_text(EXP.replace("OPT", "lars").replace("epochs: 3", "epochs: 30"))
+    exp.write_text(EXP.replace("OPT", "lars").replace("epochs: 3", "epochs: 30")
+                   .replace("framework: torch", f"framework: {framework}"))
     runner = [sys.executable, "-m", "largebatch.runner", str(exp), "output.run_dir=r"]
     env = _env()
     env["LARGEBATCH_FAULT"] = fault
@@ -49,6 +50,21 @@ def test_dead_rank_ends_the_job_within_60s(tmp_path, launcher, fault, rank_line)
     print(f"{launcher} {fault}: exit {proc.returncode} after {elapsed:.1f} s (start-up included)")
     assert proc.returncode != 0, out[-3000:]
     assert f"injected fault '{fault}' on rank 1 at step 3" in out
+    assert rank_line in out, out[-3000:]
+    assert elapsed < 60, f"took {elapsed:.1f} s"
+    assert not (tmp_path / "r" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("fault, rank_line", [
+    ("kill", "process rank 1 with PID"),
+    ("raise", "largebatch: rank 1 failed: RuntimeError: injected fault at step 3"),
+])
+def test_dead_keras_rank_ends_the_job_within_60s(tmp_path, fault, rank_line):
+    proc, elapsed = _launch(tmp_path, "mpi", f"{fault}:1:3", framework="keras")
+    out = proc.stdout + proc.stderr
+    print(f"keras {fault}: exit {proc.returncode} after {elapsed:.1f} s (start-up included)")
+    assert proc.returncode != 0, out[-3000:]
+    assert f"injected fault '{fault}' on rank 1 at step 3" in out, out[-3000:]
     assert rank_line in out, out[-3000:]
     assert elapsed < 60, f"took {elapsed:.1f} s"
     assert not (tmp_path / "r" / "summary.json").exists()
