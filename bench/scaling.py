@@ -1,11 +1,12 @@
-"""Scaling efficiency of synthetic-data PyTorch training under horovodrun: images/s for np = 1..N,
-SGD vs LARS, MPI vs Gloo controller.
+"""Scaling efficiency of synthetic-data training under horovodrun: images/s for np = 1..N, PyTorch
+and Keras 3, SGD vs LARS, MPI vs Gloo controller.
 
 What is compared (CPU): the same total cores in every run. np=1 runs with ``--cores`` threads,
 np=N with cores/N threads per rank (the launcher's rule: threads per rank = cores per host ÷
-ranks per host). Every rank trains ``largebatch.torch.models.SmallCNN`` on random 3×32×32 data at
-a fixed per-rank batch (weak scaling, Horovod's definition), gradients averaged with
-``hvd.DistributedOptimizer``. Throughput is measured as a total, not rank 0 × N:
+ranks per host). Every rank trains the same small CNN (``largebatch.torch.models.SmallCNN`` /
+``largebatch.keras.models.small_cnn``, with BN) on random 3×32×32 data at a fixed per-rank batch
+(weak scaling, Horovod's definition), gradients averaged with ``hvd.DistributedOptimizer`` (torch)
+or ``largebatch.keras.DistributedOptimizer`` (Keras, ``train_on_batch``). Throughput is measured as a total, not rank 0 × N:
 
     total(N) = Σ_ranks images / max_ranks wall time        (timed between barriers, after warm-up)
     efficiency(N) = total(N) / (N × total(1))
@@ -13,7 +14,7 @@ a fixed per-rank batch (weak scaling, Horovod's definition), gradients averaged 
 On a machine with fewer cores than N × threads this measures oversubscription, not Horovod;
 with cores fixed, efficiency < 1 mostly shows the per-rank compute getting fewer threads.
 
-    python bench/scaling.py [--quick] [--out DIR] [--np 1 2] [--controllers mpi gloo]
+    python bench/scaling.py [--quick] [--out DIR] [--np 1 2] [--controllers mpi gloo] [--frameworks torch keras]
 """
 import argparse
 import json
@@ -30,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import DEFAULT_OUT, machine_info, print_header, print_table, write_outputs  # noqa: E402
 
 
-def worker(a):
+def torch_setups(a):
+    """{optimizer: step()} for PyTorch, plus (size, rank, barrier(tag), max_over_ranks(value, tag))."""
     import torch
     import torch.nn.functional as F
     import horovod.torch as hvd
@@ -39,7 +41,9 @@ def worker(a):
     hvd.init()
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
-    setups = {}
+    x = torch.randn(a.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (a.batch,))
+    steps = {}
     for opt_name in a.optimizers.split(","):
         torch.manual_seed(0)
         model = SmallCNN(10, 3, a.width, batchnorm=True)
@@ -50,36 +54,69 @@ def worker(a):
         opt = hvd.DistributedOptimizer(opt, named_parameters=[(f"{opt_name}.{n}", p)
                                                               for n, p in model.named_parameters()])
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        setups[opt_name] = (model, opt)
-    x = torch.randn(a.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (a.batch,))
 
-    def step(model, opt):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    for model, opt in setups.values():
+        def step(model=model, opt=opt):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        steps[opt_name] = step
+    return (steps, hvd.size(), hvd.rank(), lambda tag: hvd.allreduce(torch.zeros(1), name=tag),
+            lambda v, tag: float(hvd.allgather(torch.tensor([v]), name=tag).max()))
+
+
+def keras_setups(a):
+    """The same for Keras 3: the same network (largebatch.keras.models.small_cnn with BN), Keras
+    SGD or largebatch.keras.LARS inside largebatch.keras.DistributedOptimizer, train_on_batch."""
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(a.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import keras
+    import numpy as np
+    import horovod.tensorflow as hvd
+    from largebatch.keras import LARS, DistributedOptimizer
+    from largebatch.keras.models import small_cnn
+    hvd.init()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((a.batch, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, a.batch)
+    steps = {}
+    for opt_name in a.optimizers.split(","):
+        model = small_cnn((32, 32, 3), 10, width=a.width, batch_norm=True, seed=0)
+        if opt_name == "sgd":
+            base = keras.optimizers.SGD(learning_rate=0.1 * hvd.size(), momentum=0.9, weight_decay=5e-4)
+        else:
+            base = LARS(learning_rate=1.0 * hvd.size(), momentum=0.9, weight_decay=5e-4)
+        model.compile(optimizer=DistributedOptimizer(base), jit_compile=False,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        steps[opt_name] = lambda model=model: model.train_on_batch(x, y)
+    return (steps, hvd.size(), hvd.rank(), lambda tag: hvd.allreduce(tf.zeros(1), name=tag).numpy(),
+            lambda v, tag: float(tf.reduce_max(hvd.allgather(tf.constant([v]), name=tag))))
+
+
+def worker(a):
+    steps, size, rank, barrier, max_over_ranks = (torch_setups if a.framework == "torch" else keras_setups)(a)
+    for step in steps.values():
         for _ in range(a.warmup):
-            step(model, opt)
-    samples = {k: [] for k in setups}
+            step()
+    samples = {k: [] for k in steps}
     for rep in range(a.repeats):            # interleaved repeats: SGD and LARS see the same machine load
-        for opt_name, (model, opt) in setups.items():
-            hvd.allreduce(torch.zeros(1), name=f"b0_{opt_name}_{rep}")
+        for opt_name, step in steps.items():
+            barrier(f"b0_{opt_name}_{rep}")
             t = time.perf_counter()
             for _ in range(a.steps):
-                step(model, opt)
-            hvd.allreduce(torch.zeros(1), name=f"b1_{opt_name}_{rep}")
+                step()
+            barrier(f"b1_{opt_name}_{rep}")
             wall = time.perf_counter() - t
-            walls = hvd.allgather(torch.tensor([wall]), name=f"w_{opt_name}_{rep}")
-            samples[opt_name].append((a.steps * a.batch * hvd.size() / float(walls.max()), a.steps * a.batch / wall))
+            slowest = max_over_ranks(wall, f"w_{opt_name}_{rep}")
+            samples[opt_name].append((a.steps * a.batch * size / slowest, a.steps * a.batch / wall))
     results = {}
     for k, v in samples.items():
         tot = sorted(s[0] for s in v)
         r0 = sorted(s[1] for s in v)
         results[k] = dict(total_images_s=tot[len(tot) // 2], rank0_images_s=r0[len(r0) // 2],
                           total_images_s_min=tot[0], total_images_s_max=tot[-1], repeats=len(v))
-    if hvd.rank() == 0:
-        Path(a.worker_out).write_text(json.dumps(dict(np=hvd.size(), results=results)))
+    if rank == 0:
+        Path(a.worker_out).write_text(json.dumps(dict(np=size, results=results)))
 
 
 def plot(rows, path):
@@ -87,15 +124,15 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    keys = sorted({(r["optimizer"], r["controller"]) for r in rows})
-    for opt, ctl in keys:
-        rr = sorted((r for r in rows if r["optimizer"] == opt and r["controller"] == ctl
+    keys = sorted({(r["framework"], r["optimizer"], r["controller"]) for r in rows})
+    for fw, opt, ctl in keys:
+        rr = sorted((r for r in rows if (r["framework"], r["optimizer"], r["controller"]) == (fw, opt, ctl)
                      and r["np"] * r["threads_per_rank"] == max(x["np"] * x["threads_per_rank"] for x in rows)),
                     key=lambda r: r["np"])
-        ax1.plot([r["np"] for r in rr], [r["total_images_s"] for r in rr], marker="o", label=f"{opt}/{ctl}")
+        ax1.plot([r["np"] for r in rr], [r["total_images_s"] for r in rr], marker="o", label=f"{fw} {opt}/{ctl}")
         rr = [r for r in rr if r["efficiency"] is not None and not (r["np"] == 1 and r["threads_per_rank"] != min(
             x["threads_per_rank"] for x in rows))]
-        ax2.plot([r["np"] for r in rr], [100 * r["efficiency"] for r in rr], marker="o", label=f"{opt}/{ctl}")
+        ax2.plot([r["np"] for r in rr], [100 * r["efficiency"] for r in rr], marker="o", label=f"{fw} {opt}/{ctl}")
     ax1.set_title("total throughput, all cores used", fontsize=9)
     ax2.set_title("efficiency vs N x one rank at the same threads/rank", fontsize=9)
     ax1.set_xlabel("ranks (same total cores)")
@@ -117,6 +154,8 @@ def main(argv=None):
     ap.add_argument("--np", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--controllers", nargs="*", choices=["mpi", "gloo"])
     ap.add_argument("--optimizers", default="sgd,lars")
+    ap.add_argument("--frameworks", nargs="*", choices=["torch", "keras"],
+                    help="default: torch and keras (quick: torch)")
     ap.add_argument("--cores", type=int, default=os.cpu_count(), help="total cores shared by all ranks")
     ap.add_argument("--batch", type=int, default=64, help="per-rank batch")
     ap.add_argument("--width", type=int, default=32)
@@ -126,16 +165,19 @@ def main(argv=None):
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    ap.add_argument("--framework", default="torch", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a) or 0
     import horovod  # noqa: F401  (version in the header)
     import torch  # noqa: F401
     controllers = a.controllers or (["mpi"] if a.quick else ["mpi", "gloo"])
+    frameworks = a.frameworks or (["torch"] if a.quick else ["torch", "keras"])
     steps = a.steps or (4 if a.quick else 10)
     repeats = a.repeats or (1 if a.quick else 5)
-    settings = dict(mode="quick" if a.quick else "full", np=a.np, controllers=controllers, optimizers=a.optimizers,
-                    cores=a.cores, per_rank_batch=a.batch, model=f"SmallCNN(width={a.width}, BN) 3x32x32",
+    settings = dict(mode="quick" if a.quick else "full", np=a.np, controllers=controllers, frameworks=frameworks,
+                    optimizers=a.optimizers,
+                    cores=a.cores, per_rank_batch=a.batch, model=f"SmallCNN(width={a.width}, BN) 3x32x32 (torch and Keras: the same layers)",
                     steps=steps, warmup=a.warmup, repeats=repeats, threads_per_rank={n: max(1, a.cores // n) for n in a.np})
     meta = machine_info(**settings)
     print_header(meta, "scaling: synthetic-data training throughput under horovodrun")
@@ -148,27 +190,27 @@ def main(argv=None):
     single_threads = max(1, a.cores // max(a.np))
     if (1, single_threads) not in configs:
         configs.insert(1, (1, single_threads))
-    for ctl in controllers:
-        for n, threads in configs:
-            tmp = Path(tempfile.mkdtemp(prefix="lb-scaling-")) / "rank0.json"
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-                       OMPI_MCA_btl_vader_single_copy_mechanism="none")
-            cmd = [hvdrun, "-np", str(n), "-H", f"localhost:{n}", f"--{ctl}", sys.executable,
-                   str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--batch", str(a.batch),
-                   "--width", str(a.width), "--steps", str(steps), "--warmup", str(a.warmup), "--repeats", str(repeats),
-                   "--optimizers", a.optimizers, "--worker-out", str(tmp)]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            if proc.returncode != 0 or not tmp.exists():
-                sys.stderr.write(f"scaling: {' '.join(cmd)} exited {proc.returncode}\n"
-                                 f"{(proc.stdout + proc.stderr)[-4000:]}\n")
-                return 1
-            got = json.loads(tmp.read_text())
-            for opt, r in got["results"].items():
-                rows.append(dict(controller=ctl, optimizer=opt, np=n, threads_per_rank=threads, **r))
-                print(f"   {ctl:4s} {opt:4s} np={n} threads/rank={threads}: {r['total_images_s']:.1f} images/s total",
-                      flush=True)
+    for fw, ctl, (n, threads) in ((fw, ctl, c) for fw in frameworks for ctl in controllers for c in configs):
+        tmp = Path(tempfile.mkdtemp(prefix="lb-scaling-")) / "rank0.json"
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+                   OMPI_MCA_btl_vader_single_copy_mechanism="none")
+        cmd = [hvdrun, "-np", str(n), "-H", f"localhost:{n}", f"--{ctl}", sys.executable,
+               str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--batch", str(a.batch),
+               "--width", str(a.width), "--steps", str(steps), "--warmup", str(a.warmup), "--repeats", str(repeats),
+               "--optimizers", a.optimizers, "--framework", fw, "--worker-out", str(tmp)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not tmp.exists():
+            sys.stderr.write(f"scaling: {' '.join(cmd)} exited {proc.returncode}\n"
+                             f"{(proc.stdout + proc.stderr)[-4000:]}\n")
+            return 1
+        got = json.loads(tmp.read_text())
+        for opt, r in got["results"].items():
+            rows.append(dict(framework=fw, controller=ctl, optimizer=opt, np=n, threads_per_rank=threads, **r))
+            print(f"   {fw:5s} {ctl:4s} {opt:4s} np={n} threads/rank={threads}: {r['total_images_s']:.1f} images/s total",
+                  flush=True)
     for r in rows:
-        same = [s for s in rows if s["controller"] == r["controller"] and s["optimizer"] == r["optimizer"]]
+        same = [s for s in rows if (s["framework"], s["controller"], s["optimizer"]) ==
+                (r["framework"], r["controller"], r["optimizer"])]
         single = [s for s in same if s["np"] == 1 and s["threads_per_rank"] == r["threads_per_rank"]]
         full = [s for s in same if s["np"] == 1 and s["threads_per_rank"] == max(1, a.cores)]
         # Horovod's definition: total(N) / (N x one worker with the same threads per worker)
@@ -180,7 +222,7 @@ def main(argv=None):
     csv_path, json_path = write_outputs(out, "scaling", rows, meta)
     plot(rows, out / "scaling.png")
     print()
-    print_table(rows, ["controller", "optimizer", "np", "threads_per_rank", "total_images_s", "total_images_s_min",
+    print_table(rows, ["framework", "controller", "optimizer", "np", "threads_per_rank", "total_images_s", "total_images_s_min",
                        "total_images_s_max", "rank0_images_s", "efficiency", "speedup_same_cores"],
                 {"total_images_s": "{:.1f}", "total_images_s_min": "{:.1f}", "total_images_s_max": "{:.1f}",
                  "rank0_images_s": "{:.1f}", "efficiency": "{:.3f}", "speedup_same_cores": "{:.3f}"})
