@@ -19,7 +19,7 @@ The trust ratio reported in telemetry is layer lr / γ_t.
 
 __all__ = [
     "lars_local_lr", "lars_layer_lr", "lamb_trust_ratio", "clars_mean_example_norm",
-    "lars_momentum_update", "adam_moments", "lamb_direction", "lamb_update",
+    "lars_momentum_update", "adam_moments", "lamb_bias_corrections", "lamb_direction", "lamb_update",
 ]
 
 
@@ -117,16 +117,31 @@ def adam_moments(m, v, g, beta1, beta2):
     return beta1 * m + (1.0 - beta1) * g, beta2 * v + (1.0 - beta2) * (g * g)
 
 
-def lamb_direction(xp_sqrt, w, m, v, *, step, beta1, beta2, eps, weight_decay):
+def lamb_bias_corrections(step, beta1, beta2):
+    """Adam's bias corrections (1 − β1^t, 1 − β2^t) for step t ≥ 1 (Kingma & Ba 2015, Algorithm 1).
+
+    Compute them from a float64 (or Python float) ``t``: in float32, 1 − 0.999^t keeps only a few
+    digits (relative error ~3e-6 at t = 20). Adapters may then cast the two scalars to the
+    tensors' dtype and do the elementwise work there.
+    """
+    return 1.0 - beta1 ** step, 1.0 - beta2 ** step
+
+
+def lamb_direction(xp_sqrt, w, m, v, *, step=None, beta1, beta2, eps, weight_decay, bias_corrections=None):
     """LAMB's per-layer update direction (You et al. 2019, arXiv 1904.00962, Algorithm 2):
 
         u = m̂ / (√v̂ + ε) + β·w,   m̂ = m / (1 − β1^t),   v̂ = v / (1 − β2^t)
 
-    ``xp_sqrt`` is the framework's elementwise square root; ``step`` is t ≥ 1.
+    ``xp_sqrt`` is the framework's elementwise square root; ``step`` is t ≥ 1, or pass
+    ``bias_corrections`` = :func:`lamb_bias_corrections` computed beforehand (then ``step`` is
+    not used).
     """
-    m_hat = m / (1.0 - beta1 ** step)
-    v_hat = v / (1.0 - beta2 ** step)
-    return m_hat / (xp_sqrt(v_hat) + eps) + weight_decay * w
+    if bias_corrections is None:
+        if step is None:
+            raise ValueError("lamb_direction: expected step (t >= 1) or bias_corrections, got neither")
+        bias_corrections = lamb_bias_corrections(step, beta1, beta2)
+    c1, c2 = bias_corrections
+    return (m / c1) / (xp_sqrt(v / c2) + eps) + weight_decay * w
 
 
 def lamb_trust_ratio(xp, w_norm, u_norm):

@@ -226,17 +226,13 @@ def _lars_kernel(signature, momentum, weight_decay, nesterov, trust_coefficient,
 
 
 def _lamb_direction(w, m, v, step, beta_1, beta_2, epsilon, weight_decay):
-    """trust.lamb_direction evaluated in float64, returned in w's dtype.
-
-    Its bias corrections 1 − β^t are scalars; in float32 ``1 − 0.999^t`` loses ~6 digits to
-    cancellation (relative error ~3e-6 at t = 20, compounding over steps), where the NumPy
-    reference computes them from Python floats. float64 here costs nothing that matters (the
-    kernel is memory-bound) and keeps the adapter as accurate as the reference.
-    """
-    f64 = lambda x: tf.cast(x, tf.float64)  # noqa: E731
-    u = trust.lamb_direction(tf.sqrt, f64(w), f64(m), f64(v), step=f64(step), beta1=beta_1, beta2=beta_2,
-                             eps=epsilon, weight_decay=weight_decay)
-    return tf.cast(u, w.dtype)
+    """trust.lamb_direction with its two bias corrections computed from the float64 ``step`` and
+    then cast to w's dtype (see trust.lamb_bias_corrections: in float32, 1 − 0.999^t would lose
+    digits); the elementwise work stays in w's dtype."""
+    c1, c2 = trust.lamb_bias_corrections(tf.cast(step, tf.float64), beta_1, beta_2)
+    return trust.lamb_direction(tf.sqrt, w, m, v, beta1=beta_1, beta2=beta_2, eps=epsilon,
+                                weight_decay=weight_decay,
+                                bias_corrections=(tf.cast(c1, w.dtype), tf.cast(c2, w.dtype)))
 
 
 def _lamb_kernel(signature, beta_1, beta_2, epsilon, weight_decay):
