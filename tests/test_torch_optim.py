@@ -92,11 +92,14 @@ def test_larc_reference_alias(foreach):
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-6)], ids=["f64", "f32"])
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
 @pytest.mark.parametrize("options", [dict(), dict(weight_decay=1e-2), dict(weight_decay=1e-2, exclude=False),
+                                     dict(weight_decay=1e-2, exclude={"adaptation": r"conv", "decay": False}),
                                      dict(betas=(0.8, 0.99), eps=1e-4)], ids=str)
-def test_lamb_matches_reference(options, dtype, rtol):
-    got, want, _, _ = run_pair("lamb", LAMB, options, options, dtype)
+def test_lamb_matches_reference(options, foreach, dtype, rtol):
+    got, want, opt, _ = run_pair("lamb", LAMB, dict(options, foreach=foreach), options, dtype)
     assert_close(got, want, rtol)
+    assert all(np.isfinite(v).all() for v in got.values())
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-6)], ids=["f64", "f32"])

@@ -347,6 +347,36 @@ def _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays,
             ratios[i].copy_(ratio)
 
 
+def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays, adapts, *, beta1, beta2, eps,
+                       ratios=None):
+    """Batched: the core's bias corrections and ratio formula once on per-layer vectors, and
+    ``_foreach`` ops implementing :func:`largebatch.trust.adam_moments`,
+    :func:`~largebatch.trust.lamb_direction` and :func:`~largebatch.trust.lamb_update`."""
+    device, dtype = params[0].device, params[0].dtype
+    # per-layer 1 − β^t from the float64 counters, then rounded to the tensors' dtype
+    c1, c2 = trust.lamb_bias_corrections(torch.stack(steps), beta1, beta2)
+    c1, c2 = c1.to(dtype).unbind(), c2.to(dtype).unbind()
+    torch._foreach_mul_(exp_avgs, beta1)                               # m ← β1·m + (1−β1)·g
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)                            # v ← β2·v + (1−β2)·g²
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_div(exp_avg_sqs, c2)                        # √v̂ + ε
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    u = torch._foreach_div(exp_avgs, c1)                               # u = m̂ / (√v̂ + ε) + β·w
+    torch._foreach_div_(u, denom)
+    del denom
+    decayed = [i for i, b in enumerate(decays) if b]
+    if decayed:
+        torch._foreach_add_([u[i] for i in decayed], [params[i] for i in decayed], alpha=max(decays))
+    ratio = trust.lamb_trust_ratio(torch, torch.stack(torch._foreach_norm(params)),
+                                   torch.stack(torch._foreach_norm(u)))
+    ratio = torch.where(torch.tensor(adapts, device=device), ratio, torch.ones_like(ratio))
+    torch._foreach_addcmul_(params, u, (-lr * ratio).unbind())          # w ← w − γ·ratio·u
+    if ratios is not None:
+        torch._foreach_copy_(ratios, ratio.unbind())
+
+
 class LAMB(_LayerwiseOptimizer):
     r"""Layer-wise Adaptive Moments for Batch training (You et al. 2019, arXiv 1904.00962, Alg. 2).
 
@@ -354,8 +384,9 @@ class LAMB(_LayerwiseOptimizer):
         u = m̂/(√v̂ + ε) + β·w;  w ← w − γ_t·(‖w‖/‖u‖)·u     (ratio 1 on zero norms)
 
     Args mirror :class:`LARS` (``betas`` = (β1, β2), ``eps`` = ε); excluded tensors get ratio 1
-    and no decay. ``foreach`` batches nothing for LAMB yet (its update runs per tensor);
-    ``fused=True`` compiles the per-tensor step.
+    and no decay. ``foreach`` (the default) batches the update across tensors with ``_foreach``
+    ops; ``foreach=False`` runs the per-tensor core formulas; ``fused=True`` compiles the
+    per-tensor step.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, exclude=None,
@@ -397,10 +428,14 @@ class LAMB(_LayerwiseOptimizer):
         decays, adapts = _lars_scalars(group, flags)
         beta1, beta2 = group["betas"]
         ratios = self._ratio_slots(group, params)
-        kernel, lr = _single_tensor_lamb, group["lr"]
-        if self._impl(group) == "fused":
+        kernel, lr, impl = _single_tensor_lamb, group["lr"], self._impl(group)
+        if impl == "foreach" and len({(p.device, p.dtype) for p in params}) > 1:
+            impl = "single"       # _foreach ops want one device and dtype per call
+        if impl == "fused":
             kernel = _fused(_single_tensor_lamb)
             lr = torch.tensor(lr, dtype=params[0].dtype, device=params[0].device)
+        elif impl == "foreach":
+            kernel = _multi_tensor_lamb
         # counted outside the kernel: torch.compile does not write back in-place updates of these
         # 0-d counters (the fused step then saw t = 0 and divided by 1 − β⁰ = 0)
         torch._foreach_add_(steps, 1)
