@@ -218,24 +218,33 @@ def _fixed_size_reference(tmp_path, np_, acc):
 needs_horovodrun = pytest.mark.skipif(horovodrun_path() is None, reason="horovodrun not installed (make setup)")
 
 
+@pytest.fixture(scope="module")
+def fixed_two_rank_run(tmp_path_factory):
+    return _fixed_size_reference(tmp_path_factory.mktemp("fixed"), 2, 2)
+
+
 @needs_horovodrun
 @pytest.mark.multirank
-def test_elastic_job_loses_a_worker_and_finishes_on_the_same_trajectory(tmp_path):
-    # two "hosts" that are both this machine: Horovod drops the failed one and goes on with the other
+@pytest.mark.parametrize("killed", [1, 0], ids=["rank1", "rank0"])
+def test_elastic_job_loses_a_worker_and_finishes_on_the_same_trajectory(tmp_path, killed, fixed_two_rank_run):
+    # two "hosts" that are both this machine: Horovod drops the failed one and goes on with the
+    # other; when rank 0 dies, the survivor becomes rank 0 and takes over the run directory
     proc, run_dir, secs = _run(tmp_path, _doc(train={"commit_every": 2}), "elastic",
-                               env=_env(LARGEBATCH_FAULT="kill:1:5"))
+                               env=_env(LARGEBATCH_FAULT=f"kill:{killed}:5"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "injected fault 'kill' on rank 1 at step 5" in out
+    assert f"injected fault 'kill' on rank {killed} at step 5" in out
     assert ("largebatch: world size is now 1; global batch 64 kept as 16 per rank × 1 ranks × 4 accumulation "
             "steps; continuing from step 4") in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps_done"] == summary["total_steps"] == 16
     assert summary["ranks"] == 1 and summary["accumulation_steps"] == 4 and summary["global_batch"] == 64
     assert summary["elastic"]["resets"] == [{"step": 4, "world_size": 1}]
-    params, momentum = _max_diff(_final(run_dir), _fixed_size_reference(tmp_path, 2, 2))
+    steps_logged = [line.split(",")[1] for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert sorted(set(map(int, steps_logged))) == list(range(1, 17))
+    params, momentum = _max_diff(_final(run_dir), fixed_two_rank_run)
     assert params < 1e-6 and momentum < 1e-6, (params, momentum)
-    print(f"\nelastic, rank 1 killed at step 5: finished in {secs:.1f} s; vs fixed np=2: "
+    print(f"\nelastic, rank {killed} killed at step 5: finished in {secs:.1f} s; vs fixed np=2: "
           f"params {params:.2e}, momentum {momentum:.2e}")
 
 
