@@ -49,8 +49,11 @@ def test_convergence_quick(tmp_path):
     for r in rows:
         acc = float(r["test_acc_mean"])
         assert 0.0 <= acc <= 1.0
+        assert int(r["steps"]) > 0 and float(r["best_lr"]) > 0 and r["lr_at_grid_edge"] in ("True", "False")
     base = [r for r in rows if r["method"] == "sgd" and float(r["gap_pts"]) == 0.0]
     assert base and float(base[0]["test_acc_mean"]) > 0.15      # learns: above 10-class chance
+    runs = _rows(tmp_path / "convergence_runs.csv")              # every grid point is recorded
+    assert len(runs) >= len(rows) and all(0.0 <= float(r["val_acc"]) <= 1.0 for r in runs)
 
 
 @pytest.mark.multirank
