@@ -77,6 +77,7 @@ def test_scaling_quick(tmp_path):
     _run(["scaling"], tmp_path, timeout=240)
     _check_files(tmp_path, "scaling")
     rows = _rows(tmp_path / "scaling.csv")
+    assert {r["framework"] for r in rows} == {"torch"}
     assert {int(r["np"]) for r in rows} == {1, 2}
     assert {r["optimizer"] for r in rows} == {"sgd", "lars"}
     for r in rows:
@@ -84,6 +85,16 @@ def test_scaling_quick(tmp_path):
         assert 0 < float(r["efficiency"]) < 3
         if r["np"] == "1":
             assert float(r["efficiency"]) == pytest.approx(1.0)
+
+
+@pytest.mark.multirank
+def test_scaling_quick_keras(tmp_path):
+    _run(["scaling", "--frameworks", "keras", "--np", "2"], tmp_path, timeout=240)
+    rows = _rows(tmp_path / "scaling.csv")
+    assert {r["framework"] for r in rows} == {"keras"}
+    assert {(int(r["np"]), int(r["threads_per_rank"])) for r in rows} == {(1, 1), (2, 1)}   # N ranks vs one
+    for r in rows:
+        assert float(r["total_images_s"]) > 0 and 0 < float(r["efficiency"]) < 3
 
 
 def test_optimizer_cost_quick(tmp_path):
