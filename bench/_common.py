@@ -69,3 +69,21 @@ def print_table(rows, cols, fmt=None):
     for x in cells:
         print("  ".join(v.rjust(w) for v, w in zip(x, widths)))
     sys.stdout.flush()
+
+
+def bar_chart(path, labels, values_ms, xlabel, ref=None, ref_label=None):
+    """Horizontal bars of step times (ms) with an optional reference line (a bound, SGD) -> PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.4))
+    ax.barh(labels, values_ms, color="tab:blue")
+    ax.invert_yaxis()
+    if ref is not None:
+        ax.axvline(ref, color="tab:red", ls="--", label=ref_label)
+        ax.legend(loc="lower right")
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

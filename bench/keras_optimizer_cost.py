@@ -89,7 +89,7 @@ def main(argv=None):
             times[name].append(time.perf_counter() - t0)
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _common import DEFAULT_OUT, machine_info, write_outputs
+    from _common import DEFAULT_OUT, bar_chart, machine_info, write_outputs
 
     print(f"optimizer apply step, ResNet-50 shapes: {len(shapes)} tensors, {n_params / 1e6:.1f}M params, "
           f"{args.threads} thread(s), TF {tf.__version__}, Keras {keras.__version__}")
@@ -105,8 +105,13 @@ def main(argv=None):
     print(f"LARS / SGD = {lars_ratio:.2f} (target <= 1.0)")
     meta = machine_info(benchmark="keras_optimizer_cost", tensors=len(shapes), params=n_params,
                         threads=args.threads, repeats=args.repeats)
-    csv_path, _ = write_outputs(args.out or DEFAULT_OUT, "keras_optimizer_cost", rows, meta)
-    print(f"wrote {csv_path} and .json")
+    out = args.out or DEFAULT_OUT
+    csv_path, _ = write_outputs(out, "keras_optimizer_cost", rows, meta)
+    png = os.path.join(out, "keras_optimizer_cost.png")
+    bar_chart(png, [r["optimizer"] for r in rows], [r["median_ms"] for r in rows],
+              f"optimizer.apply, ms (ResNet-50 shapes, {args.threads} thread)", ref=base * 1e3,
+              ref_label=f"Keras SGD {base * 1e3:.1f} ms")
+    print(f"wrote {csv_path}, .json and {png}")
     return 0
 
 

@@ -158,19 +158,10 @@ def main(argv=None):
     for r in rows:
         print(f"{r['method']:<18} {r['median_ms']:10.1f} {r['vs_sgd']:7.2f} {r['vs_7pass_bound']:8.2f} "
               f"{r['state_mb']:9.0f} {r['transient_mb']:13.0f}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.barh([r["method"] for r in rows], [r["median_ms"] for r in rows], color="tab:blue")
-        ax.axvline(bound_ms, color="tab:red", ls="--", label=f"7-pass memory bound {bound_ms:.0f} ms")
-        ax.set_xlabel(f"step time, ms (ResNet-50 shapes, {args.threads} thread)")
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(out / "torch_optimizer_cost.png", dpi=120)
-    except ImportError:
-        print("matplotlib missing: no plot")
+    from _common import bar_chart
+    bar_chart(out / "torch_optimizer_cost.png", [r["method"] for r in rows], [r["median_ms"] for r in rows],
+              f"step time, ms (ResNet-50 shapes, {args.threads} thread)", ref=bound_ms,
+              ref_label=f"7-pass memory bound {bound_ms:.0f} ms")
     return 0
 
 

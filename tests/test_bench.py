@@ -106,3 +106,4 @@ def test_optimizer_cost_quick(tmp_path):
         assert float(row["state_mb"]) == pytest.approx(25_557_032 * 4 / 2**20, rel=0.01)   # one buffer
     assert (tmp_path / "torch_optimizer_cost.png").stat().st_size > 0
     assert (tmp_path / "keras_optimizer_cost.csv").exists()
+    assert (tmp_path / "keras_optimizer_cost.png").read_bytes()[:4] == b"\x89PNG"
