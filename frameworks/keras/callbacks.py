@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from largebatch import schedules as _schedules
 from largebatch.horovod_support import import_horovod
+from largebatch.nonfinite import NonFinite
 from largebatch.validation import check_positive_int
 
 from ._checks import HorovodKerasError, check_optimizer
@@ -355,21 +356,6 @@ class RankConsistencyCheck(_Callback):
                     f"but {float(row[i]):.17g} on rank {rank}; the ranks are training different models (is the optimizer "
                     "wrapped with largebatch.keras.DistributedOptimizer and BroadcastGlobalVariables(0) in the "
                     "callbacks?)")
-
-
-class NonFinite:
-    """One skipped update: ``step`` (1-based update), ``layer`` (variable path), ``kind``
-    ('gradient' | 'trust ratio'), ``value`` ('nan' | 'inf')."""
-
-    def __init__(self, step, layer, kind, value):
-        self.step, self.layer, self.kind, self.value = step, layer, kind, value
-
-    @property
-    def message(self):
-        return f"step {self.step}: non-finite {self.kind} ({self.value}) in layer '{self.layer}'"
-
-    def __repr__(self):
-        return f"NonFinite({self.message!r})"
 
 
 _CODES = {1: ("gradient", "nan"), 2: ("gradient", "inf"), 4: ("trust ratio", "nan/inf")}

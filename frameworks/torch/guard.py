@@ -16,19 +16,9 @@ offending one.
 """
 import torch
 
+from largebatch.nonfinite import NonFinite
+
 __all__ = ["NonFiniteGuard", "NonFinite", "nonfinite_flag", "first_nonfinite"]
-
-
-class NonFinite:
-    def __init__(self, step, layer, kind, value):
-        self.step, self.layer, self.kind, self.value = step, layer, kind, value
-
-    @property
-    def message(self):
-        return f"step {self.step}: non-finite {self.kind} ({self.value}) in layer '{self.layer}'"
-
-    def __repr__(self):
-        return f"NonFinite({self.message!r})"
 
 
 def _norms(tensors):

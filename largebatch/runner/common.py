@@ -247,3 +247,37 @@ def datasets_and_steps(exp):
     else:
         derived["total_steps"] = max(1, round(cfg["train"]["epochs"] * spe))
     return train_set, val_set
+
+
+def resolve_resume(cfg, run_dir):
+    """The checkpoint to resume from, or None (train.resume: auto | PATH | none)."""
+    from .. import checkpoint as core
+    resume = cfg["train"]["resume"]
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return core.latest(os.path.join(run_dir, "checkpoints"))
+    return resume
+
+
+def read_resume(cfg, run_dir, hvd, rank, load, rng_state):
+    """Rank 0 resolves ``train.resume`` and calls ``load(path, cfg_hash)`` (the adapter's
+    load_checkpoint, filling model and optimizer in place); every rank gets the same
+    ``{path, step, epoch, extra, warning, rng}`` (or None). A bad checkpoint raises ConfigError
+    (exit 2) on every rank, before anything in the run directory is written."""
+    from .. import checkpoint as core
+    from ..config import ConfigError
+    path = resolve_resume(cfg, run_dir)
+    info, error = None, None
+    if path is not None and rank == 0:
+        try:
+            got = load(path, core.config_hash(cfg))
+            info = {"path": os.path.abspath(path), "step": got["step"], "epoch": got["epoch"],
+                    "extra": got["extra"], "warning": got["warning"], "rng": rng_state()}
+        except core.CheckpointError as err:
+            error = f"train.resume: {err}"
+    if path is not None and hvd.size() > 1:
+        info, error = hvd.broadcast_object((info, error), root_rank=0, name="largebatch.resume")
+    if error:
+        raise ConfigError([error])
+    return info

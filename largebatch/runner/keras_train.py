@@ -15,7 +15,6 @@ the optimizer's in-graph guard and reported by ``largebatch.keras.callbacks.NonF
 (``train.on_nonfinite``).
 """
 import math
-import os
 import sys
 import time
 
@@ -24,7 +23,8 @@ import numpy as np
 from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
 from . import faults
-from .common import Progress, RunLog, Throughput, datasets_and_steps, make_schedule, summary_dict, versions
+from .common import (Progress, RunLog, Throughput, datasets_and_steps, make_schedule, read_resume, summary_dict,
+                     versions)
 from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
 
@@ -79,37 +79,13 @@ def _log_softmax(z):
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def _resolve_resume(cfg, run_dir):
-    """The checkpoint to resume from, or None (train.resume: auto | PATH | none)."""
-    from .. import checkpoint as core
-    resume = cfg["train"]["resume"]
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return core.latest(os.path.join(run_dir, "checkpoints"))
-    return resume
-
-
 def _load_resume(cfg, run_dir, model, optimizer, hvd, rank):
     """Rank 0 reads and checks the checkpoint into model and optimizer (the broadcast callback
     sends its variables to the others before the first step); every rank gets step, epoch, extra
-    and RNG. ConfigError (exit 2) on a bad file, raised on every rank before anything in the run
-    directory is written."""
-    from .. import checkpoint as core
+    and RNG (see common.read_resume)."""
     lbk_ckpt = import_mapped("largebatch.keras.checkpoint")
-    path = _resolve_resume(cfg, run_dir)
-    info, error = None, None
-    if path is not None and rank == 0:
-        try:
-            got = lbk_ckpt.load_checkpoint(path, model, optimizer, cfg_hash=core.config_hash(cfg))
-            info = {"path": os.path.abspath(path), "step": got["step"], "epoch": got["epoch"],
-                    "extra": got["extra"], "warning": got["warning"], "rng": lbk_ckpt.rng_state()}
-        except core.CheckpointError as err:
-            error = f"train.resume: {err}"
-    if path is not None and hvd.size() > 1:
-        info, error = hvd.broadcast_object((info, error), root_rank=0, name="largebatch.resume")
-    if error:
-        raise ConfigError([error])
+    info = read_resume(cfg, run_dir, hvd, rank, rng_state=lbk_ckpt.rng_state,
+                       load=lambda path, cfg_hash: lbk_ckpt.load_checkpoint(path, model, optimizer, cfg_hash=cfg_hash))
     if info is not None and rank != 0:
         lbk_ckpt.set_rng_state(info["rng"])
     return info

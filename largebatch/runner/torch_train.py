@@ -11,7 +11,8 @@ from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
 from ..schedules import momentum_correction
 from . import faults
-from .common import Progress, RunLog, Throughput, datasets_and_steps, make_schedule, summary_dict, versions
+from .common import (Progress, RunLog, Throughput, datasets_and_steps, make_schedule, read_resume, summary_dict,
+                     versions)
 from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
 
@@ -91,36 +92,12 @@ def _evaluate(model, val, cfg, derived, hvd, torch, rank, size):
     return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
 
 
-def _resolve_resume(cfg, run_dir):
-    """The checkpoint to resume from, or None (train.resume: auto | PATH | none)."""
-    from .. import checkpoint as core
-    resume = cfg["train"]["resume"]
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return core.latest(os.path.join(run_dir, "checkpoints"))
-    return resume
-
-
 def _load_resume(cfg, run_dir, model, optimizer, hvd, rank):
     """Rank 0 reads and checks the checkpoint into model and optimizer (before the Horovod
-    broadcast); every rank gets step, epoch, extra and RNG. ConfigError (exit 2) on a bad file,
-    raised on every rank before anything in the run directory is written."""
-    from .. import checkpoint as core
+    broadcast); every rank gets step, epoch, extra and RNG (see common.read_resume)."""
     lbt_ckpt = import_mapped("largebatch.torch.checkpoint")
-    path = _resolve_resume(cfg, run_dir)
-    info, error = None, None
-    if path is not None and rank == 0:
-        try:
-            got = lbt_ckpt.load_checkpoint(path, model, optimizer, cfg_hash=core.config_hash(cfg))
-            info = {"path": os.path.abspath(path), "step": got["step"], "epoch": got["epoch"],
-                    "extra": got["extra"], "warning": got["warning"], "rng": lbt_ckpt.rng_state()}
-        except core.CheckpointError as err:
-            error = f"train.resume: {err}"
-    if path is not None and hvd.size() > 1:
-        info, error = hvd.broadcast_object((info, error), root_rank=0, name="largebatch.resume")
-    if error:
-        raise ConfigError([error])
+    info = read_resume(cfg, run_dir, hvd, rank, rng_state=lbt_ckpt.rng_state,
+                       load=lambda path, cfg_hash: lbt_ckpt.load_checkpoint(path, model, optimizer, cfg_hash=cfg_hash))
     if info is not None and hvd.size() > 1:
         # hvd.broadcast_optimizer_state needs the same state layout on every rank (rank 0's
         # loaded state may hold slots, e.g. trust ratios, that the others create lazily):
