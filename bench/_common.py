@@ -87,3 +87,15 @@ def bar_chart(path, labels, values_ms, xlabel, ref=None, ref_label=None):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def finish_figure(fig, axes, path, legend_size=8, grid_which="major"):
+    """Grid and legend on each of ``axes``, tight layout, save the PNG, free the figure."""
+    import matplotlib.pyplot as plt
+    for ax in axes:
+        ax.grid(alpha=0.3, which=grid_which)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

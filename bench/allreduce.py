@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from _common import DEFAULT_OUT, machine_info, print_header, print_table, write_outputs  # noqa: E402
+from _common import DEFAULT_OUT, finish_figure, machine_info, print_header, print_table, write_outputs  # noqa: E402
 
 QUICK_SIZES = [4 << 10, 64 << 10, 1 << 20]
 FULL_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -131,8 +131,6 @@ def plot(rows, fits, proj, settings, path):
     ax1.set_xlabel("message size (bytes)")
     ax1.set_ylabel("allreduce time (us)")
     ax1.set_title(f"allreduce, np={p} (measured)")
-    ax1.legend(fontsize=7)
-    ax1.grid(alpha=0.3, which="both")
     for label, pr in proj.items():
         w = [r["workers"] for r in pr]
         ax2.semilogx(w, [100 * r["efficiency"] for r in pr], marker="o", label=label)
@@ -146,12 +144,7 @@ def plot(rows, fits, proj, settings, path):
     ax3.set_xlabel("workers")
     ax3.set_ylabel("projected epoch time (min)")
     ax3.set_title(f"{settings['images']} images/epoch, batch {settings['batch']}/worker", fontsize=9)
-    for ax in (ax2, ax3):
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_figure(fig, (ax1, ax2, ax3), path, legend_size=7, grid_which="both")
 
 
 def main(argv=None):

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import DEFAULT_OUT, machine_info, print_header, print_table, write_outputs  # noqa: E402
+from _common import DEFAULT_OUT, finish_figure, machine_info, print_header, print_table, write_outputs  # noqa: E402
 
 
 def torch_setups(a):
@@ -139,12 +139,7 @@ def plot(rows, path):
     ax1.set_ylabel("total images/s")
     ax2.set_xlabel("ranks")
     ax2.set_ylabel("scaling efficiency total(N)/(N*single) %")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_figure(fig, (ax1, ax2), path)
 
 
 def main(argv=None):
