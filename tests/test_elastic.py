@@ -272,7 +272,9 @@ def test_elastic_job_gains_a_worker_that_receives_the_state(tmp_path):
 
     helper = threading.Thread(target=add_host, daemon=True)
     helper.start()
-    proc, run_dir, secs = _run(tmp_path, doc, "join")
+    # 50 ms per update on rank 0: the job cannot finish before Horovod (polling the script every
+    # second) has added the new host, however fast the machine
+    proc, run_dir, secs = _run(tmp_path, doc, "join", env=_env(LARGEBATCH_FAULT="slow:0:1:0.05"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -282,9 +284,11 @@ def test_elastic_job_gains_a_worker_that_receives_the_state(tmp_path):
     assert summary["ranks"] == 2 and summary["accumulation_steps"] == 1
     reference = _fixed_size_reference_join(tmp_path)
     params, momentum = _max_diff(_final(run_dir), reference)
-    # float32 sums taken in another order (2 ranks × 1 pass vs 1 rank × 2 passes) for ~100 steps;
-    # a step that saw other samples would differ by ~1e-2
-    assert params < 1e-5 and momentum < 1e-6, (params, momentum)
+    # float32 sums taken in another order (2 ranks × 1 pass vs 1 rank × 2 passes) for ~100 steps
+    # at lr 0.5: fixed 2-rank vs fixed 1-rank runs of this job already differ by 1.5e-6, and the
+    # elastic runs by 1e-7 to 1e-5 depending on where the join falls (|w| <= 1.3); a step that
+    # saw other samples, or lost its momentum, differs by 1e-3 or more
+    assert params < 1e-4 and momentum < 1e-6, (params, momentum)
     print(f"\nelastic, worker joined at step {resets[0]['step']}: finished in {secs:.1f} s; vs fixed np=1: "
           f"params {params:.2e}, momentum {momentum:.2e}")
 

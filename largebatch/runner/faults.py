@@ -7,6 +7,8 @@ STEP (1-based):
     raise  raise RuntimeError (a bug on one rank)
     nan    turn the gradient of LAYER (default: the first parameter) into NaN
     hang   sleep forever without exiting (a stuck rank)
+    slow   from STEP on, sleep LAYER seconds (default 0.1) before every step (a slow rank; lets a
+           test change the world size of an elastic job while it is still training)
 
 LAYER is a torch parameter name (``features.4.weight``) or a Keras variable path
 (``conv1/kernel``). Keras: the nan fault is armed in the train function (:meth:`Fault.arm_keras`,
@@ -53,6 +55,12 @@ class Fault:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self.kind == "slow" and step >= self.step:
+            if step == self.step:
+                print(f"largebatch: injected fault 'slow' on rank {self.rank} from step {step}",
+                      file=sys.stderr, flush=True)
+            time.sleep(float(self.layer or 0.1))
+            return
         if step != self.step:
             return
         print(f"largebatch: injected fault {self.kind!r} on rank {self.rank} at step {step}",
@@ -95,9 +103,9 @@ def from_env(rank, env=None):
     if not spec:
         return None
     parts = spec.split(":")
-    if len(parts) < 3 or parts[0] not in ("kill", "raise", "nan", "hang") or not parts[1].isdigit() \
+    if len(parts) < 3 or parts[0] not in ("kill", "raise", "nan", "hang", "slow") or not parts[1].isdigit() \
             or not parts[2].isdigit():
-        raise ValueError(f"{FAULT_ENV}: expected KIND:RANK:STEP[:LAYER] with KIND kill|raise|nan|hang, got {spec!r}")
+        raise ValueError(f"{FAULT_ENV}: expected KIND:RANK:STEP[:LAYER] with KIND kill|raise|nan|hang|slow, got {spec!r}")
     if int(parts[1]) != rank:
         return None
     return Fault(parts[0], int(parts[1]), int(parts[2]), parts[3] if len(parts) > 3 else None)
