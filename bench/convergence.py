@@ -16,8 +16,9 @@ widens the grid by one factor-2 step in that direction (up to ``max_extend`` tim
 for every method); the picked lr is then rerun with the other seeds, and the mean ± std of the
 test accuracy is reported, with the gap to the small-batch SGD baseline trained for the same
 number of epochs (its lr picked the same way). The methods in ``base_methods`` (full: SGD and
-LARS) also run at the base batch, which gives each its own small-batch reference too. CLARS is
-not run: its per-example gradient norms cost ~20× a training pass here (see docs/benchmarks.md).
+LARS) also run at the base batch, which gives each its own small-batch reference too. CLARS
+(``--methods ... clars``) takes its per-example gradient norms from
+``largebatch.torch.per_example_norm_sums`` (hook method: about 5× a training pass here).
 
     python bench/convergence.py [--quick] [--out DIR] [--resume]
 """
@@ -38,7 +39,7 @@ from torch import nn  # noqa: E402
 
 from _common import DEFAULT_OUT, machine_info, print_header, print_table, write_outputs  # noqa: E402
 from largebatch.schedules import build_schedule, scaled_lr  # noqa: E402
-from largebatch.torch import LAMB, LARS  # noqa: E402
+from largebatch.torch import CLARS, LAMB, LARS, per_example_norm_sums  # noqa: E402
 
 PRESETS = {
     "quick": dict(n_train=2048, n_val=1024, n_test=1024, noise=1.0, width=8, depth=4, epochs=12,
@@ -46,8 +47,8 @@ PRESETS = {
                   grid=2, max_extend=0, seeds=[0], warmup_frac=0.1),
     # 16384 samples × 250 epochs: B=8192 gets 500 steps, B=512 8000 (≈ 4.1 M samples per run)
     "full": dict(n_train=16384, n_val=4096, n_test=8192, noise=2.0, width=16, depth=6, epochs=250,
-                 batches=[512, 2048, 8192], base_batch=512, methods=["sgd", "lars", "larc", "lamb"],
-                 base_methods=["sgd", "lars"], large_only=["larc", "lamb"], grid=4, max_extend=2, seeds=[0, 1, 2],
+                 batches=[512, 2048, 8192], base_batch=512, methods=["sgd", "lars", "larc", "lamb", "clars"],
+                 base_methods=["sgd", "lars"], large_only=["larc", "lamb", "clars"], grid=4, max_extend=2, seeds=[0, 1, 2],
                  warmup_frac=0.25),
 }
 
@@ -125,6 +126,8 @@ def make_optimizer(method, params, lr):
                     exclude=False)
     if method == "lamb":
         return LAMB(params, lr=lr, weight_decay=LAMB_WD, exclude=False)
+    if method == "clars":
+        return CLARS(params, lr=lr, momentum=MOMENTUM, weight_decay=WD, trust_coefficient=LARS_ETA, exclude=False)
     raise ValueError(method)
 
 
@@ -155,9 +158,15 @@ def train(data, method, batch, lr_peak, cfg, seed, base_lr):
             for grp in opt.param_groups:
                 grp["lr"] = sched(step)
             opt.zero_grad(set_to_none=True)
+            norm_sums = None
             for c in idx.split(CHUNK):       # gradient accumulation: loss normalised by the global batch
                 loss = F.cross_entropy(model(xtr[c]), ytr[c], reduction="sum") / batch
                 loss.backward()
+                if method == "clars":        # Σ_i ‖∇f_i‖ per layer, summed over the chunks
+                    sums, _ = per_example_norm_sums(model, F.cross_entropy, xtr[c], ytr[c])
+                    norm_sums = sums if norm_sums is None else {p: norm_sums[p] + v for p, v in sums.items()}
+            if method == "clars":
+                opt.set_per_example_norms(norm_sums, len(idx))
             opt.step()
             step += 1
         if not math.isfinite(loss.item()):
@@ -179,12 +188,12 @@ def lr_value(method, batch, cfg, base_lr, k):
     elif method == "larc":
         ref = scaled_lr(base_lr, batch, cfg["base_batch"], "linear") * LARC_MULTS[0]
     else:
-        ref = {"lars": LARS_LRS, "lamb": LAMB_LRS}[method][0]
+        ref = {"lars": LARS_LRS, "clars": LARS_LRS, "lamb": LAMB_LRS}[method][0]
     return ref * 2.0 ** k
 
 
 def grid_exponents(method, batch, cfg):
-    table = {"lars": LARS_LRS, "lamb": LAMB_LRS, "larc": LARC_MULTS,
+    table = {"lars": LARS_LRS, "clars": LARS_LRS, "lamb": LAMB_LRS, "larc": LARC_MULTS,
              "sgd": BASE_GRID if batch == cfg["base_batch"] else SGD_MULTS}[method]
     return sorted(round(math.log2(v / table[0])) for v in table[:cfg["grid"]])
 
@@ -196,7 +205,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--seeds", type=int, nargs="*", help="override the seeds (the first picks the lr)")
     p.add_argument("--batches", type=int, nargs="*", help="override the batch sizes (the first is the base)")
-    p.add_argument("--methods", nargs="*", help="subset of sgd lars larc lamb")
+    p.add_argument("--methods", nargs="*", help="subset of sgd lars larc lamb clars")
     p.add_argument("--base-methods", nargs="*", help="methods also run at the base batch (default: preset's)")
     p.add_argument("--resume", action="store_true",
                    help="reuse finished runs from OUT/convergence_runs.json (same settings) instead of rerunning")

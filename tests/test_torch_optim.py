@@ -232,6 +232,71 @@ def test_per_example_norm_sums_match_brute_force():
         torch.testing.assert_close(sums[p].double(), brute[p], rtol=1e-5, atol=1e-7)
 
 
+def _brute_force_norm_sums(model, loss_fn, x, y):
+    sums = {p: torch.zeros((), dtype=torch.float64) for p in model.parameters()}
+    for i in range(len(x)):
+        model.zero_grad()
+        loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for p in model.parameters():
+            sums[p] += p.grad.double().norm()
+    return sums
+
+
+class _Tokens(torch.nn.Module):
+    """Linear on (B, T, features) inputs, then a mean over T."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(5, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.proj(x)).mean(1))
+
+
+@pytest.mark.parametrize("case", ["conv", "tokens"])
+def test_per_example_norm_sums_by_hooks_match_brute_force(case):
+    torch.manual_seed(0)
+    if case == "conv":     # stride, padding, dilation, a bias-free conv, Linear on 2-D inputs
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(4, 5, 3, padding=2, dilation=2, bias=False), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(5 * 4 * 4, 3))
+        x = torch.randn(6, 3, 8, 8)
+    else:
+        model = _Tokens()
+        x = torch.randn(6, 7, 5)
+    y = torch.randint(0, 3, (6,))
+    loss_fn = torch.nn.functional.cross_entropy
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    sums, batch = per_example_norm_sums(model, loss_fn, x, y, method="hooks")
+    assert batch == 6 and all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    vmapped, _ = per_example_norm_sums(model, loss_fn, x, y, method="vmap")
+    brute = _brute_force_norm_sums(model, loss_fn, x, y)
+    for p in model.parameters():
+        torch.testing.assert_close(sums[p].double(), brute[p], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(sums[p], vmapped[p], rtol=1e-5, atol=1e-7)
+
+
+def test_per_example_norm_sums_hooks_refuse_what_they_cannot_do():
+    bn = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    loss_fn = torch.nn.functional.cross_entropy
+    with pytest.raises(ValueError, match=r"^method='hooks': BatchNorm '1' in training mode couples the examples; "
+                                         r"use method='vmap'$"):
+        per_example_norm_sums(bn, loss_fn, x, y, method="hooks")
+    shared = torch.nn.Linear(3, 3)
+    twice = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    with pytest.raises(ValueError, match="called more than once"):
+        per_example_norm_sums(twice, loss_fn, x, y, method="hooks")
+    auto, _ = per_example_norm_sums(twice, loss_fn, x, y)                  # auto falls back to vmap
+    brute = _brute_force_norm_sums(twice, loss_fn, x, y)
+    torch.testing.assert_close(auto[shared.weight].double(), brute[shared.weight], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"^method: expected 'auto', 'hooks' or 'vmap', got 'fast'$"):
+        per_example_norm_sums(twice, loss_fn, x, y, method="fast")
+
+
 def test_param_groups_helper_and_regex_needs_names():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     groups = param_groups(model, exclude=r"^2\.", weight_decay=1e-3)
