@@ -281,3 +281,14 @@ def read_resume(cfg, run_dir, hvd, rank, load, rng_state):
     if error:
         raise ConfigError([error])
     return info
+
+
+def announce_resume(resumed, rank, steps_per_epoch):
+    """Rank 0 says where a resumed run starts (and any config-hash warning), on stderr."""
+    if rank != 0:
+        return
+    if resumed["warning"]:
+        print(f"largebatch: {resumed['warning']}", file=sys.stderr, flush=True)
+    step = int(resumed["step"])
+    print(f"largebatch: resumed from {resumed['path']} at step {step} (epoch {step // steps_per_epoch})",
+          file=sys.stderr, flush=True)

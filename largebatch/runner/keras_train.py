@@ -15,7 +15,6 @@ the optimizer's in-graph guard and reported by ``largebatch.keras.callbacks.NonF
 (``train.on_nonfinite``).
 """
 import math
-import sys
 import time
 
 import numpy as np
@@ -23,8 +22,8 @@ import numpy as np
 from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
 from . import faults
-from .common import (Progress, RunLog, Throughput, datasets_and_steps, make_schedule, read_resume, summary_dict,
-                     versions)
+from .common import (Progress, RunLog, Throughput, announce_resume, datasets_and_steps, make_schedule,
+                     read_resume, summary_dict, versions)
 from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
 
@@ -161,11 +160,7 @@ def run(exp, loader, threads):
     ckpt_every = cfg["output"]["checkpoint_every"]
     if resumed is not None:
         state["step"] = state["logged"] = int(resumed["step"])
-        if rank == 0:
-            if resumed["warning"]:
-                print(f"largebatch: {resumed['warning']}", file=sys.stderr, flush=True)
-            print(f"largebatch: resumed from {resumed['path']} at step {state['step']} "
-                  f"(epoch {state['step'] // spe})", file=sys.stderr, flush=True)
+        announce_resume(resumed, rank, spe)
         progress.update(state["step"])
 
     def evaluate():

@@ -11,8 +11,8 @@ from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
 from ..schedules import momentum_correction
 from . import faults
-from .common import (Progress, RunLog, Throughput, datasets_and_steps, make_schedule, read_resume, summary_dict,
-                     versions)
+from .common import (Progress, RunLog, Throughput, announce_resume, datasets_and_steps, make_schedule,
+                     read_resume, summary_dict, versions)
 from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
 
@@ -184,11 +184,7 @@ def run(exp, loader, threads):
     if resumed is not None:
         start.update(step=int(resumed["step"]), skipped=int(resumed["extra"].get("skipped_steps", 0)),
                      last_lr=resumed["extra"].get("last_lr", schedule(max(int(resumed["step"]) - 1, 0))))
-        if rank == 0:
-            if resumed["warning"]:
-                print(f"largebatch: {resumed['warning']}", file=sys.stderr, flush=True)
-            print(f"largebatch: resumed from {resumed['path']} at step {start['step']} "
-                  f"(epoch {start['step'] // spe})", file=sys.stderr, flush=True)
+        announce_resume(resumed, rank, spe)
         progress.update(start["step"])
 
     def train(state):
