@@ -84,12 +84,8 @@ def elastic_state(model, optimizer, **attrs):
 
     class LargeBatchTorchState(hvd.elastic.TorchState):
         def sync(self):
-            init_optimizer_state(self.optimizer)
-            if self.optimizer.state:
-                super().sync()
-            else:
-                hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
-                super(hvd.elastic.TorchState, self).sync()          # the plain attributes
+            broadcast_state(self.model, self.optimizer)            # instead of TorchState's handlers
+            super(hvd.elastic.TorchState, self).sync()             # the plain attributes (ObjectState)
 
     return LargeBatchTorchState(model, optimizer, **attrs)
 

@@ -189,19 +189,9 @@ def run(exp, loader, threads):
 
     def train(state):
         """Steps from ``state.step`` to the end; an elastic restart calls it again after a reset
-        (new rank, world size and accumulation steps; model, optimizer and counters restored)."""
-        nonlocal log, progress
-        rank, size = hvd.rank(), hvd.size()
-        if elastic and (rank, size) != (out.rank, out.size):
-            out.acc = _accumulation(derived, size, elastic)
-            optimizer.set_backward_passes_per_step(out.acc)
-            if (rank == 0) != log.active:          # the former rank 0 left: this process logs now
-                log.close()
-                log = RunLog(run_dir, exp, rank, append=True)
-                progress.close()
-                progress = Progress(total, cfg["output"]["progress"], cfg["name"], rank)
-            out.rank, out.size = rank, size
-        acc = out.acc
+        (``on_reset`` has set the new rank, world size and accumulation steps; model, optimizer
+        and counters are restored)."""
+        rank, size, acc = out.rank, out.size, out.acc
         progress.seek(state.step)
         window_loss, window_n = 0.0, 0
         while state.step < total:
@@ -289,11 +279,20 @@ def run(exp, loader, threads):
             state = lbt.elastic_state(model, optimizer, **start)
 
             def on_reset():
-                out.resets.append({"step": state.step, "world_size": hvd.size()})
-                if hvd.rank() == 0:
-                    acc_now = _accumulation(derived, hvd.size(), elastic)
-                    print(f"largebatch: world size is now {hvd.size()}; global batch {gb} kept as {pw} per rank "
-                          f"× {hvd.size()} ranks × {acc_now} accumulation steps; continuing from step "
+                """After Horovod re-formed the ring: new rank, world size and accumulation steps."""
+                nonlocal log, progress
+                out.rank, out.size = hvd.rank(), hvd.size()
+                out.acc = _accumulation(derived, out.size, elastic)
+                optimizer.set_backward_passes_per_step(out.acc)
+                if (out.rank == 0) != log.active:          # the former rank 0 left: this process logs now
+                    log.close()
+                    log = RunLog(run_dir, exp, out.rank, append=True)
+                    progress.close()
+                    progress = Progress(total, cfg["output"]["progress"], cfg["name"], out.rank)
+                out.resets.append({"step": state.step, "world_size": out.size})
+                if out.rank == 0:
+                    print(f"largebatch: world size is now {out.size}; global batch {gb} kept as {pw} per rank "
+                          f"× {out.size} ranks × {out.acc} accumulation steps; continuing from step "
                           f"{state.step}", file=sys.stderr, flush=True)
 
             state.register_reset_callbacks([on_reset])
