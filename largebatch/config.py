@@ -632,7 +632,7 @@ def _cross_checks(cfg, explicit, derived, problems, check_paths):
                         f"expected 'sum_of_norms', got {opt['trust_denominator']!r}")
 
     # launcher: hosts, np, controller, binding
-    np_, placed = _check_launcher(la, explicit, problems, check_paths)
+    np_, placed, listed = _check_launcher(la, explicit, problems, check_paths)
     derived["np"] = np_
     derived["placement"] = placed
 
@@ -656,7 +656,7 @@ def _cross_checks(cfg, explicit, derived, problems, check_paths):
         per_worker = batch["per_worker"] if batch["per_worker"] is not None else 32
     global_batch = per_worker * np_ * acc
     derived.update(per_worker_batch=per_worker, accumulation_steps=acc, global_batch=global_batch)
-    _check_elastic(cfg, explicit, derived, problems, check_paths, batch_ok)
+    _check_elastic(cfg, explicit, derived, problems, check_paths, batch_ok, listed)
 
     # data
     synthetic = data["kind"] == "synthetic"
@@ -785,7 +785,8 @@ def _check_folder(key, path, problems):
 
 
 def _check_launcher(la, explicit, problems, check_paths):
-    """Validate the launcher section; return (np, placement [(host, ranks)])."""
+    """Validate the launcher section; return (np, placement [(host, ranks)], the number of hosts
+    listed: 1 for neither hosts nor hostfile (localhost), None if the list could not be read)."""
     hostfile = launchers_module("hostfile")
     host_list = None
     if la["hosts"] is not None and la["hostfile"] is not None:
@@ -839,7 +840,11 @@ def _check_launcher(la, explicit, problems, check_paths):
                         "(set it in your Slurm/MPI configuration)")
     if la["python"] is not None and check_paths and os.sep in la["python"] and not os.path.exists(la["python"]):
         problems.append(f"launcher.python: expected an existing interpreter, got {la['python']!r} (no such file)")
-    return np_, placed
+    if host_list is not None:
+        listed = len(host_list)
+    else:
+        listed = 1 if la["hosts"] is None and la["hostfile"] is None else None
+    return np_, placed, listed
 
 
 ELASTIC_KEYS = ("min_np", "max_np", "host_discovery_script", "elastic_timeout", "reset_limit")
@@ -852,20 +857,7 @@ def elastic_accumulation(global_batch, per_worker, size):
     return global_batch // ranks_batch if global_batch % ranks_batch == 0 else None
 
 
-def _listed_hosts(la, check_paths):
-    """How many hosts launcher.hosts / launcher.hostfile name (1: neither, localhost); None if unreadable."""
-    hostfile = launchers_module("hostfile")
-    try:
-        if la["hosts"] is not None:
-            return len(hostfile.parse_hosts(la["hosts"]))
-        if la["hostfile"] is not None:
-            return len(hostfile.parse_hostfile(la["hostfile"])) if check_paths else None
-    except (ValueError, OSError):
-        return None                 # reported by the launcher checks
-    return 1
-
-
-def _check_elastic(cfg, explicit, derived, problems, check_paths, batch_ok):
+def _check_elastic(cfg, explicit, derived, problems, check_paths, batch_ok, listed):
     """launcher.elastic: Horovod Elastic under horovodrun --gloo, torch only; every world size in
     [min_np, max_np] must keep the global batch with a whole number of accumulation steps."""
     la, np_ = cfg["launcher"], derived["np"]
@@ -891,7 +883,6 @@ def _check_elastic(cfg, explicit, derived, problems, check_paths, batch_ok):
         problems.append("launcher.host_discovery_script: set either it or launcher.hosts, not both")
     script = la["host_discovery_script"]
     if script is None:
-        listed = _listed_hosts(la, check_paths)
         if listed is not None and listed < 2:
             where = "launcher.hostfile" if la["hostfile"] is not None else "launcher.hosts"
             problems.append(f"{where}: Horovod Elastic with a fixed host list needs at least 2 hosts (a failed "

@@ -31,8 +31,9 @@ from typing import Dict, List
 from . import hostfile as _hostfile
 from .threads import plan_threads
 
-__all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind", "horovodrun_command", "mpirun_command",
-           "srun_command", "build_command", "rank_program", "find_executable", "LARGE_CLUSTER_HOSTS"]
+__all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind", "horovodrun_command",
+           "mpirun_command", "srun_command", "build_command", "rank_program", "find_executable",
+           "LARGE_CLUSTER_HOSTS"]
 
 LARGE_CLUSTER_HOSTS = 64          # horovodrun's _LARGE_CLUSTER_THRESHOLD
 OMPI_FLAGS = ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
