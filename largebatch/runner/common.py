@@ -292,3 +292,14 @@ def announce_resume(resumed, rank, steps_per_epoch):
     step = int(resumed["step"])
     print(f"largebatch: resumed from {resumed['path']} at step {step} (epoch {step // steps_per_epoch})",
           file=sys.stderr, flush=True)
+
+
+def save_run_checkpoint(log, exp, save, model, optimizer, *, step, epoch, extra):
+    """``checkpoints/epoch-NNNN.pt|.ckpt`` in the run directory with ``save`` (the framework's
+    save_checkpoint: atomic, keeps the newest ``output.checkpoint_keep``); call on rank 0. The
+    file names the epoch it ends (a partial last epoch included)."""
+    from .. import checkpoint as core
+    cfg = exp.cfg
+    save(log.checkpoint_path(core.checkpoint_name(epoch, cfg["framework"])), model, optimizer, step=step,
+         epoch=epoch, config=exp.resolved(), cfg_hash=core.config_hash(cfg), model_name=cfg["model"]["name"],
+         extra=extra, keep=cfg["output"]["checkpoint_keep"])

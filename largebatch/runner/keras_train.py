@@ -23,7 +23,7 @@ from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
 from . import faults
 from .common import (Progress, RunLog, Throughput, announce_resume, datasets_and_steps, make_schedule,
-                     read_resume, summary_dict, versions)
+                     read_resume, save_run_checkpoint, summary_dict, versions)
 from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
 
@@ -226,8 +226,9 @@ def run(exp, loader, threads):
                 progress.write(f"epoch {epoch + 1}: eval loss {state['eval']['loss']:.4f}, "
                                f"accuracy {state['eval']['accuracy']:.4f}")
             if ckpt_every and ((epoch + 1) % ckpt_every == 0 or step >= total) and rank == 0:
-                _checkpoint(log, exp, model, self.model.optimizer, step, epoch + 1,
-                            {"last_lr": lr_callback.last_lr, "skipped_steps": guard.skipped})
+                save_run_checkpoint(log, exp, import_mapped("largebatch.keras.checkpoint").save_checkpoint, model,
+                                    self.model.optimizer, step=step, epoch=epoch + 1,
+                                    extra={"last_lr": lr_callback.last_lr, "skipped_steps": guard.skipped})
 
     def report(line):
         progress.write(f"largebatch: {line}")
@@ -272,13 +273,3 @@ def run(exp, loader, threads):
               + (f", eval accuracy {ev['accuracy']:.4f}" if ev else "") + ")", flush=True)
     return 0 if state["status"] == "completed" else 1
 
-
-def _checkpoint(log, exp, model, optimizer, step, epoch, extra):
-    """Rank 0 writes ``checkpoints/epoch-NNNN.ckpt`` atomically and keeps the newest
-    ``output.checkpoint_keep``; the file names the step it ends (a partial last epoch included)."""
-    from .. import checkpoint as core
-    lbk_ckpt = import_mapped("largebatch.keras.checkpoint")
-    cfg = exp.cfg
-    lbk_ckpt.save_checkpoint(log.checkpoint_path(core.checkpoint_name(epoch, "keras")), model, optimizer,
-                             step=step, epoch=epoch, config=exp.resolved(), cfg_hash=core.config_hash(cfg),
-                             model_name=cfg["model"]["name"], extra=extra, keep=cfg["output"]["checkpoint_keep"])

@@ -12,7 +12,7 @@ from ..policy import ParamPolicy
 from ..schedules import momentum_correction
 from . import faults
 from .common import (Progress, RunLog, Throughput, announce_resume, datasets_and_steps, make_schedule,
-                     read_resume, summary_dict, versions)
+                     read_resume, save_run_checkpoint, summary_dict, versions)
 from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
 
@@ -268,9 +268,10 @@ def run(exp, loader, threads):
                             accuracy=out.eval_result["accuracy"])
                 progress.write(f"epoch {epoch}: eval loss {out.eval_result['loss']:.4f}, "
                                f"accuracy {out.eval_result['accuracy']:.4f}")
-            if ckpt_every and (epoch % ckpt_every == 0 or state.step >= total):
-                _checkpoint(log, exp, rank, model, optimizer, state.step, epoch,
-                            {"last_lr": state.last_lr, "skipped_steps": state.skipped})
+            if ckpt_every and (epoch % ckpt_every == 0 or state.step >= total) and rank == 0:
+                save_run_checkpoint(log, exp, import_mapped("largebatch.torch.checkpoint").save_checkpoint, model,
+                                    optimizer, step=state.step, epoch=epoch,
+                                    extra={"last_lr": state.last_lr, "skipped_steps": state.skipped})
             if elastic:
                 state.commit()
 
@@ -333,15 +334,3 @@ def _accumulation(derived, size, elastic):
                            f"{derived['global_batch']} with {derived['per_worker_batch']} samples per rank"])
     return acc
 
-
-def _checkpoint(log, exp, rank, model, optimizer, step, epoch, extra):
-    """Rank 0 writes ``checkpoints/epoch-NNNN.pt`` atomically and keeps the newest
-    ``output.checkpoint_keep``; the file names the step it ends (a partial last epoch included)."""
-    if rank != 0:
-        return
-    from .. import checkpoint as core
-    lbt_ckpt = import_mapped("largebatch.torch.checkpoint")
-    cfg = exp.cfg
-    lbt_ckpt.save_checkpoint(log.checkpoint_path(core.checkpoint_name(epoch)), model, optimizer, step=step,
-                             epoch=epoch, config=exp.resolved(), cfg_hash=core.config_hash(cfg),
-                             model_name=cfg["model"]["name"], extra=extra, keep=cfg["output"]["checkpoint_keep"])
