@@ -41,13 +41,18 @@ def _env():
     return env
 
 
-def run_runner(tmp_path, exp_text, *overrides, np_=1, timeout=180):
-    exp = tmp_path / "exp.yaml"
+def run_runner(tmp_path, exp_text, *overrides, np_=1, fault=None, timeout=180):
+    """The runner on ``exp_text`` in ``tmp_path`` (under horovodrun for np_ > 1), optionally with
+    ``LARGEBATCH_FAULT=fault``."""
+    exp = Path(tmp_path) / "exp.yaml"
     exp.write_text(exp_text)
     cmd = [sys.executable, "-m", "largebatch.runner", str(exp), *overrides]
     if np_ > 1:
         cmd = [horovodrun_path(), "-np", str(np_), "-H", f"localhost:{np_}"] + cmd
-    return subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=timeout)
+    env = _env()
+    if fault:
+        env["LARGEBATCH_FAULT"] = fault
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def load_payload(path):

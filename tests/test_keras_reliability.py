@@ -7,9 +7,7 @@ by the resume and the bad-checkpoint tests (module fixture).
 """
 import io
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,19 +24,11 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 from multirank import horovodrun_path  # noqa: E402
 from ranks import keras_common as kc  # noqa: E402
-from test_checkpoint import _env  # noqa: E402
+from test_checkpoint import EXP as CKPT_EXP  # noqa: E402
+from test_checkpoint import run_runner as _run_runner  # noqa: E402
 
-EXP = """
-framework: keras
-model: small_cnn
-data: {kind: synthetic, samples: 128, val_samples: 32, image_size: 8}
-batch: {per_worker: 16, accumulation_steps: 2}
-optimizer: {name: lars, momentum: 0.9, weight_decay: 5.0e-4, trust_coefficient: 0.02}
-schedule: {base_lr: 0.5, base_batch: 32, warmup: gradual, warmup_epochs: 0.5, decay: poly, power: 2}
-train: {epochs: 3, log_every: 1, eval: false}
-output: {dir: runs, progress: false, tensorboard: false}
-launcher: {threads_per_rank: 1}
-"""
+# the torch checkpoint tests' experiment, on Keras with LARS
+EXP = CKPT_EXP.replace("framework: torch", "framework: keras").replace("OPT", "lars")
 # LAMB, constant lr after warm-up (the schedule does not depend on the length of training, so a
 # run cut at step 10 can be resumed to step 12 and compared with a 12-step run)
 LAMB_EXP = (EXP.replace("{name: lars, momentum: 0.9, weight_decay: 5.0e-4, trust_coefficient: 0.02}",
@@ -47,16 +37,9 @@ LAMB_EXP = (EXP.replace("{name: lars, momentum: 0.9, weight_decay: 5.0e-4, trust
             .replace("epochs: 3", "steps: 12"))
 
 
-def run_runner(cwd, exp_text, *overrides, np_=1, fault=None, timeout=240):
-    exp = Path(cwd) / "exp.yaml"
-    exp.write_text(exp_text)
-    cmd = [sys.executable, "-m", "largebatch.runner", str(exp), *overrides]
-    if np_ > 1:
-        cmd = [horovodrun_path(), "-np", str(np_), "-H", f"localhost:{np_}"] + cmd
-    env = _env()
-    if fault:
-        env["LARGEBATCH_FAULT"] = fault
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def run_runner(cwd, exp_text, *overrides, timeout=240, **options):
+    """test_checkpoint.run_runner with the longer timeout TensorFlow's start-up needs."""
+    return _run_runner(cwd, exp_text, *overrides, timeout=timeout, **options)
 
 
 def load_payload(path):
