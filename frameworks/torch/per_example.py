@@ -53,10 +53,11 @@ def per_example_norm_sums(model, loss_fn, inputs, targets, *, chunk_size=None, a
     if method not in ("auto", "hooks", "vmap"):
         raise ValueError(f"method: expected 'auto', 'hooks' or 'vmap', got {method!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    reason = _hooks_unsupported(model) if method != "vmap" else "vmap requested"
+    reason = None if method == "vmap" else _hooks_unsupported(model)
     if method == "hooks" and reason:
         raise ValueError(f"method='hooks': {reason}; use method='vmap'")
-    norms = _hook_norms(model, loss_fn, inputs, targets) if not reason else None
+    use_hooks = method != "vmap" and reason is None
+    norms = _hook_norms(model, loss_fn, inputs, targets) if use_hooks else None
     if norms is None:
         if method == "hooks":
             raise ValueError("method='hooks': a layer was called more than once in the forward pass; "
