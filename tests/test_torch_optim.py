@@ -10,9 +10,10 @@ from largebatch.torch import CLARS, LAMB, LARS, param_groups, per_example_norm_s
 
 STEPS = 20
 # name -> shape: conv/fc weights (adapted), bias and BN (excluded by default), a zero-initialised
-# weight (‖w‖ = 0 at first), a weight whose gradient is always zero (‖g‖ = 0)
+# weight (‖w‖ = 0 at first), a weight whose gradient is always zero (‖g‖ = 0), and a 0-d
+# parameter (a learnable temperature; torch.compile once dropped its state updates)
 SHAPES = {"conv.weight": (4, 3, 3, 3), "conv.bias": (4,), "bn.weight": (4,), "fc.weight": (5, 4),
-          "fc.bias": (5,), "zero_init.weight": (3, 3), "no_grad.weight": (2, 3)}
+          "fc.bias": (5,), "zero_init.weight": (3, 3), "no_grad.weight": (2, 3), "temperature": ()}
 
 
 def make_problem(dtype, seed=0):
@@ -38,6 +39,16 @@ def assert_close(got, want, rtol):
         np.testing.assert_allclose(got[name], w, rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
+def assert_state_moved(opt, params):
+    """Every parameter that had a non-zero gradient has non-zero optimizer state."""
+    for name, p in params.items():
+        if name == "no_grad.weight":
+            continue
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            if key in opt.state[p]:
+                assert bool(opt.state[p][key].abs().sum() > 0), f"{name}: {key} is still zero"
+
+
 def run_pair(algorithm, torch_cls, torch_kwargs, ref_kwargs, dtype, norm_sums=None):
     init, grads, lrs = make_problem(dtype)
     ref_w = {n: v.copy() for n, v in init.items()}
@@ -56,6 +67,7 @@ def run_pair(algorithm, torch_cls, torch_kwargs, ref_kwargs, dtype, norm_sums=No
             extra = dict(per_example_norm_sums=sums, global_batch_size=8)
         opt.step()
         ref.step(ref_w, grads[t], lr=lrs[t], **extra)
+    assert_state_moved(opt, params)
     return {n: p.detach().numpy() for n, p in params.items()}, ref_w, opt, ref
 
 
@@ -324,11 +336,25 @@ def test_bad_arguments(kwargs, message):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-6)], ids=["f64", "f32"])
 @pytest.mark.parametrize("algorithm,cls,options", [
-    ("lars", LARS, dict(trust_coefficient=0.01, weight_decay=1e-3, clip=True, nesterov=True)),
+    ("lars", LARS, dict(trust_coefficient=0.01, weight_decay=1e-3, nesterov=True)),
+    ("larc", LARS, dict(trust_coefficient=0.01, weight_decay=1e-3, clip=True, exclude=False)),
     ("lamb", LAMB, dict(weight_decay=1e-2)),
-], ids=["lars", "lamb"])
-def test_fused_compiled_path_matches_reference(algorithm, cls, options):
-    """fused=True runs the single-tensor kernel through torch.compile (inductor); same numbers."""
-    got, want, _, _ = run_pair(algorithm, cls, dict(options, fused=True), options, torch.float32)
-    assert_close(got, want, 1e-6)
+    ("lamb", LAMB, dict(weight_decay=1e-2, exclude=False)),
+], ids=["lars", "larc-adapt-all", "lamb", "lamb-adapt-all"])
+def test_fused_compiled_path_matches_reference(algorithm, cls, options, dtype, rtol):
+    """fused=True runs the single-tensor kernel through torch.compile (inductor); same numbers,
+    0-d parameters included (their state once stayed zero under compile in float64)."""
+    ref_options = {k: v for k, v in options.items() if not (algorithm == "larc" and k == "clip")}
+    got, want, _, _ = run_pair(algorithm, cls, dict(options, fused=True), ref_options, dtype)
+    assert_close(got, want, rtol)
+
+
+@pytest.mark.parametrize("impl", [dict(foreach=True), dict(foreach=False), dict(fused=True)], ids=str)
+def test_clars_every_implementation_matches_reference(impl):
+    """CLARS takes the per-tensor kernel whatever the flags say; pinned for each flag."""
+    options = dict(trust_coefficient=0.01, weight_decay=1e-3, exclude=False)
+    norm_sums = lambda g: float(np.linalg.norm(g)) * 8 * 1.3   # noqa: E731
+    got, want, _, _ = run_pair("clars", CLARS, dict(options, **impl), options, torch.float64, norm_sums=norm_sums)
+    assert_close(got, want, 1e-10)

@@ -183,6 +183,15 @@ def _fused(fn):
     return _compiled[fn]
 
 
+def _no_0d(tensors):
+    """0-d tensors as 1-element views of the same storage, for the compiled kernels: torch 2.13's
+    compiled functions drop in-place writes into 0-d CPU tensor arguments (seen with float64
+    parameters' momentum and Adam moments), while writes through a view of shape (1,) land."""
+    if tensors is None:
+        return None
+    return [t.view(1) if t.dim() == 0 else t for t in tensors]
+
+
 class LARS(_LayerwiseOptimizer):
     r"""SGD with Layer-wise Adaptive Rate Scaling (You, Gitman, Ginsburg 2017, Algorithm 1).
 
@@ -264,7 +273,8 @@ class LARS(_LayerwiseOptimizer):
         if impl == "fused":
             # lr as a 0-d tensor so a schedule does not trigger a recompile every step
             lr = torch.tensor(group["lr"], dtype=params[0].dtype, device=params[0].device)
-            _fused(_single_tensor_lars)(params, grads, bufs, lr, decays, adapts, **kwargs)
+            kwargs["ratios"] = _no_0d(kwargs["ratios"])
+            _fused(_single_tensor_lars)(_no_0d(params), _no_0d(grads), _no_0d(bufs), lr, decays, adapts, **kwargs)
         else:
             kernel = _multi_tensor_lars if impl == "foreach" else _single_tensor_lars
             kernel(params, grads, bufs, group["lr"], decays, adapts, **kwargs)
@@ -439,5 +449,7 @@ class LAMB(_LayerwiseOptimizer):
         # counted outside the kernel: torch.compile does not write back in-place updates of these
         # 0-d counters (the fused step then saw t = 0 and divided by 1 − β⁰ = 0)
         torch._foreach_add_(steps, 1)
+        if impl == "fused":
+            params, grads, exp_avgs, exp_avg_sqs, ratios = map(_no_0d, (params, grads, exp_avgs, exp_avg_sqs, ratios))
         kernel(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays, adapts, beta1=beta1, beta2=beta2,
                eps=group["eps"], ratios=ratios)
