@@ -1,0 +1,119 @@
+"""A real Slurm (largebatch.launchers.slurm_testbed): munged, slurmctld and two slurmd in a temp dir.
+
+srun, salloc and sbatch against it; Horovod over MPI through Slurm's PMIx plugin (the plugin that
+works with Debian's Open MPI 4.1.4: it has no Slurm PMI-1/PMI-2 support). Skipped with one line
+where the testbed cannot start (not root, or Slurm/munge not installed).
+"""
+import json
+import os
+import socket
+import sys
+import time
+
+import pytest
+
+from largebatch.config import launchers_module
+
+testbed = launchers_module("slurm_testbed")
+sbatch = launchers_module("sbatch")
+
+pytestmark = pytest.mark.timeout(180)
+
+PY = sys.executable
+HVD_ALLREDUCE = (
+    "import horovod.torch as hvd, torch; hvd.init(); "
+    "r = hvd.allreduce(torch.tensor([float(hvd.rank() + 1)]), op=hvd.Sum); "
+    "print('rank', hvd.rank(), 'of', hvd.size(), 'local', hvd.local_rank(), hvd.local_size(), "
+    "'sum', r.item(), 'mpi' if hvd.mpi_enabled() else 'gloo', flush=True)")
+MPI_HELLO = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
+             "print('rank', c.Get_rank(), 'of', c.Get_size(), flush=True)")
+
+
+def _etc_snapshot():
+    out = {}
+    for d in ("/etc/slurm", "/etc/munge"):
+        for root, _, files in os.walk(d):
+            for f in files:
+                p = os.path.join(root, f)
+                out[p] = os.stat(p).st_mtime_ns
+    return out
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    why = testbed.missing_requirements()
+    if why:
+        pytest.skip(why)
+    me = socket.gethostname().split(".")[0]
+    # two nodes on this machine (two slurmd, distinct node names and ports)
+    hosts = [testbed.Host(name=me), testbed.Host(name=f"{me}-b")]
+    before = _etc_snapshot()
+    tb = testbed.SlurmTestbed(hosts, start_timeout=45)
+    t0 = time.monotonic()
+    tb.start()
+    tb.started_in = time.monotonic() - t0
+    root = tb.root
+    try:
+        yield tb
+    finally:
+        tb.stop()
+        assert not os.path.exists(root), "the testbed's temp dir is left"
+        assert testbed.marked_processes(root) == [], "testbed processes left running"
+        assert _etc_snapshot() == before, "/etc/slurm or /etc/munge changed"
+
+
+def test_nodes_are_idle_with_the_hosts_cpus(slurm):
+    assert slurm.started_in < 30
+    states = slurm.node_states()
+    assert sorted(states) == sorted(h.name for h in slurm.hosts)
+    assert set(states.values()) == {"idle"}
+    out = slurm.run(["sinfo", "-h", "-N", "-o", "%N %c"]).stdout.split()
+    assert out[1::2] == [str(testbed._node_cpus(slurm.hosts[0])["CPUs"])] * 2
+
+
+def test_srun_two_tasks_on_one_node(slurm):
+    r = slurm.run(["srun", "-N1", "-n2", "hostname"], timeout=60)
+    assert r.stdout.split() == [socket.gethostname()] * 2
+
+
+def test_srun_mpi_list_has_pmix(slurm):
+    r = slurm.run(["srun", "--mpi=list"], timeout=30)
+    assert "pmix" in r.stdout + r.stderr
+
+
+def test_mpi4py_under_pmix_in_salloc(slurm):
+    r = slurm.run(["salloc", "-N1", "-n2", "srun", "--mpi=pmix", PY, "-c", MPI_HELLO], timeout=60)
+    assert sorted(r.stdout.split("\n")[:2]) == ["rank 0 of 2", "rank 1 of 2"], r.stdout + r.stderr
+
+
+def test_horovod_allreduce_across_two_nodes_under_pmix(slurm):
+    r = slurm.run(["srun", "-N2", "-n2", "--ntasks-per-node=1", "--mpi=pmix", "--kill-on-bad-exit=1",
+                   PY, "-c", HVD_ALLREDUCE], timeout=90, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = sorted(l for l in r.stdout.splitlines() if l.startswith("rank"))
+    assert lines == ["rank 0 of 2 local 0 1 sum 3.0 mpi", "rank 1 of 2 local 0 1 sum 3.0 mpi"]
+
+
+def test_sbatch_script_trains_two_ranks(slurm, tmp_path):
+    from largebatch.config import load
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(json.dumps({
+        "name": "slurm-smoke", "framework": "torch", "model": "small_cnn",
+        "data": {"kind": "synthetic", "samples": 256, "val_samples": 64, "image_size": 16},
+        "batch": {"per_worker": 16}, "optimizer": {"name": "lars"}, "train": {"steps": 4, "log_every": 2},
+        "output": {"checkpoint_every": 0, "tensorboard": False, "progress": False},
+        "launcher": {"np": 2}}))
+    exp = load(str(exp_file))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()                                  # sbatch does not create the --output folder
+    script = tmp_path / "job.sh"
+    script.write_text(sbatch.batch_script(exp, str(run_dir), nodes=2, time="5", signal_grace=30))
+    job = slurm.run(["sbatch", "--parsable", str(script)], timeout=30).stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and slurm.run(["squeue", "-h", "-j", job], check=False).stdout.strip():
+        time.sleep(1)
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    info = slurm.run(["scontrol", "show", "job", job]).stdout
+    assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info + log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["ranks"] == 2 and summary["steps_done"] == 4
