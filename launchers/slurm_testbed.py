@@ -9,11 +9,15 @@ are not read or written (the Debian packages' system services stay stopped and d
 
 Hosts are :class:`Host` objects: ``name`` is the Slurm node name (``slurmd -N name``),
 ``address`` where slurmctld reaches that node's slurmd, ``exec_prefix`` the argv prefix that
-runs a command on that host (``[]`` for this machine, ``["ip", "netns", "exec", "ns1"]`` for a
-network-namespace host). The controller runs on this machine (``ctld_prefix``, default ``[]``)
-and listens on ``ctld_address`` (default: 127.0.0.1 when every host is local). One munged
-serves every host: its socket is a path on the shared filesystem, which works across network
-namespaces.
+runs a command on that host (``[]`` for this machine, ``["ip", "netns", "exec", "ns1"]`` or
+testcluster's ``Node.exec_prefix()`` for a network-namespace host). The controller runs where
+``ctld_prefix`` says (default ``[]``: this machine; e.g. a namespace cluster's launch node) and
+listens on ``ctld_address`` (default: 127.0.0.1 when every host is local, else the first
+host's address); the clients (:meth:`SlurmTestbed.run`) run there too unless
+``client_prefix`` is given. One munged serves every host: its socket is a path on the shared
+filesystem, which works across network namespaces. Several slurmd on one machine work too
+(distinct names and ports; each node gets its own spool and TmpFS), though every such node
+then reports all of the machine's CPUs.
 
     with SlurmTestbed() as sb:                     # one node: this machine
         subprocess.run(["srun", "-n2", "hostname"], env=sb.env())
@@ -194,8 +198,8 @@ def _tail(path, n=15):
 class SlurmTestbed:
     """See the module docstring. ``hosts`` default: this machine (:func:`local_host`)."""
 
-    def __init__(self, hosts=None, *, ctld_address=None, ctld_prefix=(), cluster="lbtest", partition="debug",
-                 workdir=None, start_timeout=60.0, extra_conf=""):
+    def __init__(self, hosts=None, *, ctld_address=None, ctld_prefix=(), client_prefix=None, cluster="lbtest",
+                 partition="debug", workdir=None, start_timeout=60.0, extra_conf=""):
         self.hosts = [h if isinstance(h, Host) else Host(**h) for h in (hosts or [local_host()])]
         names = [h.name for h in self.hosts]
         if len(set(names)) != len(names):
@@ -203,6 +207,8 @@ class SlurmTestbed:
         local = all(not h.exec_prefix for h in self.hosts)
         self.ctld_address = ctld_address or ("127.0.0.1" if local else self.hosts[0].address)
         self.ctld_prefix = list(ctld_prefix)
+        # where clients (srun, sbatch, sinfo) run: they must reach slurmctld and every slurmd
+        self.client_prefix = list(self.ctld_prefix if client_prefix is None else client_prefix)
         self.cluster, self.partition = cluster, partition
         self.start_timeout, self.extra_conf = float(start_timeout), extra_conf
         self._workdir_parent = workdir
@@ -319,6 +325,12 @@ class SlurmTestbed:
             fh.write("\n".join(lines) + "\n")
         with open(self.path("plugstack.conf"), "w") as fh:
             fh.write("# none\n")
+        # slurmd 22.05 always loads a cgroup plugin, even with proctrack/linuxproc and task/affinity;
+        # its autodetection fails where /sys/fs/cgroup is not mounted (a network-namespace host's
+        # fresh /sys). Naming cgroup/v1 skips the detection; nothing here uses cgroups.
+        os.makedirs(self.path("cgroup"), exist_ok=True)
+        with open(self.path("cgroup.conf"), "w") as fh:
+            fh.write(f"CgroupPlugin=cgroup/v1\nCgroupMountpoint={self.path('cgroup')}\nCgroupAutomount=no\n")
 
     def _ctld_hostname(self):
         out = subprocess.run([*self.ctld_prefix, "hostname", "-s"], capture_output=True, text=True, timeout=15)
@@ -382,10 +394,16 @@ class SlurmTestbed:
 
     # -- clients -------------------------------------------------------------------------------
     def run(self, argv, *, check=True, timeout=60, env=None, **kw):
-        """Run a Slurm client (``argv[0]`` found in /usr/bin) against this cluster."""
+        """Run a Slurm client (``argv[0]`` found in /usr/bin) against this cluster, where the
+        clients run (``client_prefix``: the controller's host unless given)."""
         exe = _which(argv[0]) or argv[0]
-        return subprocess.run([exe, *argv[1:]], env=self.env(env), capture_output=True, text=True,
-                              timeout=timeout, check=check, **kw)
+        return subprocess.run([*self.client_prefix, exe, *argv[1:]], env=self.env(env), capture_output=True,
+                              text=True, timeout=timeout, check=check, **kw)
+
+    def popen(self, argv, env=None, **kw):
+        """Start a Slurm client in the background (same place and environment as :meth:`run`)."""
+        exe = _which(argv[0]) or argv[0]
+        return subprocess.Popen([*self.client_prefix, exe, *argv[1:]], env=self.env(env), **kw)
 
     def scontrol(self, *args, check=True):
         return self.run(["scontrol", *args], check=check, timeout=15)

@@ -117,3 +117,40 @@ def test_sbatch_script_trains_two_ranks(slurm, tmp_path):
     assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info + log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["ranks"] == 2 and summary["steps_done"] == 4
+
+
+# ------------------------------------------------------------------ across network-namespace hosts
+@pytest.fixture(scope="module")
+def ns_slurm():
+    why = testbed.missing_requirements()
+    if why:
+        pytest.skip(why)
+    try:
+        testcluster = launchers_module("testcluster")
+    except ImportError:
+        pytest.skip("largebatch.launchers.testcluster (namespace hosts) is not available")
+    why = testcluster.unavailable()
+    if why:
+        pytest.skip(f"namespace hosts: {why}")
+    with testcluster.Cluster(hosts=2) as cluster:
+        la = cluster.launcher                       # slurmctld and the clients run on the launch node
+        hosts = [testbed.Host(n.name, n.address, n.exec_prefix("/")) for n in cluster.host_nodes]
+        tb = testbed.SlurmTestbed(hosts, ctld_address=la.address, ctld_prefix=la.exec_prefix("/"),
+                                  start_timeout=45)
+        tb.start()
+        root = tb.root
+        try:
+            yield tb
+        finally:
+            tb.stop()
+            assert testbed.marked_processes(root) == [], "testbed processes left running"
+
+
+def test_namespace_hosts_horovod_allreduce_under_pmix(ns_slurm):
+    r = ns_slurm.run(["srun", "-N2", "-n2", "hostname"], timeout=60)
+    assert sorted(r.stdout.split()) == sorted(h.name for h in ns_slurm.hosts)
+    r = ns_slurm.run(["srun", "-N2", "-n2", "--mpi=pmix", "--kill-on-bad-exit=1", PY, "-c", HVD_ALLREDUCE],
+                     timeout=90, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = sorted(l for l in r.stdout.splitlines() if l.startswith("rank"))
+    assert lines == ["rank 0 of 2 local 0 1 sum 3.0 mpi", "rank 1 of 2 local 0 1 sum 3.0 mpi"]
