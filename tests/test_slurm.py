@@ -16,6 +16,7 @@ from largebatch.config import launchers_module
 
 testbed = launchers_module("slurm_testbed")
 sbatch = launchers_module("sbatch")
+srun_gloo = launchers_module("srun_gloo")
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,9 +25,42 @@ HVD_ALLREDUCE = (
     "import horovod.torch as hvd, torch; hvd.init(); "
     "r = hvd.allreduce(torch.tensor([float(hvd.rank() + 1)]), op=hvd.Sum); "
     "print('rank', hvd.rank(), 'of', hvd.size(), 'local', hvd.local_rank(), hvd.local_size(), "
-    "'sum', r.item(), 'mpi' if hvd.mpi_enabled() else 'gloo', flush=True)")
+    "'sum', r.item(), 'gloo' if hvd.gloo_enabled() else 'mpi', flush=True)")
 MPI_HELLO = ("from mpi4py import MPI; c = MPI.COMM_WORLD; "
              "print('rank', c.Get_rank(), 'of', c.Get_size(), flush=True)")
+
+
+# ------------------------------------------------------------------ srun_gloo's arithmetic (no Slurm needed)
+@pytest.mark.parametrize("text, expected", [("2", [2]), ("2(x3)", [2, 2, 2]), ("2(x2),1", [2, 2, 1]),
+                                            ("1,4(x2),3", [1, 4, 4, 3])])
+def test_tasks_per_node(text, expected):
+    assert srun_gloo.tasks_per_node(text) == expected
+
+
+def test_slot_env_matches_horovods_host_alloc_plan():
+    layout = [("a", 2), ("b", 2), ("c", 1)]
+    plan = srun_gloo.host_alloc_plan(layout)
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+    assert plan == get_host_assignments(parse_hosts("a:2,b:2,c:1"), 5)      # what horovodrun --gloo uses
+    rank = 0
+    for node, (host, n) in enumerate(layout):
+        for local in range(n):
+            env = srun_gloo.slot_env({"SLURM_PROCID": str(rank), "SLURM_NTASKS": "5", "SLURM_NODEID": str(node),
+                                      "SLURM_LOCALID": str(local), "SLURM_STEP_TASKS_PER_NODE": "2(x2),1",
+                                      "SLURMD_NODENAME": host})
+            slot = plan[rank]
+            assert env == {"HOROVOD_RANK": str(slot.rank), "HOROVOD_SIZE": "5",
+                           "HOROVOD_LOCAL_RANK": str(slot.local_rank), "HOROVOD_LOCAL_SIZE": str(slot.local_size),
+                           "HOROVOD_CROSS_RANK": str(slot.cross_rank), "HOROVOD_CROSS_SIZE": str(slot.cross_size),
+                           "HOROVOD_HOSTNAME": host}
+            rank += 1
+
+
+def test_layout_from_probe():
+    out = "lbprobe 2 1 b 2,1\nlbprobe 0 0 a 2,1\nlbprobe 1 0 a 2,1\n"
+    assert srun_gloo.layout_from_probe(out) == [("a", 2), ("b", 1)]
+    with pytest.raises(RuntimeError, match="did not report every node"):
+        srun_gloo.layout_from_probe("lbprobe 0 0 a 2,1\n")
 
 
 def _etc_snapshot():
@@ -92,6 +126,16 @@ def test_horovod_allreduce_across_two_nodes_under_pmix(slurm):
     assert r.returncode == 0, r.stdout + r.stderr
     lines = sorted(l for l in r.stdout.splitlines() if l.startswith("rank"))
     assert lines == ["rank 0 of 2 local 0 1 sum 3.0 mpi", "rank 1 of 2 local 0 1 sum 3.0 mpi"]
+
+
+def test_horovod_gloo_under_srun_with_the_rendezvous_wrapper(slurm):
+    # 3 tasks on 2 nodes (2 + 1): local and cross communicators of different sizes
+    r = slurm.run([PY, "-m", "largebatch.launchers.srun_gloo", "-N2", "-n3", "--kill-on-bad-exit=1", "--",
+                   PY, "-c", HVD_ALLREDUCE], timeout=120, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = sorted(l for l in r.stdout.splitlines() if l.startswith("rank"))
+    assert lines == ["rank 0 of 3 local 0 2 sum 6.0 gloo", "rank 1 of 3 local 1 2 sum 6.0 gloo",
+                     "rank 2 of 3 local 0 1 sum 6.0 gloo"]
 
 
 def test_sbatch_script_trains_two_ranks(slurm, tmp_path):
