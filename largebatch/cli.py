@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 __all__ = ["main", "run_dir_for", "launch_plan"]
 
@@ -147,16 +148,123 @@ def cmd_run(args):
     env.update(cmd.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")      # horovodrun and the ranks import TensorFlow
-    proc = subprocess.Popen(cmd.argv, env=env)
+    return supervise(subprocess.Popen(cmd.argv, env=env, start_new_session=True, preexec_fn=_default_signals))
+
+
+def _default_signals():
+    """In the launcher's child: the stop signals at their defaults (a background shell job starts
+    with SIGINT ignored, and horovodrun would then ignore our SIGINT too)."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
+STOP_GRACE_S = 25
+# How each launcher stops its job in order. horovodrun (Gloo) asks its ssh/task children to end
+# on SIGINT and keeps relaying their output; with MPI it has exec'd `sh -c mpirun ...`, and sh
+# ignores SIGINT while it waits: mpirun itself takes SIGTERM and stops the ranks on every host.
+_MPI_LAUNCHERS = ("mpirun", "mpiexec", "orterun", "prterun", "srun")
+
+
+def supervise(proc, grace=STOP_GRACE_S):
+    """Wait for the launcher process ``proc`` and return its exit code.
+
+    SIGTERM, SIGINT or SIGHUP to this process stops the whole job: mpirun (or srun) gets SIGTERM
+    and stops the ranks on every host, which write their summary and exit; horovodrun gets
+    SIGINT. After ``grace`` seconds, or at once on a second signal, every process the launcher
+    started on this machine is killed. Returns 128 + the signal number then."""
+    received, tree = [], {}
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        name = signal.Signals(signum).name
+        tree.update({pid: cmd for pid, cmd in _descendants(proc.pid)})
+        if len(received) == 1:
+            print(f"largebatch: {name}: stopping the job (up to {grace} s; send it again to kill at once)",
+                  file=sys.stderr, flush=True)
+            _stop_in_order(proc, tree)
+        else:
+            print(f"largebatch: {name} again: killing the job", file=sys.stderr, flush=True)
+            _kill_all(proc, tree)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    deadline = None
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if received and deadline is None:
+                deadline = time.monotonic() + grace
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"largebatch: the job did not stop within {grace} s; killing it", file=sys.stderr, flush=True)
+                _kill_all(proc, tree)
+        if received:
+            # the launcher is gone; what it started (mpirun, local ranks) gets the rest of the grace
+            deadline = deadline or time.monotonic() + grace
+            while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+                time.sleep(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        _kill_all(proc, tree)
+        return 128 + received[0]
+    return code
+
+
+def _descendants(root):
+    """[(pid, command name)] of every process below ``root`` (a /proc scan; Linux)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        return 130
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append((int(entry), name))
+    out, todo = [], [root]
+    while todo:
+        for pid, name in children.get(todo.pop(), []):
+            out.append((pid, name))
+            todo.append(pid)
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][:1] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _send(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop_in_order(proc, tree):
+    mpi = [pid for pid, name in tree.items() if name in _MPI_LAUNCHERS]
+    for pid in mpi:
+        _send(pid, signal.SIGTERM)
+    if os.path.basename(str(proc.args[0])) == "horovodrun" and not mpi:
+        _send(proc.pid, signal.SIGINT)
+    elif not mpi:
+        _send(proc.pid, signal.SIGTERM)
+
+
+def _kill_all(proc, tree):
+    tree.update({pid: cmd for pid, cmd in _descendants(proc.pid)})
+    for pid in [proc.pid, *tree]:
+        _send(pid, signal.SIGKILL)
 
 
 def _quote(s):

@@ -372,7 +372,15 @@ SCHEMA = {
         "threads_per_rank": F(auto_integer, None, nullable=True),
         "interop_threads": F(auto_integer, None, nullable=True),
         "binding": F(choice(BINDINGS), "none"),
-        "network_interface": F(string, None, nullable=True),
+        "network_interface": F(string, None, nullable=True,
+                               doc="NIC for rank traffic: horovodrun --network-interfaces, Open MPI's "
+                                   "btl/oob_tcp_if_include, Gloo's HOROVOD_GLOO_IFACE"),
+        "ssh_identity": F(string, None, nullable=True,
+                          doc="private key for ssh to the hosts (horovodrun --ssh-identity-file, mpirun's rsh agent)"),
+        "ssh_port": F(integer(1, 65535), None, nullable=True, doc="sshd port on the hosts (default 22)"),
+        "host_timeout": F(integer(5), 30, doc="seconds after which a host that stopped answering ends the job"),
+        "preflight": F(boolean, True, doc="multi-host runs: check ssh, names, ports and versions on every "
+                                          "host before launching (largebatch doctor --hosts)"),
         "env": F(env_mapping, {}),
         "args": F(args_list, []),
         "python": F(string, None, nullable=True),
@@ -838,6 +846,12 @@ def _check_launcher(la, explicit, problems, check_paths):
     if la["network_interface"] is not None and la["type"] == "srun":
         problems.append("launcher.network_interface: not used with launcher.type 'srun' "
                         "(set it in your Slurm/MPI configuration)")
+    for key in ("ssh_identity", "ssh_port"):
+        if la[key] is not None and la["type"] == "srun":
+            problems.append(f"launcher.{key}: not used with launcher.type 'srun' (Slurm starts the ranks, not ssh)")
+    if la["ssh_identity"] is not None and check_paths and not os.path.isfile(os.path.expanduser(la["ssh_identity"])):
+        problems.append(f"launcher.ssh_identity: expected an existing private key file, got {la['ssh_identity']!r} "
+                        f"(no such file)")
     if la["python"] is not None and check_paths and os.sep in la["python"] and not os.path.exists(la["python"]):
         problems.append(f"launcher.python: expected an existing interpreter, got {la['python']!r} (no such file)")
     if host_list is not None:

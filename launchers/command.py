@@ -32,7 +32,8 @@ from . import hostfile as _hostfile
 from .threads import plan_threads
 
 __all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind", "horovodrun_command",
-           "mpirun_command", "srun_command", "build_command", "rank_program", "find_executable",
+           "mpirun_command", "srun_command", "build_command", "rank_program", "find_executable", "remote_hosts",
+           "host_timeout_settings",
            "LARGE_CLUSTER_HOSTS"]
 
 LARGE_CLUSTER_HOSTS = 64          # horovodrun's _LARGE_CLUSTER_THRESHOLD
@@ -98,10 +99,37 @@ def elastic_args(*, min_np, max_np, host_discovery_script=None, elastic_timeout=
     return argv
 
 
+def remote_hosts(placed):
+    """The placed hosts that are not this machine."""
+    return [h for h, _ in placed if not _hostfile.is_local(h)]
+
+
+def host_timeout_settings(seconds):
+    """Open MPI MCA parameters and Horovod variables that end a job ``seconds`` after a host stops
+    answering. Open MPI's daemons talk over TCP and, by default, notice a silent peer only after
+    300 s + 9 × 20 s of keepalives (a link that goes down sends no reset): here keepalives start
+    after seconds/3 and 4 probes seconds/6 apart declare the peer lost, so mpirun and the
+    daemons on the other hosts abort the job. Gloo's collectives time out after ``seconds``."""
+    idle, interval = max(1, seconds // 3), max(1, seconds // 6)
+    return {"oob_tcp_keepalive_time": str(idle), "oob_tcp_keepalive_intvl": str(interval),
+            "oob_tcp_keepalive_probes": "4"}, {"HOROVOD_GLOO_TIMEOUT_SECONDS": str(seconds)}
+
+
+def _ssh_args(ssh_port, ssh_identity):
+    out = []
+    if ssh_port:
+        out += ["-p", str(ssh_port)]
+    if ssh_identity:
+        out += ["-i", os.path.abspath(os.path.expanduser(ssh_identity))]
+    return out
+
+
 def horovodrun_command(program, *, np, placed, hostfile=None, controller="mpi", binding="none", plan,
-                       network_interface=None, extra_args=(), env=None, elastic=None):
+                       network_interface=None, extra_args=(), env=None, elastic=None, ssh_port=None,
+                       ssh_identity=None, host_timeout=None):
     """``elastic``: None, or the keyword arguments of :func:`elastic_args`; with a discovery
-    script horovodrun gets no -H/--hostfile (the script names the hosts)."""
+    script horovodrun gets no -H/--hostfile (the script names the hosts). ``host_timeout``
+    applies to jobs with remote hosts (see :func:`host_timeout_settings`)."""
     discovered = elastic is not None and elastic.get("host_discovery_script") is not None
     hosts = [] if discovered else _hosts_args(placed, hostfile, "-H", "--hostfile")
     argv = [find_executable("horovodrun"), "-np", str(np), *hosts, f"--{controller}"]
@@ -109,14 +137,25 @@ def horovodrun_command(program, *, np, placed, hostfile=None, controller="mpi", 
         argv += elastic_args(**elastic)
     if network_interface:
         argv += ["--network-interfaces", network_interface]
+    if ssh_port:
+        argv += ["--ssh-port", str(ssh_port)]
+    if ssh_identity:
+        argv += ["--ssh-identity-file", os.path.abspath(os.path.expanduser(ssh_identity))]
     if binding != "none":
         argv.append("--binding-args=" + " ".join(mpi_binding_args(binding, plan.threads)))
     argv += list(extra_args) + list(program)
-    return LaunchCommand(argv, {**plan.env, **(env or {})}, list(plan.notes), plan)
+    extra_env = {}
+    if host_timeout and (remote_hosts(placed) or discovered):
+        mca, horovod = host_timeout_settings(host_timeout)
+        # horovodrun's mpirun reads OMPI_MCA_* from its environment; the ranks get the rest
+        extra_env = {**{f"OMPI_MCA_{k}": v for k, v in mca.items()}, **horovod}
+    if network_interface and controller == "mpi":
+        extra_env["OMPI_MCA_oob_tcp_if_include"] = network_interface
+    return LaunchCommand(argv, {**plan.env, **extra_env, **(env or {})}, list(plan.notes), plan)
 
 
 def mpirun_command(program, *, np, placed, hostfile=None, binding="none", plan, network_interface=None,
-                   extra_args=(), env=None, environ=None):
+                   extra_args=(), env=None, environ=None, ssh_port=None, ssh_identity=None, host_timeout=None):
     environ = os.environ if environ is None else environ
     argv = [find_executable("mpirun"), "--allow-run-as-root", "--tag-output", "-np", str(np),
             *_hosts_args(placed, hostfile, "-H", "-hostfile"), *mpi_binding_args(binding, plan.threads),
@@ -124,7 +163,15 @@ def mpirun_command(program, *, np, placed, hostfile=None, binding="none", plan, 
     if len(placed) >= LARGE_CLUSTER_HOSTS:
         argv += ["-mca", "plm_rsh_no_tree_spawn", "true", "-mca", "plm_rsh_num_concurrent", str(len(placed))]
     if network_interface:
-        argv += ["-mca", "btl_tcp_if_include", network_interface, "-x", f"NCCL_SOCKET_IFNAME={network_interface}"]
+        argv += ["-mca", "btl_tcp_if_include", network_interface, "-x", f"NCCL_SOCKET_IFNAME={network_interface}",
+                 "-mca", "oob_tcp_if_include", network_interface]
+    ssh = _ssh_args(ssh_port, ssh_identity)
+    if ssh:
+        argv += ["-mca", "plm_rsh_args", " ".join(ssh)]
+    if host_timeout and remote_hosts(placed):
+        mca, horovod = host_timeout_settings(host_timeout)
+        for key, value in mca.items():
+            argv += ["-mca", key, value]
     for var in FORWARDED_ENV:
         if var in environ:
             argv += ["-x", var]
@@ -162,6 +209,7 @@ def build_command(launcher, derived, program, *, environ=None):
     plan = plan_threads(placed, cores_per_host=la["cores_per_host"], threads=la["threads_per_rank"],
                         interop=la["interop_threads"], binding=la["binding"])
     common = dict(np=np_, placed=placed, binding=la["binding"], plan=plan, extra_args=la["args"], env=la["env"])
+    ssh = dict(ssh_port=la.get("ssh_port"), ssh_identity=la.get("ssh_identity"), host_timeout=la.get("host_timeout"))
     if la["type"] == "horovodrun":
         elastic = None
         if la.get("elastic"):
@@ -169,9 +217,9 @@ def build_command(launcher, derived, program, *, environ=None):
                            host_discovery_script=la["host_discovery_script"],
                            elastic_timeout=la["elastic_timeout"], reset_limit=la["reset_limit"])
         return horovodrun_command(program, hostfile=la["hostfile"], controller=la["controller"],
-                                  network_interface=la["network_interface"], elastic=elastic, **common)
+                                  network_interface=la["network_interface"], elastic=elastic, **ssh, **common)
     if la["type"] == "mpirun":
         return mpirun_command(program, hostfile=la["hostfile"], network_interface=la["network_interface"],
-                              environ=environ, **common)
+                              environ=environ, **ssh, **common)
     return srun_command(program, hosts_given=la["hosts"] is not None or la["hostfile"] is not None,
                         ranks_per_host=la["ranks_per_host"], **common)

@@ -225,6 +225,24 @@ def summary_dict(exp, *, status, steps, epochs_done, final_loss, eval_result, th
     }
 
 
+def weights_digest(arrays):
+    """SHA-1 of the parameters' bytes, in order: equal digests mean bit-identical weights."""
+    import hashlib
+    h = hashlib.sha1()
+    for a in arrays:
+        h.update(memoryview(a).cast("B") if a.flags.c_contiguous else a.tobytes())
+    return h.hexdigest()
+
+
+def world_record(allgather_object, digest):
+    """Which host each rank ran on and whether the ranks' final weights are bit-identical,
+    for summary.json (one small allgather at the end of the run, on every rank)."""
+    gathered = allgather_object((platform.node(), digest))
+    hosts = [h for h, _ in gathered]
+    return {"hosts": hosts, "weights_sha1": gathered[0][1],
+            "ranks_agree": all(d == gathered[0][1] for _, d in gathered)}
+
+
 def datasets_and_steps(exp):
     """Build this rank's datasets and fill ``exp.derived`` with steps_per_epoch and total_steps
     (and epochs, for a step budget). Shared by the torch and Keras runners."""

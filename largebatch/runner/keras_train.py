@@ -21,9 +21,9 @@ import numpy as np
 
 from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
-from . import faults
+from . import faults, lifeline
 from .common import (Progress, RunLog, Throughput, announce_resume, datasets_and_steps, make_schedule,
-                     read_resume, save_run_checkpoint, summary_dict, versions)
+                     read_resume, save_run_checkpoint, summary_dict, versions, weights_digest, world_record)
 from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
 
@@ -240,6 +240,18 @@ def run(exp, loader, threads):
     epochs = math.ceil(total / spe)
     epoch, first_in_epoch = divmod(state["step"], spe)
     started = time.perf_counter()
+
+    def on_signal(name):
+        """Rank 0's summary when a signal stops the run (called on the signal thread)."""
+        if log.active:
+            summary = summary_dict(exp, status="stopped", steps=state["step"], epochs_done=state["step"] / spe,
+                                   final_loss=state["loss"], eval_result=state["eval"], throughput=rate.steady(),
+                                   wall=time.perf_counter() - started, threads=threads,
+                                   framework_versions=versions("keras"), size=size)
+            summary["stopped_by"] = name
+            log.summary(summary)
+
+    lifeline.set_on_signal(on_signal)
     try:
         if first_in_epoch and state["step"] < total:
             # a checkpoint that ends inside an epoch: the rest of that epoch, then the others
@@ -265,6 +277,8 @@ def run(exp, loader, threads):
     # the update that stopped the run was not applied either, but is not counted as skipped (as torch)
     summary["skipped_steps"] = guard.skipped - (guard.stopped is not None)
     summary["resumed_from"] = resumed["path"] if resumed else None
+    if state["status"] == "completed":
+        summary.update(world_record(hvd.allgather_object, weights_digest(v.numpy() for v in model.weights)))
     log.summary(summary)
     log.close()
     if rank == 0:

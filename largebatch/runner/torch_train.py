@@ -10,9 +10,9 @@ import numpy as np
 from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
 from ..schedules import momentum_correction
-from . import faults
+from . import faults, lifeline
 from .common import (Progress, RunLog, Throughput, announce_resume, datasets_and_steps, make_schedule,
-                     read_resume, save_run_checkpoint, summary_dict, versions)
+                     read_resume, save_run_checkpoint, summary_dict, versions, weights_digest, world_record)
 from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
 
@@ -231,7 +231,7 @@ def run(exp, loader, threads):
                 optimizer.synchronize()                      # gradients averaged over ranks
                 bad = guard.check(state.step + 1, include_ratios=track)   # one reduced flag, one host read
                 state.step += 1
-                step = state.step
+                step = live.step = state.step
                 if bad is not None:
                     if on_nonfinite == "stop":
                         out.status = "nonfinite"
@@ -275,6 +275,19 @@ def run(exp, loader, threads):
             if elastic:
                 state.commit()
 
+    live = types.SimpleNamespace(step=start["step"])
+
+    def on_signal(name):
+        """Rank 0's summary when a signal stops the run (called on the signal thread)."""
+        if log.active:
+            summary = summary_dict(exp, status="stopped", steps=live.step, epochs_done=live.step / spe,
+                                   final_loss=out.final_loss, eval_result=out.eval_result,
+                                   throughput=rate.steady(), wall=time.perf_counter() - started, threads=threads,
+                                   framework_versions=versions("torch"), size=out.size)
+            summary["stopped_by"] = name
+            log.summary(summary)
+
+    lifeline.set_on_signal(on_signal)
     try:
         if elastic:
             state = lbt.elastic_state(model, optimizer, **start)
@@ -310,6 +323,9 @@ def run(exp, loader, threads):
                            framework_versions=versions("torch"), size=size)
     summary["skipped_steps"] = state.skipped
     summary["resumed_from"] = resumed["path"] if resumed else None
+    if out.status == "completed":
+        summary.update(world_record(hvd.allgather_object,
+                                    weights_digest(p.detach().cpu().numpy() for p in model.parameters())))
     if elastic:
         summary["accumulation_steps"] = out.acc
         summary["elastic"] = {"min_np": derived["min_np"], "max_np": derived["max_np"], "resets": out.resets}
