@@ -199,7 +199,7 @@ class SlurmTestbed:
     """See the module docstring. ``hosts`` default: this machine (:func:`local_host`)."""
 
     def __init__(self, hosts=None, *, ctld_address=None, ctld_prefix=(), client_prefix=None, cluster="lbtest",
-                 partition="debug", workdir=None, start_timeout=60.0, extra_conf=""):
+                 partition="debug", workdir=None, start_timeout=60.0, extra_conf="", cred_expire=10):
         self.hosts = [h if isinstance(h, Host) else Host(**h) for h in (hosts or [local_host()])]
         names = [h.name for h in self.hosts]
         if len(set(names)) != len(names):
@@ -211,6 +211,7 @@ class SlurmTestbed:
         self.client_prefix = list(self.ctld_prefix if client_prefix is None else client_prefix)
         self.cluster, self.partition = cluster, partition
         self.start_timeout, self.extra_conf = float(start_timeout), extra_conf
+        self.cred_expire = int(cred_expire)
         self._workdir_parent = workdir
         self.root = None
         self.procs = {}                          # label -> pid (the Popen'ed process)
@@ -289,7 +290,10 @@ class SlurmTestbed:
             f"SlurmctldHost={ctld_name}({self.ctld_address})",
             f"SlurmctldPort={self.ports['slurmctld']}",
             "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.munge_socket}",
+            "AuthType=auth/munge", "CredType=cred/munge",
+            # cred_expire: a requeued job waits cred_expire + 1 s before it may start again (default
+            # 120 s); 10 s keeps requeue tests short
+            f"AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire}",
             f"StateSaveLocation={self.path('state')}",
             f"SlurmdSpoolDir={self.path('spool', '%n')}",
             f"SlurmctldPidFile={self.path('run', 'slurmctld.pid')}",
@@ -302,7 +306,8 @@ class SlurmTestbed:
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/affinity",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "MpiDefault=none", "SwitchType=switch/none",
-            "SchedulerType=sched/backfill", "ReturnToService=2",
+            # bf_interval: a requeued job, eligible again after cred_expire, starts within 2 s (default 30)
+            "SchedulerType=sched/backfill", "SchedulerParameters=bf_interval=2", "ReturnToService=2",
             "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none", "MailProg=/bin/true",
             "SlurmctldTimeout=30", "SlurmdTimeout=30", "InactiveLimit=0", "MinJobAge=10",
