@@ -139,6 +139,16 @@ def cmd_run(args):
     if not (os.path.isfile(exe) and os.access(exe, os.X_OK)) and shutil.which(exe) is None:
         return _fail([f"launcher.type: {os.path.basename(exe)!r} not found on PATH "
                       f"(install it, or choose another launcher.type)"])
+    la = exp.cfg["launcher"]
+    remote = _remote_hosts(exp)
+    if remote and la["preflight"]:
+        from .doctor import check_hosts
+        problems, _ = check_hosts([h for h, _ in exp.derived["placement"]], ssh_port=la["ssh_port"],
+                                  ssh_identity=la["ssh_identity"], network_interface=la["network_interface"])
+        if problems:
+            return _fail([f"preflight: {line}" for line in problems] +
+                         ["preflight: nothing launched (largebatch doctor --hosts ... rechecks; "
+                          "launcher.preflight=false skips the check)"])
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "launch.sh"), "w") as fh:
         fh.write("#!/bin/sh\n# written by largebatch run; rerunning it continues into this run dir\n")
@@ -148,7 +158,27 @@ def cmd_run(args):
     env.update(cmd.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")      # horovodrun and the ranks import TensorFlow
-    return supervise(subprocess.Popen(cmd.argv, env=env, start_new_session=True, preexec_fn=_default_signals))
+    code = supervise(subprocess.Popen(cmd.argv, env=env, start_new_session=True, preexec_fn=_default_signals))
+    if code not in (0, 2) and code < 128 and remote:
+        _name_lost_hosts(remote, la)
+    return code
+
+
+def _remote_hosts(exp):
+    from .config import launchers_module
+    if exp.cfg["launcher"]["type"] == "srun":
+        return []
+    return launchers_module("command").remote_hosts([tuple(p) for p in exp.derived["placement"]])
+
+
+def _name_lost_hosts(hosts, la):
+    """After a failed multi-host job: which hosts no longer answer (the launchers' own messages
+    rarely say; Open MPI blames 'unable to reliably start one or more daemons')."""
+    from .config import launchers_module
+    preflight = launchers_module("preflight")
+    for host, reason in preflight.unreachable(hosts, preflight.SSH(port=la["ssh_port"], identity=la["ssh_identity"])):
+        print(f"largebatch: host {host} stopped answering ({reason}): it lost its network or went down; "
+              f"the job ended because of it", file=sys.stderr, flush=True)
 
 
 def _default_signals():
@@ -272,6 +302,43 @@ def _quote(s):
     return shlex.quote(s)
 
 
+def cmd_sbatch(args):
+    """Write (``--submit``: and submit; ``--dry-run``: only print) a Slurm batch script."""
+    from .config import ConfigError, launchers_module
+    try:
+        exp = _load(args)
+    except ConfigError as err:
+        return _fail(err.problems)
+    sbatch = launchers_module("sbatch")
+    run_dir = run_dir_for(exp)
+    try:
+        if args.time is not None:
+            sbatch.parse_time(args.time)
+        text = sbatch.batch_script(exp, run_dir, list(args.overrides) + _flag_overrides(args), nodes=args.nodes,
+                                   time=args.time, partition=args.partition, account=args.account,
+                                   requeue=args.requeue)
+    except ValueError as err:
+        return _fail([f"largebatch sbatch: {err}"])
+    if args.dry_run:
+        sys.stdout.write(text)
+        print(f"run dir: {run_dir} (not created: --dry-run)", file=sys.stderr)
+        return 0
+    os.makedirs(run_dir, exist_ok=True)          # sbatch does not create the --output folder
+    path = os.path.join(run_dir, "job.sbatch")
+    with open(path, "w") as fh:
+        fh.write(text)
+    print(f"batch script: {path}", file=sys.stderr)
+    if not args.submit:
+        print(f"submit it with: sbatch {_quote(path)}", file=sys.stderr)
+        return 0
+    if shutil.which("sbatch") is None:
+        return _fail(["largebatch sbatch --submit: 'sbatch' not found on PATH (run it where Slurm's clients are)"])
+    proc = subprocess.run(["sbatch", path], capture_output=True, text=True)
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    return proc.returncode
+
+
 def cmd_doctor(argv):
     try:
         from . import doctor
@@ -297,19 +364,30 @@ def _experiment_parser(command):
         p.add_argument("-H", "--hosts", metavar="H1:N,H2:N", help="launcher.hosts")
         p.add_argument("--hostfile", metavar="FILE", help="launcher.hostfile ('host slots=N' lines)")
         p.add_argument("--dry-run", action="store_true", help="print the launch command, run nothing")
+    elif command == "sbatch":
+        p.description = "Write a Slurm batch script for an experiment (--submit: and submit it)."
+        p.add_argument("--nodes", type=int, metavar="N", help="nodes to spread launcher.np over")
+        p.add_argument("--time", metavar="T", help="time limit (Slurm formats: MM, HH:MM:SS, D-HH)")
+        p.add_argument("--partition", metavar="P")
+        p.add_argument("--account", metavar="A")
+        p.add_argument("--requeue", action="store_true", help="requeue on preemption; resume from the run dir")
+        p.add_argument("--submit", action="store_true", help="submit the script with sbatch")
+        p.add_argument("--dry-run", action="store_true", help="print the script, write nothing")
     else:
         p.description = "Check an experiment file and print what would run."
         p.add_argument("--print", action="store_true", help="print the resolved experiment as YAML")
     return p
 
 
-USAGE = """usage: largebatch {run,validate,doctor,bench} ...
+USAGE = """usage: largebatch {run,validate,sbatch,doctor,bench} ...
 
   run EXP.yaml [--np N] [--launcher horovodrun|mpirun|srun] [-H HOSTS | --hostfile F]
                [--dry-run] [key.sub=value ...]      launch an experiment
   validate EXP.yaml [--np N] [--print] [key.sub=value ...]
                                                    check it, print what would run
-  doctor                                           check the installation
+  sbatch EXP.yaml [--nodes N] [--time T] [--requeue] [--submit | --dry-run]
+                                                   a Slurm batch script for it
+  doctor [-H HOSTS | --hostfile F]                 check the installation (or the hosts)
   bench ...                                        benchmarks
 
 `largebatch <command> --help` for details. Exit code 2 on bad input.
@@ -326,12 +404,12 @@ def main(argv=None):
         return cmd_doctor(rest)
     if command == "bench":
         return cmd_bench(rest)
-    if command in ("run", "validate"):
+    if command in ("run", "validate", "sbatch"):
         args = _experiment_parser(command).parse_intermixed_args(rest)
         if args.np is not None and args.np < 1:
             return _fail([f"--np: expected an integer > 0, got {args.np}"])
-        return cmd_run(args) if command == "run" else cmd_validate(args)
-    return _fail([f"largebatch: unknown command {command!r}; expected one of run, validate, doctor, bench"])
+        return {"run": cmd_run, "validate": cmd_validate, "sbatch": cmd_sbatch}[command](args)
+    return _fail([f"largebatch: unknown command {command!r}; expected one of run, validate, sbatch, doctor, bench"])
 
 
 if __name__ == "__main__":

@@ -74,7 +74,69 @@ def collect():
     return rows, problems, warnings
 
 
+def check_hosts(hosts, *, ssh_port=None, ssh_identity=None, network_interface=None, timeout=None):
+    """The multi-host preflight (see :mod:`largebatch.launchers.preflight`): (problems, reports).
+    This machine is the launch node: a port is opened here for the hosts to reach it back, as
+    Horovod's Gloo rendezvous server would be."""
+    import socket
+    from .config import launchers_module
+    preflight = launchers_module("preflight")
+    me = socket.gethostname()
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(64)
+    try:
+        launch = None if me in hosts else me
+        return preflight.check_hosts(hosts, preflight.SSH(port=ssh_port, identity=ssh_identity),
+                                     launch_node=launch, rendezvous_port=listener.getsockname()[1] if launch else None,
+                                     network_interface=network_interface,
+                                     timeout=timeout or preflight.PROBE_TIMEOUT_S)
+    finally:
+        listener.close()
+
+
+def _hosts_main(args):
+    import time
+    from .config import launchers_module
+    hostfile = launchers_module("hostfile")
+    try:
+        hosts = hostfile.parse_hosts(args.hosts) if args.hosts else hostfile.parse_hostfile(args.hostfile)
+    except (ValueError, OSError) as err:
+        print(f"largebatch doctor: {'--hosts' if args.hosts else '--hostfile'}: {err}", file=sys.stderr)
+        return 2
+    names = [h.name for h in hosts]
+    started = time.monotonic()
+    problems, reports = check_hosts(names, ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
+                                    network_interface=args.network_interface)
+    for r in reports:
+        if r.ok:
+            f = r.facts
+            print(f"{r.host:<16} ok ({r.seconds:.1f} s): hostname {f['hostname']}, {f['cores']} cores, Python "
+                  f"{f['python']}, torch {f['packages'].get('torch', '-')}, horovod {f['packages'].get('horovod', '-')}")
+        else:
+            print(f"{r.host:<16} FAILED ({r.seconds:.1f} s)")
+    for line in problems:
+        print(f"PROBLEM: {line}")
+    took = time.monotonic() - started
+    print(f"hosts OK ({len(names)} checked in {took:.1f} s)" if not problems
+          else f"hosts BROKEN ({len(problems)} problem(s), {len(names)} hosts checked in {took:.1f} s)")
+    return 1 if problems else 0
+
+
 def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="largebatch doctor",
+                                description="Check the stack here, or (with --hosts/--hostfile) the hosts of a "
+                                            "multi-host job.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-H", "--hosts", metavar="H1:N,H2:N", help="hosts to check (as horovodrun -H)")
+    where.add_argument("--hostfile", metavar="FILE", help="hostfile to check ('host slots=N' lines)")
+    p.add_argument("--ssh-port", type=int, metavar="PORT", help="as launcher.ssh_port")
+    p.add_argument("--ssh-identity", metavar="KEY", help="as launcher.ssh_identity")
+    p.add_argument("--network-interface", metavar="NIC", help="as launcher.network_interface")
+    args = p.parse_args(argv)
+    if args.hosts or args.hostfile:
+        return _hosts_main(args)
     rows, problems, warnings = collect()
     width = max(len(label) for label, _ in rows)
     for label, value in rows:

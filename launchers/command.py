@@ -99,6 +99,16 @@ def elastic_args(*, min_np, max_np, host_discovery_script=None, elastic_timeout=
     return argv
 
 
+def _horovodrun_reads(path):
+    """True when every line of ``path`` is 'host slots=N' (the only form horovodrun parses)."""
+    try:
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return True                 # let horovodrun report it
+    return all(len(line.split()) == 2 and line.split()[1].startswith("slots=") for line in lines)
+
+
 def remote_hosts(placed):
     """The placed hosts that are not this machine."""
     return [h for h, _ in placed if not _hostfile.is_local(h)]
@@ -131,7 +141,15 @@ def horovodrun_command(program, *, np, placed, hostfile=None, controller="mpi", 
     script horovodrun gets no -H/--hostfile (the script names the hosts). ``host_timeout``
     applies to jobs with remote hosts (see :func:`host_timeout_settings`)."""
     discovered = elastic is not None and elastic.get("host_discovery_script") is not None
-    hosts = [] if discovered else _hosts_args(placed, hostfile, "-H", "--hostfile")
+    notes = list(plan.notes)
+    if hostfile is not None and not discovered and not _horovodrun_reads(hostfile):
+        # horovodrun 0.28.1 reads a hostfile as bare 'host slots=N' lines: a comment, a blank
+        # line or a host without slots= crashes it with an IndexError
+        hosts = ["-H", ",".join(str(h) for h in _hostfile.parse_hostfile(hostfile))]
+        notes.append(f"{hostfile}: has comments, blank lines or hosts without slots=, which horovodrun cannot "
+                     f"read; its hosts are passed as -H")
+    else:
+        hosts = [] if discovered else _hosts_args(placed, hostfile, "-H", "--hostfile")
     argv = [find_executable("horovodrun"), "-np", str(np), *hosts, f"--{controller}"]
     if elastic is not None:
         argv += elastic_args(**elastic)
@@ -151,7 +169,7 @@ def horovodrun_command(program, *, np, placed, hostfile=None, controller="mpi", 
         extra_env = {**{f"OMPI_MCA_{k}": v for k, v in mca.items()}, **horovod}
     if network_interface and controller == "mpi":
         extra_env["OMPI_MCA_oob_tcp_if_include"] = network_interface
-    return LaunchCommand(argv, {**plan.env, **extra_env, **(env or {})}, list(plan.notes), plan)
+    return LaunchCommand(argv, {**plan.env, **extra_env, **(env or {})}, notes, plan)
 
 
 def mpirun_command(program, *, np, placed, hostfile=None, binding="none", plan, network_interface=None,

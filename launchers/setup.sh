@@ -43,13 +43,33 @@ command -v mpicxx >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
+# the multi-host test cluster (launchers/testcluster.py): one sshd per namespace host, started by
+# the tests themselves; no system ssh service is started or enabled
+[[ -x /usr/sbin/sshd ]] || need_apt+=(openssh-server)
+# the throw-away Slurm of the tests (launchers/slurm_testbed.py): daemons started by the tests only
+slurm_new=""
+command -v slurmctld >/dev/null 2>&1 || { need_apt+=(slurmctld slurmd slurm-client libpmix2); slurm_new=1; }
+command -v munged >/dev/null 2>&1 || { need_apt+=(munge); slurm_new=1; }
+command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v nsenter >/dev/null 2>&1 || need_apt+=(util-linux)
 if ((${#need_apt[@]})); then
   say "installing system packages: ${need_apt[*]}"
   SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
   run $SUDO apt-get update || die "apt-get update failed"
+  # policy-rc.d 101: packages are installed, their services (sshd, ...) are not started
+  POLICY=/usr/sbin/policy-rc.d; made_policy=""
+  if [[ ! -e $POLICY ]]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$POLICY" >/dev/null && $SUDO chmod +x "$POLICY" && made_policy=1
+  fi
   run $SUDO apt-get install -y --no-install-recommends "${need_apt[@]}" \
-    || die "apt-get install ${need_apt[*]} failed"
+    || { [[ -n $made_policy ]] && $SUDO rm -f "$POLICY"; die "apt-get install ${need_apt[*]} failed"; }
+  [[ -n $made_policy ]] && $SUDO rm -f "$POLICY"
+  # Debian enables the daemons for boot; the tests start their own, nothing else should
+  if [[ -n $slurm_new ]]; then
+    for svc in munge slurmctld slurmd; do $SUDO update-rc.d "$svc" disable >>"$LOG" 2>&1 || true; done
+  fi
 fi
 for tool in mpirun mpicxx cmake g++; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool still missing after the system-package step"

@@ -1,4 +1,5 @@
 """sbatch scripts from an experiment (largebatch.launchers.sbatch): the text, pure functions."""
+from pathlib import Path
 import shlex
 import subprocess
 
@@ -161,3 +162,20 @@ def test_job_names():
     assert sbatch.job_name("my exp/1") == "my_exp_1"
     assert sbatch.job_name("resnet50-8k.v2") == "resnet50-8k.v2"
     assert sbatch.job_name("///") == "largebatch"
+
+
+def test_largebatch_sbatch_command_prints_writes_and_refuses(tmp_path, capsys, monkeypatch):
+    from largebatch import cli
+    monkeypatch.chdir(tmp_path)
+    example = str(Path(__file__).resolve().parent.parent / "examples" / "synthetic_torch.yaml")
+    run_dir = tmp_path / "runs" / "job"
+    assert cli.main(["sbatch", example, "--nodes", "2", "--time", "10", "--dry-run",
+                     f"output.run_dir={run_dir}"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("#!/bin/bash\n") and "#SBATCH --nodes=2\n" in text and "#SBATCH --time=10\n" in text
+    assert "--mpi=pmix" in text and not run_dir.exists()                       # a dry run writes nothing
+    assert cli.main(["sbatch", example, f"output.run_dir={run_dir}"]) == 0
+    assert (run_dir / "job.sbatch").read_text().startswith("#!/bin/bash\n")
+    assert cli.main(["sbatch", example, "--time", "1:x", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "largebatch sbatch: time: expected minutes, HH:MM:SS or D-HH:MM:SS, got '1:x'")

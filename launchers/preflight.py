@@ -1,0 +1,210 @@
+"""Checks of the hosts of a multi-host job: before launching (``largebatch doctor --hosts``, and
+``largebatch run`` for the checks whose failure is a hang or a crash) and after a failed job
+(which host stopped answering).
+
+Every probe is one ``ssh -o BatchMode=yes -o ConnectTimeout=...`` command with a hard timeout,
+run for all hosts at once, so a dead host costs one timeout, not one per check. Each problem is
+one line naming the host and the fix.
+"""
+import concurrent.futures
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+__all__ = ["SSH", "HostReport", "probe_hosts", "check_hosts", "unreachable", "PROBE_TIMEOUT_S"]
+
+PROBE_TIMEOUT_S = 10
+
+
+@dataclass
+class SSH:
+    """How to reach the hosts: what ``launcher.ssh_port`` / ``ssh_identity`` say."""
+    port: Optional[int] = None
+    identity: Optional[str] = None
+    connect_timeout: int = 5
+
+    def argv(self, host, command):
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}"]
+        if self.port:
+            argv += ["-p", str(self.port)]
+        if self.identity:
+            argv += ["-i", os.path.abspath(os.path.expanduser(self.identity))]
+        return argv + [host, command]
+
+
+# What each host reports about itself: run by the host's own python (the launch node's path,
+# since ranks run that same interpreter), printing one JSON line. Versions are read from
+# package metadata, which is fast and imports no framework.
+_REPORT = r"""
+import json, os, socket, sys
+out = {"hostname": socket.gethostname(), "python": sys.version.split()[0], "executable": sys.executable,
+       "prefix": sys.prefix, "cores": len(os.sched_getaffinity(0)), "packages": {}, "resolves": {}, "reach": {},
+       "interfaces": sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []}
+try:
+    from importlib.metadata import version
+except ImportError:
+    version = None
+for name in ("torch", "tensorflow-cpu", "tensorflow", "horovod", "largebatch"):
+    try:
+        out["packages"][name] = version(name)
+    except Exception:
+        pass
+for name in NAMES:
+    try:
+        out["resolves"][name] = socket.gethostbyname(name)
+    except OSError as err:
+        out["resolves"][name] = None
+for name, port in REACH:
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect((name, port))
+        out["reach"][f"{name}:{port}"] = "ok"
+    except OSError as err:
+        out["reach"][f"{name}:{port}"] = str(err) or type(err).__name__
+    finally:
+        s.close()
+print("LARGEBATCH-HOST " + json.dumps(out))
+"""
+
+
+@dataclass
+class HostReport:
+    host: str
+    ok: bool
+    error: str = ""
+    seconds: float = 0.0
+    facts: Dict = field(default_factory=dict)
+
+
+def _probe(host, ssh, python, names, reach, timeout):
+    script = _REPORT.replace("NAMES", repr(list(names))).replace("REACH", repr(list(reach)))
+    command = f"{shlex.quote(python)} -c {shlex.quote(script)}"
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(ssh.argv(host, command), capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return HostReport(host, False, f"no answer within {timeout} s", time.monotonic() - started)
+    except FileNotFoundError:
+        return HostReport(host, False, "ssh not found on this machine (install openssh-client)")
+    elapsed = time.monotonic() - started
+    for line in proc.stdout.splitlines():
+        if line.startswith("LARGEBATCH-HOST "):
+            return HostReport(host, True, "", elapsed, json.loads(line[len("LARGEBATCH-HOST "):]))
+    err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    if proc.returncode == 255:
+        return HostReport(host, False, f"ssh failed: {err}", elapsed)
+    return HostReport(host, False, f"{python} failed there: {err}", elapsed)
+
+
+def probe_hosts(hosts, ssh=None, *, python=None, names=(), reach=(), timeout=PROBE_TIMEOUT_S):
+    """One :class:`HostReport` per host, probed concurrently."""
+    ssh = ssh or SSH()
+    python = python or sys.executable
+    hosts = list(hosts)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, len(hosts)))) as pool:
+        futures = [pool.submit(_probe, h, ssh, python, names, reach, timeout) for h in hosts]
+        return [f.result() for f in futures]
+
+
+def unreachable(hosts, ssh=None, timeout=PROBE_TIMEOUT_S):
+    """[(host, reason)] for the hosts that do not answer a plain ssh command (after a failed job)."""
+    ssh = ssh or SSH()
+
+    def one(host):
+        try:
+            proc = subprocess.run(ssh.argv(host, "true"), capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return host, f"no answer within {timeout} s"
+        if proc.returncode != 0:
+            return host, (proc.stderr.strip().splitlines() or [f"ssh exit {proc.returncode}"])[-1]
+        return None
+
+    hosts = list(hosts)
+    if not hosts:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, len(hosts)))) as pool:
+        return [r for r in pool.map(one, hosts) if r is not None]
+
+
+def _local_versions():
+    out = {}
+    try:
+        from importlib.metadata import version
+    except ImportError:          # pragma: no cover
+        return out
+    for name in ("torch", "tensorflow-cpu", "tensorflow", "horovod", "largebatch"):
+        try:
+            out[name] = version(name)
+        except Exception:  # noqa: BLE001 - not installed
+            pass
+    return out
+
+
+def check_hosts(hosts, ssh=None, *, launch_node=None, rendezvous_port=None, network_interface=None,
+                python=None, timeout=PROBE_TIMEOUT_S):
+    """Problems (one line each, naming the host and the fix) and the per-host reports.
+
+    Checks: ssh in batch mode; the same Python, venv path and torch / TensorFlow / Horovod /
+    largebatch versions as this machine; every host's name resolves on every host; a network
+    interface present on every host (``network_interface`` if given); TCP from every host to
+    every other host's sshd and back to ``launch_node`` (``rendezvous_port``: a port listening
+    here, the Gloo rendezvous); cores per host (reported)."""
+    ssh = ssh or SSH()
+    python = python or sys.executable
+    hosts = list(hosts)
+    port = ssh.port or 22
+    reach = [(h, port) for h in hosts]
+    if launch_node and rendezvous_port:
+        reach.append((launch_node, rendezvous_port))
+    reports = probe_hosts(hosts, ssh, python=python, names=hosts + ([launch_node] if launch_node else []),
+                          reach=reach, timeout=timeout)
+    problems = []
+    mine = {"python": sys.version.split()[0], "prefix": sys.prefix, "packages": _local_versions()}
+    for r in reports:
+        if not r.ok:
+            fix = ("check that the host is up and reachable, that sshd runs there, and that this key is in its "
+                   "authorized_keys (launcher.ssh_identity, launcher.ssh_port)") if "ssh" in r.error or "answer" in r.error \
+                else f"install the same environment at {python} on {r.host}"
+            problems.append(f"host {r.host}: {r.error}; {fix}")
+            continue
+        f = r.facts
+        if f["python"] != mine["python"] or f["prefix"] != mine["prefix"]:
+            problems.append(f"host {r.host}: Python {f['python']} at {f['prefix']}, here {mine['python']} at "
+                            f"{mine['prefix']}; install the same venv at the same path on every host")
+        for name, version in mine["packages"].items():
+            theirs = f["packages"].get(name)
+            if theirs != version:
+                problems.append(f"host {r.host}: {name} {theirs or 'missing'}, here {version}; install "
+                                f"{name}=={version} in {f['prefix']}")
+        for name, address in f["resolves"].items():
+            if address is None:
+                problems.append(f"host {r.host}: the name {name!r} does not resolve there (Gloo then crashes "
+                                f"with a segfault or 'Unable to find address'); add it to /etc/hosts or DNS")
+        for target, result in f["reach"].items():
+            name = target.rsplit(":", 1)[0]
+            if result != "ok" and f["resolves"].get(name, "") is not None:
+                if name == launch_node:
+                    problems.append(f"host {r.host}: cannot reach the launch node {target} ({result}); Horovod's "
+                                    f"Gloo rendezvous would fail ('HTTP GET request failed too many times'): launch "
+                                    f"from one of the hosts or open the firewall")
+                else:
+                    problems.append(f"host {r.host}: cannot reach {target} ({result}); the hosts must reach each "
+                                    f"other over TCP (firewall, routes)")
+        if network_interface and network_interface not in f["interfaces"]:
+            problems.append(f"host {r.host}: no network interface {network_interface!r} (has "
+                            f"{', '.join(f['interfaces'])}); set launcher.network_interface to one every host has")
+    alive = [r for r in reports if r.ok]
+    if alive and not network_interface:
+        common = set.intersection(*(set(r.facts["interfaces"]) for r in alive)) - {"lo"}
+        if not common:
+            problems.append("hosts: no network interface name is common to every host; set "
+                            "launcher.network_interface")
+    return problems, reports

@@ -1,0 +1,237 @@
+"""Multi-host runs on a real (namespace) cluster: two hosts, each with its own hostname, /etc/hosts
+and sshd, plus a launch node; see launchers/testcluster.py. Everything is launched as a user
+would: `largebatch run EXP.yaml -H lbh1:1,lbh2:1 ...` on one of the nodes.
+
+The hosts share this machine's two cores, so runs are small. Tear-down removes every namespace,
+sshd and file the cluster made, also when a test fails. Needs root (CI runs as root).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from largebatch.launchers import testcluster
+
+pytestmark = [pytest.mark.multirank, pytest.mark.multihost]
+
+ROOT = Path(__file__).resolve().parent.parent
+LARGEBATCH = str(Path(sys.executable).with_name("largebatch"))
+# one thread per rank everywhere: the same float reduction order on one host and on two
+SMALL = ["data.samples=256", "data.val_samples=64", "output.progress=false", "launcher.threads_per_rank=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = testcluster.unavailable()
+    if reason:
+        pytest.skip(f"multi-host tests skipped: {reason}")
+    with testcluster.Cluster(hosts=2) as c:
+        yield c
+    assert not any(ns.startswith(f"{testcluster.PREFIX}{c.id}-") for ns in _namespaces()), "namespaces left"
+
+
+def _namespaces():
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout.split()
+
+
+def _summary(run_dir):
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def _run(cluster, node, args, timeout=150):
+    proc = cluster.run(node, [LARGEBATCH, "run", *args, *cluster.launcher_overrides()], capture_output=True,
+                       text=True, timeout=timeout, cwd=str(ROOT))
+    return proc
+
+
+def _left_on_hosts(cluster):
+    """Processes other than the test sshd still on any node."""
+    return {n.name: cluster.processes(n) for n in cluster.nodes if cluster.processes(n)}
+
+
+def _wait_empty(cluster, limit):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if not _left_on_hosts(cluster):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.fixture(scope="module")
+def one_host(tmp_path_factory):
+    """The same experiments on this machine alone (np=2, localhost): the reference."""
+    out = {}
+    for framework in ("torch", "keras"):
+        run_dir = tmp_path_factory.mktemp("one-host") / framework
+        proc = subprocess.run([LARGEBATCH, "run", f"examples/synthetic_{framework}.yaml", "--np", "2", *SMALL,
+                               f"output.run_dir={run_dir}"], capture_output=True, text=True, timeout=150,
+                              cwd=str(ROOT))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[framework] = _summary(run_dir)
+    return out
+
+
+@pytest.mark.parametrize("framework,controller,hosts_as,node", [
+    ("torch", "mpi", "-H", "lblaunch"),
+    ("torch", "gloo", "hostfile", "lbh1"),
+    ("keras", "gloo", "-H", "lblaunch"),
+    ("keras", "mpi", "hostfile", "lbh1"),
+], ids=["torch-mpi-H-launchnode", "torch-gloo-hostfile-onhost", "keras-gloo-H-launchnode",
+        "keras-mpi-hostfile-onhost"])
+def test_two_hosts_end_with_the_one_host_weights(cluster, one_host, tmp_path, framework, controller, hosts_as, node):
+    run_dir = tmp_path / "run"
+    hosts = ["-H", cluster.hosts_arg()] if hosts_as == "-H" else \
+        ["--hostfile", cluster.write_hostfile(str(tmp_path / "hostfile"))]
+    proc = _run(cluster, node, [f"examples/synthetic_{framework}.yaml", *hosts, *SMALL,
+                                f"launcher.controller={controller}", "launcher.network_interface=eth0",
+                                f"output.run_dir={run_dir}"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = _summary(run_dir)
+    assert summary["hosts"] == ["lbh1", "lbh2"]                  # one rank on each host, by its own name
+    assert summary["ranks_agree"] is True                        # identical weights on both hosts
+    assert summary["weights_sha1"] == one_host[framework]["weights_sha1"]     # = the one-host run, bit for bit
+    assert summary["final_train_loss"] == one_host[framework]["final_train_loss"]
+    assert not _left_on_hosts(cluster)
+
+
+def test_doctor_checks_every_host_and_names_the_broken_one(cluster):
+    args = [LARGEBATCH, "doctor", "-H", f"{cluster.hosts_arg()},lbh9", "--ssh-port", str(cluster.ssh_port),
+            "--ssh-identity", cluster.identity]
+    started = time.monotonic()
+    proc = cluster.run("lblaunch", args, capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert proc.returncode == 1 and took < 30
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("lbh1 ") and " ok " in line and "hostname lbh1" in line for line in lines)
+    assert "PROBLEM: host lbh1: the name 'lbh9' does not resolve there (Gloo then crashes" in proc.stdout
+    assert any(line.startswith("PROBLEM: host lbh9: ssh failed") for line in lines)
+    good = cluster.run("lblaunch", args[:3] + [cluster.hosts_arg()] + args[4:], capture_output=True, text=True,
+                       timeout=60)
+    assert good.returncode == 0 and good.stdout.strip().endswith("s)") and "hosts OK (2 checked" in good.stdout
+
+
+def test_run_refuses_hosts_that_fail_the_preflight(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    cluster.link("lbh2", up=False)
+    try:
+        started = time.monotonic()
+        proc = _run(cluster, "lblaunch", ["examples/synthetic_torch.yaml", "-H", cluster.hosts_arg(), *SMALL,
+                                          f"output.run_dir={run_dir}"], timeout=60)
+        took = time.monotonic() - started
+    finally:
+        cluster.link("lbh2", up=True)
+    assert proc.returncode == 2 and took < 30, proc.stderr[-2000:]
+    assert "preflight: host lbh2: ssh failed: ssh: connect to host lbh2 port 2222: Connection timed out" in proc.stderr
+    assert not run_dir.exists()                                   # nothing launched, nothing written
+
+
+def _start(cluster, node, args, log):
+    fh = open(log, "w")
+    return cluster.popen(node, [LARGEBATCH, "run", *args, *cluster.launcher_overrides()], stdout=fh,
+                         stderr=subprocess.STDOUT, cwd=str(ROOT)), fh
+
+
+def _wait_for(path, limit):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if Path(path).exists():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _wait_exit(proc, limit):
+    try:
+        return proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+        return None
+
+
+FAULT_RUN = [*SMALL, "train.epochs=6", "output.checkpoint_every=1"]
+
+
+def test_a_host_that_loses_its_network_ends_the_job_and_the_rest_resume(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    proc, log = _start(cluster, "lblaunch", ["examples/synthetic_torch.yaml", "-H", cluster.hosts_arg(), *FAULT_RUN,
+                                             f"output.run_dir={run_dir}"], tmp_path / "log")
+    try:
+        assert _wait_for(run_dir / "checkpoints" / "epoch-0002.pt", 120), (tmp_path / "log").read_text()[-3000:]
+        cluster.link("lbh2", up=False)
+        cut = time.monotonic()
+        code = _wait_exit(proc, 90)
+        took = time.monotonic() - cut
+        cluster.link("lbh2", up=True)
+        text = (tmp_path / "log").read_text()
+        assert code not in (None, 0), text[-3000:]
+        assert "largebatch: host lbh2 stopped answering" in text
+        assert _wait_empty(cluster, 60), _left_on_hosts(cluster)
+    finally:
+        log.close()
+        cluster.link("lbh2", up=True)
+    print(f"link down -> exit {code} after {took:.1f} s")
+    assert took < 90
+    # what was written before the cut is intact, and the remaining host goes on from it
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".pt"))
+    assert ckpts and "epoch-0002.pt" in ckpts
+    resumed = _run(cluster, "lbh1", ["examples/synthetic_torch.yaml", "-H", "lbh1:2", *FAULT_RUN,
+                                     f"output.run_dir={run_dir}", "train.resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref_dir = tmp_path / "uninterrupted"
+    ref = subprocess.run([LARGEBATCH, "run", "examples/synthetic_torch.yaml", "--np", "2", *FAULT_RUN,
+                          f"output.run_dir={ref_dir}"], capture_output=True, text=True, timeout=150, cwd=str(ROOT))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got, want = _summary(run_dir), _summary(ref_dir)
+    assert got["resumed_from"] and got["steps_done"] == want["steps_done"]
+    assert got["weights_sha1"] == want["weights_sha1"]
+
+
+def test_a_host_whose_ranks_are_killed_ends_the_job(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    proc, log = _start(cluster, "lblaunch", ["examples/synthetic_torch.yaml", "-H", cluster.hosts_arg(), *FAULT_RUN,
+                                             "train.epochs=40", f"output.run_dir={run_dir}"], tmp_path / "log")
+    try:
+        assert _wait_for(run_dir / "metrics.csv", 120)
+        time.sleep(2)
+        ranks = [pid for pid, cmd in cluster.processes("lbh2") if "largebatch.runner" in cmd]
+        assert ranks
+        for pid in ranks:
+            os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        code = _wait_exit(proc, 90)
+        took = time.monotonic() - killed
+        text = (tmp_path / "log").read_text()
+        assert code not in (None, 0), text[-3000:]
+        assert "lbh2" in text and took < 90
+        assert _wait_empty(cluster, 30), _left_on_hosts(cluster)
+    finally:
+        log.close()
+    print(f"ranks on lbh2 killed -> exit {code} after {took:.1f} s")
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_sigterm_to_largebatch_run_stops_every_host(cluster, tmp_path, controller):
+    run_dir = tmp_path / "run"
+    proc, log = _start(cluster, "lblaunch", ["examples/synthetic_torch.yaml", "-H", cluster.hosts_arg(), *SMALL,
+                                             "train.epochs=40", f"launcher.controller={controller}",
+                                             f"output.run_dir={run_dir}"], tmp_path / "log")
+    try:
+        assert _wait_for(run_dir / "metrics.csv", 120)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        code = _wait_exit(proc, 40)
+        took = time.monotonic() - sent
+        assert code == 128 + signal.SIGTERM and took < 30, (tmp_path / "log").read_text()[-3000:]
+        assert _wait_empty(cluster, 10), _left_on_hosts(cluster)
+    finally:
+        log.close()
+    summary = _summary(run_dir)
+    assert summary["status"] == "stopped" and summary["stopped_by"] == "SIGTERM"
+    print(f"{controller}: SIGTERM -> exit {code} after {took:.1f} s")
