@@ -358,3 +358,132 @@ def test_clars_every_implementation_matches_reference(impl):
     norm_sums = lambda g: float(np.linalg.norm(g)) * 8 * 1.3   # noqa: E731
     got, want, _, _ = run_pair("clars", CLARS, dict(options, **impl), options, torch.float64, norm_sums=norm_sums)
     assert_close(got, want, 1e-10)
+
+
+FOREACH_AND_FUSED = [
+    pytest.param(dict(foreach=True), id="foreach"),
+    pytest.param(dict(fused=True), id="fused", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("impl", FOREACH_AND_FUSED)
+@pytest.mark.parametrize("cls,kwargs", [(LARS, dict(weight_decay=1e-3, trust_coefficient=0.01)),
+                                        (LAMB, dict(weight_decay=1e-2))], ids=["lars", "lamb"])
+def test_step_makes_no_torch_tensor_after_the_first_step(monkeypatch, cls, kwargs, impl):
+    """torch.tensor(list_or_number, device=cuda) is a blocking host-to-device copy: only the first
+    step (which creates the cached per-group tensors) may call it. The CPU-visible proxy for
+    tests/test_gpu.py's set_sync_debug_mode check."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4)),
+              torch.nn.Parameter(torch.randn(())), torch.nn.Parameter(torch.randn(2, 2))]
+    opt = cls(params, lr=0.1, track_trust_ratios=True, **kwargs, **impl)
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.tensor(...) inside step(): a host-to-device copy on CUDA")
+
+    for t in range(3):
+        for p, g in zip(params, grads[t]):
+            p.grad = g
+        opt.param_groups[0]["lr"] = 0.1 * (t + 1)           # a schedule: the cached lr is refilled
+        with monkeypatch.context() as m:
+            if t > 0:
+                m.setattr(torch, "tensor", forbidden)
+            opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_caches_follow_the_parameters_with_gradients_and_the_weight_decay():
+    """A parameter that gets its first gradient late, one that loses it, a weight decay changed
+    between steps: the foreach path (cached per-group tensors) stays equal to the uncached loop."""
+    torch.manual_seed(0)
+    init = [torch.randn(4, 3), torch.randn(4), torch.randn(3, 3)]
+    runs = []
+    for foreach in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = LARS(params, lr=0.5, weight_decay=1e-3, trust_coefficient=0.02, foreach=foreach)
+        gen = torch.Generator().manual_seed(1)
+        for t in range(6):
+            for i, p in enumerate(params):
+                has_grad = not (i == 2 and t < 2) and not (i == 0 and t == 4)
+                p.grad = torch.randn(p.shape, generator=gen) if has_grad else None
+            opt.param_groups[0]["weight_decay"] = 1e-3 if t < 3 else 5e-2
+            opt.step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", FOREACH_AND_FUSED)
+@pytest.mark.parametrize("algorithm,cls,options", [
+    ("lars", LARS, dict(trust_coefficient=0.01, weight_decay=1e-3)),
+    ("lamb", LAMB, dict(weight_decay=1e-2)),
+], ids=["lars", "lamb"])
+def test_one_group_mixing_float32_and_float64(algorithm, cls, options, impl):
+    """One group, float64 and float32 parameters interleaved: the kernels run once per dtype and
+    each parameter matches the reference in its own dtype (the reference keeps each array's dtype)."""
+    init, grads, lrs = make_problem(torch.float64)
+    f32 = set(list(SHAPES)[1::2])
+    dtypes = {n: torch.float32 if n in f32 else torch.float64 for n in SHAPES}
+    np_dtypes = {torch.float32: np.float32, torch.float64: np.float64}
+    init = {n: v.astype(np_dtypes[dtypes[n]]) for n, v in init.items()}
+    grads = [{n: v.astype(np_dtypes[dtypes[n]]) for n, v in g.items()} for g in grads]
+    ref_w = {n: v.copy() for n, v in init.items()}
+    ref = ReferenceOptimizer(algorithm, lr=lrs[0], **options)
+    params = {n: torch.tensor(v, requires_grad=True) for n, v in init.items()}
+    assert {p.dtype for p in params.values()} == {torch.float32, torch.float64}
+    opt = cls([{"params": list(params.values()), "param_names": list(params)}], lr=lrs[0], **options, **impl)
+    for t in range(STEPS):
+        for n, p in params.items():
+            p.grad = torch.tensor(grads[t][n])
+        opt.param_groups[0]["lr"] = lrs[t]
+        opt.step()
+        ref.step(ref_w, grads[t], lr=lrs[t])
+    assert_state_moved(opt, params)
+    for n, p in params.items():
+        assert p.dtype == dtypes[n]
+        for key, value in opt.state[p].items():
+            assert value.dtype == (torch.float64 if key == "step" else p.dtype), (n, key)
+        rtol = 1e-6 if n in f32 else 1e-10
+        assert_close({n: p.detach().numpy()}, {n: ref_w[n]}, rtol)
+
+
+@pytest.mark.parametrize("saved_group", [dict(), dict(capturable=True)], ids=["plain", "capturable"])
+def test_lamb_state_dict_round_trip_continues_identically(saved_group):
+    """LAMB's step counters come back as 0-d float64 tensors on the parameters' device with the saved
+    value (torch's load_state_dict keeps 'step' as saved, or casts it to float32 for a group marked
+    capturable or fused), and training continues bit for bit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(10)]
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    straight = copy.deepcopy(model)
+    opt_straight = LAMB(straight.parameters(), lr=0.01, weight_decay=1e-2)
+    train(straight, opt_straight, data)
+
+    first = copy.deepcopy(model)
+    opt_first = LAMB(first.parameters(), lr=0.01, weight_decay=1e-2)
+    train(first, opt_first, data[:5])
+    saved = copy.deepcopy((first.state_dict(), opt_first.state_dict()))
+    for group in saved[1]["param_groups"]:
+        group.update(saved_group)
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(saved[0])
+    opt_resumed = LAMB(resumed.parameters())                       # defaults differ: the state dict rules
+    opt_resumed.load_state_dict(saved[1])
+    assert opt_resumed.param_groups[0]["lr"] == 0.01 and opt_resumed.param_groups[0]["weight_decay"] == 1e-2
+    for p in resumed.parameters():
+        step = opt_resumed.state[p]["step"]
+        assert step.dtype == torch.float64 and step.dim() == 0 and step.device == p.device
+        assert float(step) == 5.0
+    train(resumed, opt_resumed, data[5:])
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(float(s["step"]) == 5.0 for s in saved[1]["state"].values())    # the saved dict untouched
+    assert all(float(opt_resumed.state[p]["step"]) == 10.0 for p in resumed.parameters())

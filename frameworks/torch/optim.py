@@ -13,8 +13,17 @@ chosen like ``torch.optim.SGD`` chooses its own:
   fuses each layer's update into one pass over w, g and v. Compiles once per parameter-shape
   set (tens of seconds on CPU for ResNet-50), then is the fastest path.
 
-No path synchronises with the host inside ``step`` (no ``.item()``, no Python branch on a
-tensor value), so steps queue asynchronously on GPUs.
+A group may mix devices and dtypes: the foreach and fused paths split its parameters by
+(device, dtype), as ``torch.optim`` does, and call their kernel once per part.
+
+Once its caches exist, no path synchronises with the host inside ``step`` (no ``.item()``,
+no Python branch on a tensor value, no ``torch.tensor(...)`` host-to-device copy), so steps
+queue asynchronously on GPUs. The small per-group tensors the kernels take (per-layer decay and adapt flags, the
+fused path's 0-d lr) are cached per group and (device, dtype): the first step after the
+parameter groups, their weight decay or the set of parameters with gradients change creates
+them (the flag tensors with one small host-to-device copy each), later steps reuse them, and
+the lr is written into its tensor in place with ``fill_``. ``fused=True`` may also synchronise
+while it compiles (its first steps per shape set).
 """
 import torch
 from torch.optim.optimizer import Optimizer
@@ -39,6 +48,7 @@ class _LayerwiseOptimizer(Optimizer):
 
     def __init__(self, params, defaults):
         self._flag_cache = {}
+        self._plans = {}          # group index -> _Plan of its last step (see _plan)
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
@@ -55,11 +65,15 @@ class _LayerwiseOptimizer(Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
-        self._flag_cache.clear()
+        self._clear_caches()
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        self._clear_caches()
+
+    def _clear_caches(self):
         self._flag_cache.clear()
+        self._plans.clear()
 
     def _flags(self, index, group):
         key = (index, id(group["exclude"]), len(group["params"]))
@@ -75,11 +89,25 @@ class _LayerwiseOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            flags = self._flags(index, group)
-            active = [(p, f) for p, f in zip(group["params"], flags) if p.grad is not None]
-            if active:
-                self._step_group(group, [p for p, _ in active], [f for _, f in active])
+            plan = self._plan(index, group)
+            if plan is not None:
+                self._step_group(group, plan)
         return loss
+
+    def _plan(self, index, group):
+        """The group's parameters with gradients, their flags and their (device, dtype) buckets;
+        reused while the same parameters (same devices, dtypes), policy and weight decay step."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
+        key = (id(group["exclude"]), len(group["params"]), group["weight_decay"],
+               tuple((id(p), p.device, p.dtype) for p in params))
+        plan = self._plans.get(index)
+        if plan is None or plan.key != key:
+            flags = self._flags(index, group)
+            active = [f for p, f in zip(group["params"], flags) if p.grad is not None]
+            plan = self._plans[index] = _Plan(key, params, active, group["weight_decay"])
+        return plan
 
     def trust_ratios(self):
         """Per-parameter trust ratio (layer lr / global lr) of the last step, as 0-d tensors.
@@ -114,10 +142,67 @@ class _LayerwiseOptimizer(Optimizer):
         return "single" if group.get("foreach") is False else "foreach"
 
 
+class _Bucket:
+    """The parameters of one (device, dtype) within a group's plan, with the small tensors the
+    kernels take, created on first use and then kept: no host-to-device copy in later steps."""
+
+    __slots__ = ("device", "dtype", "index", "decays", "adapts", "_decay_t", "_adapt_t", "_lr_t")
+
+    def __init__(self, device, dtype, index, decays, adapts):
+        self.device, self.dtype = device, dtype
+        self.index = index                  # positions in the plan's lists; None: all of them
+        self.decays, self.adapts = decays, adapts
+        self._decay_t = self._adapt_t = self._lr_t = None
+
+    def pick(self, values):
+        """The bucket's entries of a list aligned with the plan's parameters."""
+        if values is None or self.index is None:
+            return values
+        return [values[i] for i in self.index]
+
+    def decay_tensor(self):
+        if self._decay_t is None:
+            self._decay_t = torch.tensor(self.decays, device=self.device, dtype=self.dtype)
+        return self._decay_t
+
+    def adapt_tensor(self):
+        if self._adapt_t is None:
+            self._adapt_t = torch.tensor(self.adapts, device=self.device)
+        return self._adapt_t
+
+    def lr_tensor(self, lr):
+        """lr as a 0-d tensor of the bucket's device and dtype, written in place (``fill_`` with
+        a Python number queues a kernel and does not wait for the device)."""
+        if self._lr_t is None:
+            self._lr_t = torch.empty((), device=self.device, dtype=self.dtype)
+        return self._lr_t.fill_(lr)
+
+
+class _Plan:
+    """One group's step layout: its parameters with gradients and their per-parameter flags
+    (decay value, adapt), and those split by (device, dtype), order kept within each part."""
+
+    __slots__ = ("key", "params", "decays", "adapts", "buckets")
+
+    def __init__(self, key, params, flags, weight_decay):
+        self.key, self.params = key, params
+        self.decays, self.adapts = _lars_scalars(weight_decay, flags)
+        parts = {}
+        for i, p in enumerate(params):
+            parts.setdefault((p.device, p.dtype), []).append(i)
+        if len(parts) == 1:
+            (device, dtype), = parts
+            self.buckets = [_Bucket(device, dtype, None, self.decays, self.adapts)]
+        else:
+            self.buckets = [_Bucket(device, dtype, index, [self.decays[i] for i in index],
+                                    [self.adapts[i] for i in index])
+                            for (device, dtype), index in parts.items()]
+
+
 # --------------------------------------------------------------------------------------- LARS
 
-def _lars_scalars(group, flags):
-    beta = group["weight_decay"]
+def _lars_scalars(weight_decay, flags):
+    beta = weight_decay
     return [beta if decay else 0.0 for _, decay in flags], [adapt for adapt, _ in flags]
 
 
@@ -141,10 +226,18 @@ def _single_tensor_lars(params, grads, bufs, lr, decays, adapts, *, momentum, tr
 
 
 def _multi_tensor_lars(params, grads, bufs, lr, decays, adapts, *, momentum, trust_coefficient, eps,
-                       norm_of_sum, clip, nesterov, ratios=None):
+                       norm_of_sum, clip, nesterov, ratios=None, decay_tensor=None, adapt_tensor=None):
     """Batched: one norm call per list, the core's ratio formula once on per-layer vectors, then
-    ``_foreach`` in-place ops implementing :func:`largebatch.trust.lars_momentum_update`."""
+    ``_foreach`` in-place ops implementing :func:`largebatch.trust.lars_momentum_update`.
+
+    All tensors on one device, in one dtype. ``decay_tensor``/``adapt_tensor``: ``decays`` and
+    ``adapts`` as tensors on that device (the optimizer passes cached ones; made here if None,
+    a host-to-device copy)."""
     device, dtype = params[0].device, params[0].dtype
+    if decay_tensor is None:
+        decay_tensor = torch.tensor(decays, device=device, dtype=dtype)
+    if adapt_tensor is None:
+        adapt_tensor = torch.tensor(adapts, device=device)
     beta = max(decays)                      # a group's decays are its weight_decay or 0
     decayed = [i for i, b in enumerate(decays) if b]
     w_norms = torch.stack(torch._foreach_norm(params))
@@ -157,8 +250,8 @@ def _multi_tensor_lars(params, grads, bufs, lr, decays, adapts, *, momentum, tru
         d[i] = t
     update_norms = torch.stack(torch._foreach_norm(d)) if norm_of_sum else None
     rates = trust.lars_layer_lr(torch, w_norms, g_norms, lr, trust_coefficient=trust_coefficient,
-                                weight_decay=torch.tensor(decays, device=device, dtype=dtype), eps=eps,
-                                update_norm=update_norms, clip=clip, adapt=torch.tensor(adapts, device=device))
+                                weight_decay=decay_tensor, eps=eps, update_norm=update_norms, clip=clip,
+                                adapt=adapt_tensor)
     rate_list = rates.unbind()
     # v ← m·v + rate·d, with rate·d fused into one addcmul pass (13 tensor passes a step in all,
     # torch.optim.SGD's foreach step makes 11)
@@ -256,28 +349,29 @@ class LARS(_LayerwiseOptimizer):
         """Hook for CLARS: the per-layer norm that replaces ‖g‖ in the ratio (None: use ‖g‖)."""
         return None
 
-    def _step_group(self, group, params, flags):
+    def _step_group(self, group, plan):
+        params = plan.params
         override = self._grad_norm_override(group, params)    # before buffers: CLARS asks if state is fresh
         grads = [p.grad for p in params]
         bufs = self._buffers(params)
-        decays, adapts = _lars_scalars(group, flags)
+        ratios = self._ratio_slots(group, params)
         kwargs = dict(momentum=group["momentum"], trust_coefficient=group["trust_coefficient"], eps=group["eps"],
                       norm_of_sum=group["trust_denominator"] == "norm_of_sum", clip=group["clip"],
-                      nesterov=group["nesterov"], ratios=self._ratio_slots(group, params))
-        if override is not None:
-            _single_tensor_lars(params, grads, bufs, group["lr"], decays, adapts, grad_norms=override, **kwargs)
-            return
+                      nesterov=group["nesterov"])
         impl = self._impl(group)
-        if impl == "foreach" and len({(p.device, p.dtype) for p in params}) > 1:
-            impl = "single"       # _foreach ops want one device and dtype per call
-        if impl == "fused":
-            # lr as a 0-d tensor so a schedule does not trigger a recompile every step
-            lr = torch.tensor(group["lr"], dtype=params[0].dtype, device=params[0].device)
-            kwargs["ratios"] = _no_0d(kwargs["ratios"])
-            _fused(_single_tensor_lars)(_no_0d(params), _no_0d(grads), _no_0d(bufs), lr, decays, adapts, **kwargs)
-        else:
-            kernel = _multi_tensor_lars if impl == "foreach" else _single_tensor_lars
-            kernel(params, grads, bufs, group["lr"], decays, adapts, **kwargs)
+        if override is not None or impl == "single":
+            _single_tensor_lars(params, grads, bufs, group["lr"], plan.decays, plan.adapts, ratios=ratios,
+                                grad_norms=override, **kwargs)
+            return
+        for part in plan.buckets:         # _foreach ops and compiled graphs: one device and dtype each
+            w, g, v, r = part.pick(params), part.pick(grads), part.pick(bufs), part.pick(ratios)
+            if impl == "fused":
+                # lr as a 0-d tensor so a schedule does not trigger a recompile every step
+                _fused(_single_tensor_lars)(_no_0d(w), _no_0d(g), _no_0d(v), part.lr_tensor(group["lr"]),
+                                            part.decays, part.adapts, ratios=_no_0d(r), **kwargs)
+            else:
+                _multi_tensor_lars(w, g, v, group["lr"], part.decays, part.adapts, ratios=r,
+                                   decay_tensor=part.decay_tensor(), adapt_tensor=part.adapt_tensor(), **kwargs)
 
 
 # --------------------------------------------------------------------------------------- CLARS
@@ -358,11 +452,16 @@ def _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays,
 
 
 def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays, adapts, *, beta1, beta2, eps,
-                       ratios=None):
+                       ratios=None, adapt_tensor=None):
     """Batched: the core's bias corrections and ratio formula once on per-layer vectors, and
     ``_foreach`` ops implementing :func:`largebatch.trust.adam_moments`,
-    :func:`~largebatch.trust.lamb_direction` and :func:`~largebatch.trust.lamb_update`."""
+    :func:`~largebatch.trust.lamb_direction` and :func:`~largebatch.trust.lamb_update`.
+
+    All tensors on one device, in one dtype (the counters: float64). ``adapt_tensor``: ``adapts``
+    as a tensor on that device (cached by the optimizer; made here if None)."""
     device, dtype = params[0].device, params[0].dtype
+    if adapt_tensor is None:
+        adapt_tensor = torch.tensor(adapts, device=device)
     # per-layer 1 − β^t from the float64 counters, then rounded to the tensors' dtype
     c1, c2 = trust.lamb_bias_corrections(torch.stack(steps), beta1, beta2)
     c1, c2 = c1.to(dtype).unbind(), c2.to(dtype).unbind()
@@ -381,7 +480,7 @@ def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays, 
         torch._foreach_add_([u[i] for i in decayed], [params[i] for i in decayed], alpha=max(decays))
     ratio = trust.lamb_trust_ratio(torch, torch.stack(torch._foreach_norm(params)),
                                    torch.stack(torch._foreach_norm(u)))
-    ratio = torch.where(torch.tensor(adapts, device=device), ratio, torch.ones_like(ratio))
+    ratio = torch.where(adapt_tensor, ratio, torch.ones_like(ratio))
     torch._foreach_addcmul_(params, u, (-lr * ratio).unbind())          # w ← w − γ·ratio·u
     if ratios is not None:
         torch._foreach_copy_(ratios, ratio.unbind())
@@ -432,24 +531,43 @@ class LAMB(_LayerwiseOptimizer):
             steps.append(state["step"])
         return exp_avgs, exp_avg_sqs, steps
 
-    def _step_group(self, group, params, flags):
+    def _step_group(self, group, plan):
+        params = plan.params
         grads = [p.grad for p in params]
         exp_avgs, exp_avg_sqs, steps = self._moments(params)
-        decays, adapts = _lars_scalars(group, flags)
-        beta1, beta2 = group["betas"]
         ratios = self._ratio_slots(group, params)
-        kernel, lr, impl = _single_tensor_lamb, group["lr"], self._impl(group)
-        if impl == "foreach" and len({(p.device, p.dtype) for p in params}) > 1:
-            impl = "single"       # _foreach ops want one device and dtype per call
-        if impl == "fused":
-            kernel = _fused(_single_tensor_lamb)
-            lr = torch.tensor(lr, dtype=params[0].dtype, device=params[0].device)
-        elif impl == "foreach":
-            kernel = _multi_tensor_lamb
+        kwargs = dict(beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"])
+        impl = self._impl(group)
         # counted outside the kernel: torch.compile does not write back in-place updates of these
         # 0-d counters (the fused step then saw t = 0 and divided by 1 − β⁰ = 0)
-        torch._foreach_add_(steps, 1)
-        if impl == "fused":
-            params, grads, exp_avgs, exp_avg_sqs, ratios = map(_no_0d, (params, grads, exp_avgs, exp_avg_sqs, ratios))
-        kernel(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays, adapts, beta1=beta1, beta2=beta2,
-               eps=group["eps"], ratios=ratios)
+        for part in plan.buckets:
+            torch._foreach_add_(part.pick(steps), 1)
+        if impl == "single":
+            _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], plan.decays, plan.adapts,
+                                ratios=ratios, **kwargs)
+            return
+        for part in plan.buckets:         # _foreach ops and compiled graphs: one device and dtype each
+            w, g, m, v, t, r = map(part.pick, (params, grads, exp_avgs, exp_avg_sqs, steps, ratios))
+            if impl == "fused":
+                _fused(_single_tensor_lamb)(*map(_no_0d, (w, g, m, v)), t, part.lr_tensor(group["lr"]), part.decays,
+                                            part.adapts, ratios=_no_0d(r), **kwargs)
+            else:
+                _multi_tensor_lamb(w, g, m, v, t, group["lr"], part.decays, part.adapts, ratios=r,
+                                   adapt_tensor=part.adapt_tensor(), **kwargs)
+
+    def load_state_dict(self, state_dict):
+        """As ``torch.optim.Optimizer.load_state_dict``, then every step counter a 0-d float64 tensor
+        on its parameter's device, with the saved value. (torch keeps a saved 'step' as it was, so a
+        state saved on CUDA would count on CUDA for CPU parameters, and casts it to float32 for groups
+        marked fused or capturable.)"""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_state = state_dict["state"]
+        for saved_id, p in zip(saved_ids, params):
+            state = self.state.get(p)
+            if not state or "step" not in state:
+                continue
+            step = saved_state.get(saved_id, {}).get("step", state["step"])
+            state["step"] = torch.as_tensor(step).detach().to(device=p.device, dtype=torch.float64,
+                                                               copy=True).reshape(())
