@@ -159,9 +159,33 @@ def cmd_run(args):
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")      # horovodrun and the ranks import TensorFlow
     code = supervise(subprocess.Popen(cmd.argv, env=env, start_new_session=True, preexec_fn=_default_signals))
-    if code not in (0, 2) and code < 128 and remote:
+    stopped = {128 + s: signal.Signals(s).name for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}.get(code)
+    if stopped:
+        _record_stop(run_dir, exp, stopped)
+    elif code not in (0, 2) and remote:
         _name_lost_hosts(remote, la)
     return code
+
+
+def _record_stop(run_dir, exp, name):
+    """The launcher's word in summary.json: the job was stopped by ``name``. Ranks that got the
+    signal wrote their summary already; ranks that only saw their launcher go (Gloo's remote
+    ranks) say 'launcher-gone', and none may have written one at all."""
+    import json
+    path = os.path.join(run_dir, "summary.json")
+    try:
+        with open(path) as fh:
+            summary = json.load(fh)
+    except (OSError, ValueError):
+        summary = {"name": exp.cfg["name"], "framework": exp.cfg["framework"]}
+    summary.update(status="stopped", stopped_by=name)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(summary, fh, indent=2)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _remote_hosts(exp):

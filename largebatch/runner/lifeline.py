@@ -72,6 +72,17 @@ def _watch_parent(parent, interval):
         time.sleep(interval)
         if os.getppid() != parent:
             _say(f"its launcher (parent process {parent}) is gone; stopping")
+            callback = _state["on_signal"]
+            if callback is not None:
+                done = threading.Event()
+
+                def run_callback():
+                    try:
+                        callback("launcher-gone")
+                    finally:
+                        done.set()
+                threading.Thread(target=run_callback, daemon=True).start()
+                done.wait(5.0)
             _exit(1)
 
 
