@@ -213,19 +213,25 @@ def _default_signals():
 
 
 STOP_GRACE_S = 25
-# How each launcher stops its job in order. horovodrun (Gloo) asks its ssh/task children to end
-# on SIGINT and keeps relaying their output; with MPI it has exec'd `sh -c mpirun ...`, and sh
-# ignores SIGINT while it waits: mpirun itself takes SIGTERM and stops the ranks on every host.
-_MPI_LAUNCHERS = ("mpirun", "mpiexec", "orterun", "prterun", "srun")
+HARD_STOP_S = 5
+# How each launcher stops its job in order. mpirun forwards SIGUSR1 to every rank on every host
+# (its SIGTERM would kill them 1 s later, before a checkpoint); the ranks take it as "finish
+# this step, checkpoint, exit" (runner/lifeline.py). With MPI, horovodrun has exec'd
+# `sh -c mpirun ...` (sh ignores SIGINT while it waits), so mpirun is signalled directly.
+# horovodrun with Gloo asks its task shells to end on SIGINT; srun forwards SIGTERM to the tasks.
+_MPI_LAUNCHERS = ("mpirun", "mpiexec", "orterun", "prterun")
+_SRUN = ("srun",)
 
 
 def supervise(proc, grace=STOP_GRACE_S):
     """Wait for the launcher process ``proc`` and return its exit code.
 
-    SIGTERM, SIGINT or SIGHUP to this process stops the whole job: mpirun (or srun) gets SIGTERM
-    and stops the ranks on every host, which write their summary and exit; horovodrun gets
-    SIGINT. After ``grace`` seconds, or at once on a second signal, every process the launcher
-    started on this machine is killed. Returns 128 + the signal number then."""
+    SIGTERM, SIGINT or SIGHUP to this process stops the whole job: mpirun gets SIGUSR1, which it
+    forwards to the ranks on every host (srun SIGTERM, horovodrun SIGINT); each rank finishes its
+    step, rank 0 writes a checkpoint and the summary, and they exit. ``HARD_STOP_S`` before the
+    ``grace`` seconds are up mpirun gets SIGTERM; after them, or at once on a second signal,
+    every process the launcher started on this machine is killed. Returns 128 + the signal
+    number then."""
     received, tree = [], {}
 
     def on_signal(signum, _frame):
@@ -241,7 +247,7 @@ def supervise(proc, grace=STOP_GRACE_S):
             _kill_all(proc, tree)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    deadline = None
+    deadline = hard = None
     try:
         while True:
             try:
@@ -251,6 +257,12 @@ def supervise(proc, grace=STOP_GRACE_S):
                 pass
             if received and deadline is None:
                 deadline = time.monotonic() + grace
+                hard = deadline - HARD_STOP_S
+            if deadline is not None and hard is not None and time.monotonic() > hard:
+                for pid, name in list(tree.items()):
+                    if name in _MPI_LAUNCHERS:
+                        _send(pid, signal.SIGTERM)
+                hard = None
             if deadline is not None and time.monotonic() > deadline:
                 print(f"largebatch: the job did not stop within {grace} s; killing it", file=sys.stderr, flush=True)
                 _kill_all(proc, tree)
@@ -307,11 +319,16 @@ def _send(pid, sig):
 
 def _stop_in_order(proc, tree):
     mpi = [pid for pid, name in tree.items() if name in _MPI_LAUNCHERS]
+    srun = [pid for pid, name in tree.items() if name in _SRUN]
     for pid in mpi:
+        _send(pid, signal.SIGUSR1)
+    for pid in srun:
         _send(pid, signal.SIGTERM)
-    if os.path.basename(str(proc.args[0])) == "horovodrun" and not mpi:
+    if mpi or srun:
+        return
+    if os.path.basename(str(proc.args[0])) == "horovodrun":
         _send(proc.pid, signal.SIGINT)
-    elif not mpi:
+    else:
         _send(proc.pid, signal.SIGTERM)
 
 
@@ -413,6 +430,7 @@ USAGE = """usage: largebatch {run,validate,sbatch,doctor,bench} ...
                                                    a Slurm batch script for it
   doctor [-H HOSTS | --hostfile F]                 check the installation (or the hosts)
   bench ...                                        benchmarks
+  report RUN_DIR [RUN_DIR ...] [--out DIR]         plots and a summary of runs
 
 `largebatch <command> --help` for details. Exit code 2 on bad input.
 """
@@ -428,6 +446,9 @@ def main(argv=None):
         return cmd_doctor(rest)
     if command == "bench":
         return cmd_bench(rest)
+    if command == "report":
+        from . import report
+        return report.main(rest)
     if command in ("run", "validate", "sbatch"):
         args = _experiment_parser(command).parse_intermixed_args(rest)
         if args.np is not None and args.np < 1:

@@ -35,7 +35,7 @@ import shlex
 
 __all__ = ["batch_script", "REQUEUE_EXIT_CODE", "DEFAULT_SIGNAL_GRACE", "DEFAULT_MPI", "parse_time", "job_name"]
 
-REQUEUE_EXIT_CODE = 85          # a rank that checkpointed on SIGTERM and wants the job run again
+from largebatch.runner.lifeline import REQUEUE_EXIT_CODE   # a rank that checkpointed on SIGTERM: run again
 DEFAULT_SIGNAL_GRACE = 120      # seconds between SIGTERM and the time limit
 DEFAULT_MPI = "pmix"
 

@@ -318,6 +318,7 @@ def save_run_checkpoint(log, exp, save, model, optimizer, *, step, epoch, extra)
     file names the epoch it ends (a partial last epoch included)."""
     from .. import checkpoint as core
     cfg = exp.cfg
-    save(log.checkpoint_path(core.checkpoint_name(epoch, cfg["framework"])), model, optimizer, step=step,
-         epoch=epoch, config=exp.resolved(), cfg_hash=core.config_hash(cfg), model_name=cfg["model"]["name"],
-         extra=extra, keep=cfg["output"]["checkpoint_keep"])
+    path = log.checkpoint_path(core.checkpoint_name(epoch, cfg["framework"]))
+    save(path, model, optimizer, step=step, epoch=epoch, config=exp.resolved(), cfg_hash=core.config_hash(cfg),
+         model_name=cfg["model"]["name"], extra=extra, keep=cfg["output"]["checkpoint_keep"])
+    return path

@@ -15,6 +15,7 @@ the optimizer's in-graph guard and reported by ``largebatch.keras.callbacks.NonF
 (``train.on_nonfinite``).
 """
 import math
+import signal
 import time
 
 import numpy as np
@@ -212,6 +213,19 @@ def run(exp, loader, threads):
                     self.model.stop_training = True
             if step >= total:
                 self.model.stop_training = True
+            # a stop signal on any rank: every rank stops after this same update (one small allreduce)
+            stop = int(hvd.allreduce(tf.constant(float(lifeline.stop_requested()), tf.float64), op=hvd.Max,
+                                     name="largebatch.stop").numpy())
+            if stop and state["status"] == "completed":
+                state["status"], state["stopped_by"] = "stopped", signal.Signals(stop).name
+                if rank == 0 and step < total:
+                    state["checkpoint"] = save_run_checkpoint(
+                        log, exp, import_mapped("largebatch.keras.checkpoint").save_checkpoint, model,
+                        self.model.optimizer, step=step, epoch=state["shard"].epoch + 1,
+                        extra={"last_lr": lr_callback.last_lr, "skipped_steps": guard.skipped})
+                progress.write(f"largebatch: {state['stopped_by']}: stopped after step {step}"
+                               + (f", checkpoint {state['checkpoint']}" if state.get("checkpoint") else ""))
+                self.model.stop_training = True
 
         def on_epoch_end(self, epoch, logs=None):
             step = state["step"]
@@ -252,6 +266,7 @@ def run(exp, loader, threads):
             log.summary(summary)
 
     lifeline.set_on_signal(on_signal)
+    lifeline.set_graceful()
     try:
         if first_in_epoch and state["step"] < total:
             # a checkpoint that ends inside an epoch: the rest of that epoch, then the others
@@ -277,6 +292,8 @@ def run(exp, loader, threads):
     # the update that stopped the run was not applied either, but is not counted as skipped (as torch)
     summary["skipped_steps"] = guard.skipped - (guard.stopped is not None)
     summary["resumed_from"] = resumed["path"] if resumed else None
+    if state["status"] == "stopped":
+        summary.update(stopped_by=state["stopped_by"], checkpoint=state.get("checkpoint"))
     if state["status"] == "completed":
         summary.update(world_record(hvd.allgather_object, weights_digest(v.numpy() for v in model.weights)))
     log.summary(summary)
@@ -285,5 +302,7 @@ def run(exp, loader, threads):
         ev = state["eval"]
         print(f"run dir: {run_dir} ({state['status']}, {step} steps, loss {state['loss']:.4g}"
               + (f", eval accuracy {ev['accuracy']:.4f}" if ev else "") + ")", flush=True)
+    if state["status"] == "stopped":
+        return lifeline.stop_exit_code(signal.Signals[state["stopped_by"]])
     return 0 if state["status"] == "completed" else 1
 

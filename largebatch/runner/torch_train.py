@@ -1,6 +1,7 @@
 """The PyTorch training loop each rank runs (Horovod, largebatch.torch optimizers)."""
 import math
 import os
+import signal
 import sys
 import time
 import types
@@ -179,7 +180,7 @@ def run(exp, loader, threads):
     started = time.perf_counter()
     ckpt_every = cfg["output"]["checkpoint_every"]
     out = types.SimpleNamespace(status="completed", final_loss=float("nan"), eval_result=None, rank=rank,
-                                size=size, acc=acc, resets=[])
+                                size=size, acc=acc, resets=[], stopped_by=None, checkpoint=None)
     start = dict(step=0, last_lr=schedule(0), skipped=0)
     if resumed is not None:
         start.update(step=int(resumed["step"]), skipped=int(resumed["extra"].get("skipped_steps", 0)),
@@ -259,6 +260,19 @@ def run(exp, loader, threads):
                         progress.write(f"step {step}: loss is {out.final_loss}; stopping (diverged)")
                         return
                 progress.update(1)
+                # a stop signal on any rank: every rank stops after this same step (one small allreduce)
+                stop = int(hvd.allreduce(torch.tensor(float(lifeline.stop_requested())), op=hvd.Max,
+                                         name="largebatch.stop"))
+                if stop:
+                    out.status, out.stopped_by = "stopped", signal.Signals(stop).name
+                    if rank == 0 and step < total:
+                        out.checkpoint = save_run_checkpoint(
+                            log, exp, import_mapped("largebatch.torch.checkpoint").save_checkpoint, model,
+                            optimizer, step=step, epoch=epoch + 1,
+                            extra={"last_lr": state.last_lr, "skipped_steps": state.skipped})
+                    progress.write(f"largebatch: {out.stopped_by}: stopped after step {step}"
+                                   + (f", checkpoint {out.checkpoint}" if out.checkpoint else ""))
+                    return
                 if elastic and step % commit_every == 0 and step % spe and step < total:
                     state.commit()        # epoch ends commit after their evaluation and checkpoint
             epoch += 1
@@ -288,6 +302,7 @@ def run(exp, loader, threads):
             log.summary(summary)
 
     lifeline.set_on_signal(on_signal)
+    lifeline.set_graceful()
     try:
         if elastic:
             state = lbt.elastic_state(model, optimizer, **start)
@@ -323,6 +338,8 @@ def run(exp, loader, threads):
                            framework_versions=versions("torch"), size=size)
     summary["skipped_steps"] = state.skipped
     summary["resumed_from"] = resumed["path"] if resumed else None
+    if out.status == "stopped":
+        summary.update(stopped_by=out.stopped_by, checkpoint=out.checkpoint)
     if out.status == "completed":
         summary.update(world_record(hvd.allgather_object,
                                     weights_digest(p.detach().cpu().numpy() for p in model.parameters())))
@@ -335,6 +352,8 @@ def run(exp, loader, threads):
         ev = out.eval_result
         print(f"run dir: {run_dir} ({out.status}, {step} steps, loss {out.final_loss:.4g}"
               + (f", eval accuracy {ev['accuracy']:.4f}" if ev else "") + ")", flush=True)
+    if out.status == "stopped":
+        return lifeline.stop_exit_code(signal.Signals[out.stopped_by])
     return 0 if out.status == "completed" else 1
 
 
