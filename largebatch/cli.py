@@ -420,7 +420,7 @@ def _experiment_parser(command):
     return p
 
 
-USAGE = """usage: largebatch {run,validate,sbatch,doctor,bench} ...
+USAGE = """usage: largebatch {run,validate,sbatch,doctor,bench,report} ...
 
   run EXP.yaml [--np N] [--launcher horovodrun|mpirun|srun] [-H HOSTS | --hostfile F]
                [--dry-run] [key.sub=value ...]      launch an experiment
@@ -454,7 +454,7 @@ def main(argv=None):
         if args.np is not None and args.np < 1:
             return _fail([f"--np: expected an integer > 0, got {args.np}"])
         return {"run": cmd_run, "validate": cmd_validate, "sbatch": cmd_sbatch}[command](args)
-    return _fail([f"largebatch: unknown command {command!r}; expected one of run, validate, sbatch, doctor, bench"])
+    return _fail([f"largebatch: unknown command {command!r}; expected one of run, validate, sbatch, doctor, bench, report"])
 
 
 if __name__ == "__main__":

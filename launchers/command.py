@@ -19,7 +19,8 @@ Binding (``launcher.binding``):
     core    -bind-to core -map-by slot:PE=<threads>     each rank owns <threads> cores
     socket  -bind-to socket -map-by socket -rank-by core (horovodrun's Spectrum MPI default)
     numa    -bind-to numa -map-by numa -rank-by core
-srun: --cpu-bind=none | cores | sockets | ldoms, with --cpus-per-task=<threads>.
+srun: --cpu-bind=none | cores | sockets | ldoms, with --cpus-per-task=<threads>, and --mpi=pmix
+(the plugin that works with Open MPI 4.1 and Slurm 22.05; ``launcher.args: "--mpi=..."`` wins).
 """
 import os
 import shlex
@@ -37,6 +38,7 @@ __all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind",
            "LARGE_CLUSTER_HOSTS"]
 
 LARGE_CLUSTER_HOSTS = 64          # horovodrun's _LARGE_CLUSTER_THRESHOLD
+SRUN_MPI = "pmix"                 # srun's --mpi plugin unless launcher.args names one
 OMPI_FLAGS = ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]
 FORWARDED_ENV = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
 
@@ -208,6 +210,10 @@ def srun_command(program, *, np, placed, hosts_given=False, ranks_per_host=None,
     elif ranks_per_host:
         argv += [f"--nodes={len(placed)}", f"--ntasks-per-node={ranks_per_host}"]
     argv += [f"--cpus-per-task={plan.threads}", f"--cpu-bind={srun_cpu_bind(binding)}"]
+    if not any(str(a).startswith("--mpi") for a in extra_args):
+        # Debian 12's Open MPI 4.1.4 has PMIx (external 4.2) but no Slurm PMI-1/PMI-2: under
+        # --mpi=pmi2 or none, MPI_Init aborts ("OMPI was not built with SLURM's PMI support")
+        argv.append(f"--mpi={SRUN_MPI}")
     exported = {**plan.env, **(env or {})}
     argv.append("--export=" + ",".join(["ALL"] + [f"{k}={v}" for k, v in exported.items()]))
     argv += list(extra_args) + list(program)

@@ -158,8 +158,11 @@ def batch_script(exp, run_dir, overrides=(), *, nodes=None, time=None, partition
     if cpus_per_task is not None:
         argv = [f"--cpus-per-task={cpus_per_task}" if a.startswith("--cpus-per-task=") else a for a in argv]
     threads = cpus_per_task if cpus_per_task is not None else plan.threads
-    if mpi and not _has_mpi_flag(exp.cfg["launcher"]["args"]):
-        argv.insert(argv.index(next(a for a in argv if a.startswith("--cpu-bind="))) + 1, f"--mpi={mpi}")
+    if not _has_mpi_flag(exp.cfg["launcher"]["args"]):
+        # srun_command added the default plugin; this script's ``mpi`` choice replaces it
+        argv = [a for a in argv if not a.startswith("--mpi=")]
+        if mpi:
+            argv.insert(argv.index(next(a for a in argv if a.startswith("--cpu-bind="))) + 1, f"--mpi={mpi}")
 
     sb = [f"--job-name={job_name(exp.cfg['name'])}", f"--nodes={nodes}", f"--ntasks-per-node={per_node}",
           f"--cpus-per-task={threads}"]

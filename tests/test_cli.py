@@ -26,7 +26,7 @@ def test_no_arguments_prints_usage_and_exits_2(capsys):
     assert cli.main([]) == 2
     assert "usage: largebatch" in capsys.readouterr().err
     assert cli.main(["--help"]) == 0
-    assert "largebatch {run,validate,doctor,bench}" in capsys.readouterr().out
+    assert "largebatch {run,validate,sbatch,doctor,bench,report}" in capsys.readouterr().out
 
 
 def test_validate_ok(workdir, capsys):
@@ -107,7 +107,8 @@ def test_dry_run_srun(workdir, capsys):
     argv = shlex.split(capsys.readouterr().out)
     assert argv[0].endswith("srun")
     assert argv[1:6] == ["--ntasks=8", "--nodes=2", "--ntasks-per-node=4", "--cpus-per-task=8", "--cpu-bind=none"]
-    assert argv[6].startswith("--export=ALL,") and "OMP_NUM_THREADS=8" in argv[6]
+    assert argv[6] == "--mpi=pmix"          # the plugin that works with Open MPI 4.1 and Slurm 22.05
+    assert argv[7].startswith("--export=ALL,") and "OMP_NUM_THREADS=8" in argv[7]
 
 
 def test_run_dir_is_made_unique(workdir, capsys):
@@ -144,7 +145,7 @@ def test_missing_launcher_executable(workdir, capsys):
      "(see largebatch run --help)"),
     (["validate"], "largebatch validate: the following arguments are required: EXP.yaml, key.sub=value "
                    "(see largebatch validate --help)"),
-    (["frob"], "largebatch: unknown command 'frob'; expected one of run, validate, doctor, bench"),
+    (["frob"], "largebatch: unknown command 'frob'; expected one of run, validate, sbatch, doctor, bench, report"),
 ])
 def test_usage_errors_are_one_line_exit_2(workdir, capsys, argv, message):
     try:

@@ -237,7 +237,7 @@ def test_srun_command():
                                binding="core")
     assert cmd.argv[1:] == [
         "--ntasks=8", "--nodes=2", "--ntasks-per-node=4", "--nodelist=n1,n2", "--cpus-per-task=16",
-        "--cpu-bind=cores", "--export=ALL,OMP_NUM_THREADS=16,MKL_NUM_THREADS=16,OPENBLAS_NUM_THREADS=16,"
+        "--cpu-bind=cores", "--mpi=pmix", "--export=ALL,OMP_NUM_THREADS=16,MKL_NUM_THREADS=16,OPENBLAS_NUM_THREADS=16,"
         "TF_NUM_INTRAOP_THREADS=16,TF_NUM_INTEROP_THREADS=2,OMP_PROC_BIND=close,OMP_PLACES=cores", *PROGRAM]
     placed = [("node0", 4), ("node1", 4)]
     cmd = command.srun_command(PROGRAM, np=8, placed=placed, ranks_per_host=4, plan=plan(placed, 64))
