@@ -7,6 +7,7 @@ where the testbed cannot start (not root, or Slurm/munge not installed).
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 
@@ -198,3 +199,118 @@ def test_namespace_hosts_horovod_allreduce_under_pmix(ns_slurm):
     assert r.returncode == 0, r.stdout + r.stderr
     lines = sorted(l for l in r.stdout.splitlines() if l.startswith("rank"))
     assert lines == ["rank 0 of 2 local 0 1 sum 3.0 mpi", "rank 1 of 2 local 0 1 sum 3.0 mpi"]
+
+
+# ------------------------------------------------------------------ largebatch itself under Slurm, two hosts
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LARGEBATCH = os.path.join(os.path.dirname(PY), "largebatch")
+# one thread per rank everywhere: the same float reduction order as the horovodrun reference
+SMALL = ["data.samples=256", "data.val_samples=64", "output.progress=false", "launcher.threads_per_rank=1",
+         "output.tensorboard=false"]
+
+
+def _example(framework):
+    return os.path.join(ROOT, "examples", f"synthetic_{framework}.yaml")
+
+
+def _summary(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        return json.load(fh)
+
+
+def _horovodrun_reference(tmp_path, framework, *extra):
+    """The same experiment under horovodrun -np 2 on this machine."""
+    run_dir = str(tmp_path / f"horovodrun-{framework}")
+    proc = subprocess.run([LARGEBATCH, "run", _example(framework), "--np", "2", *SMALL, *extra,
+                           f"output.run_dir={run_dir}"], capture_output=True, text=True, timeout=150, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _summary(run_dir)
+
+
+def _runner_pids(ns_slurm):
+    """Rank processes still running on any namespace host (found through the hosts' namespaces)."""
+    out = []
+    for host in ns_slurm.hosts:
+        ns = next(a for a in host.exec_prefix if a.startswith("--target="))[len("--target="):]
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.readlink(f"/proc/{pid}/ns/net") != os.readlink(f"/proc/{ns}/ns/net"):
+                    continue
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    if b"largebatch.runner" in fh.read():
+                        out.append(int(pid))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_largebatch_run_srun_in_salloc_across_two_hosts(ns_slurm, tmp_path, framework):
+    run_dir = str(tmp_path / "run")
+    r = ns_slurm.run(["salloc", "-N2", "-n2", "--ntasks-per-node=1", LARGEBATCH, "run", _example(framework),
+                      "--launcher", "srun", "--np", "2", "launcher.ranks_per_host=1", *SMALL,
+                      f"output.run_dir={run_dir}"], timeout=150, check=False)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    got = _summary(run_dir)
+    assert sorted(got["hosts"]) == sorted(h.name for h in ns_slurm.hosts) and got["ranks_agree"] is True
+    assert got["threads_per_rank"] == 1
+    want = _horovodrun_reference(tmp_path, framework)
+    assert got["weights_sha1"] == want["weights_sha1"]          # = horovodrun on the same global batch
+
+
+@pytest.mark.timeout(300)
+def test_a_preempted_job_checkpoints_requeues_and_continues(ns_slurm, tmp_path):
+    """scancel --signal=TERM: what Slurm sends on preemption or before a time limit (--signal).
+    The ranks agree on a step, checkpoint, exit 85; the batch script requeues the job; the
+    requeued job resumes and ends on the uninterrupted trajectory."""
+    run_dir = str(tmp_path / "run")
+    extra = ["train.epochs=8", "output.checkpoint_every=0"]
+    r = ns_slurm.run([LARGEBATCH, "sbatch", _example("torch"), "--nodes", "2", "--time", "10", "--requeue",
+                      "--submit", *SMALL, *extra, f"output.run_dir={run_dir}"], timeout=60, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip().split()[-1]
+    metrics = os.path.join(run_dir, "metrics.csv")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 3):
+        time.sleep(0.3)
+    assert os.path.exists(metrics), ns_slurm.scontrol("show", "job", job).stdout
+    ns_slurm.run(["scancel", "--signal=TERM", job], timeout=15)
+    signalled = time.monotonic()
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    while time.monotonic() < signalled + 60 and not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
+        time.sleep(0.1)
+    to_checkpoint = time.monotonic() - signalled
+    assert os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir), "no checkpoint after the signal"
+    deadline = time.monotonic() + 200
+    info = ""
+    while time.monotonic() < deadline:
+        info = ns_slurm.scontrol("show", "job", job, check=False).stdout
+        if "JobState=COMPLETED" in info or "JobState=FAILED" in info or "JobState=CANCELLED" in info:
+            break
+        time.sleep(1)
+    log = open(os.path.join(run_dir, f"slurm-{job}.out")).read()
+    assert "JobState=COMPLETED" in info and "Restarts=1" in info, info + log[-3000:]
+    got = _summary(run_dir)
+    assert got["status"] == "completed" and got["resumed_from"]
+    want = _horovodrun_reference(tmp_path, "torch", *extra)
+    assert got["steps_done"] == want["steps_done"] and got["weights_sha1"] == want["weights_sha1"]
+    print(f"SIGTERM -> checkpoint in {to_checkpoint:.1f} s; requeued and resumed bit-identically")
+
+
+def test_scancel_leaves_nothing_running_on_any_host(ns_slurm, tmp_path):
+    run_dir = str(tmp_path / "run")
+    r = ns_slurm.run([LARGEBATCH, "sbatch", _example("torch"), "--nodes", "2", "--time", "10", "--submit", *SMALL,
+                      "train.epochs=100", f"output.run_dir={run_dir}"], timeout=60, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip().split()[-1]
+    metrics = os.path.join(run_dir, "metrics.csv")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not os.path.exists(metrics):
+        time.sleep(0.3)
+    assert _runner_pids(ns_slurm), "the job's ranks are not running"
+    ns_slurm.run(["scancel", job], timeout=15)
+    cancelled = time.monotonic()
+    while time.monotonic() < cancelled + 45 and _runner_pids(ns_slurm):
+        time.sleep(0.3)
+    assert not _runner_pids(ns_slurm), "ranks left after scancel"
+    print(f"scancel -> no rank left after {time.monotonic() - cancelled:.1f} s")
