@@ -235,3 +235,72 @@ def test_sigterm_to_largebatch_run_stops_every_host(cluster, tmp_path, controlle
     summary = _summary(run_dir)
     assert summary["status"] == "stopped" and summary["stopped_by"] == "SIGTERM"
     print(f"{controller}: SIGTERM -> exit {code} after {took:.1f} s")
+
+
+# ------------------------------------------------------------------ Horovod Elastic across hosts
+def _elastic_doc(**sections):
+    from test_elastic import _doc
+    return _doc(**sections)
+
+
+def _elastic_run(cluster, tmp_path, doc, name, env_extra=None, timeout=240):
+    import yaml
+    exp = tmp_path / f"{name}.yaml"
+    exp.write_text(yaml.safe_dump(doc))
+    run_dir = tmp_path / name
+    env = cluster.env()
+    env.pop("LARGEBATCH_FAULT", None)
+    env.update(env_extra or {})
+    proc = cluster.run("lblaunch", [LARGEBATCH, "run", str(exp), f"output.run_dir={run_dir}",
+                                    *cluster.launcher_overrides()], capture_output=True, text=True,
+                       timeout=timeout, cwd=str(tmp_path), env=env)
+    return proc, run_dir
+
+
+def test_elastic_job_drops_a_host_whose_rank_died_and_keeps_the_trajectory(cluster, tmp_path):
+    from test_elastic import _final, _fixed_size_reference, _max_diff
+    doc = _elastic_doc(launcher={"hosts": cluster.hosts_arg(), "network_interface": "eth0"},
+                       train={"commit_every": 2})
+    # rank 1 runs on lbh2 and dies there at step 5 (as a host whose processes are all killed)
+    proc, run_dir = _elastic_run(cluster, tmp_path, doc, "elastic", {"LARGEBATCH_FAULT": "kill:1:5"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "world size is now 1; global batch 64 kept as 16 per rank × 1 ranks × 4 accumulation steps" in out
+    summary = _summary(run_dir)
+    assert summary["status"] == "completed" and summary["ranks"] == 1 and summary["hosts"] == ["lbh1"]
+    params, momentum = _max_diff(_final(run_dir), _fixed_size_reference(tmp_path, 2, 2))
+    assert params < 1e-6 and momentum < 1e-6, (params, momentum)
+    assert _wait_empty(cluster, 10), _left_on_hosts(cluster)
+
+
+def test_elastic_job_gains_a_host_from_the_discovery_script(cluster, tmp_path):
+    import threading
+    from test_elastic import _final, _fixed_size_reference_join, _max_diff
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("lbh1:1\n")
+    script = tmp_path / "discover.sh"
+    script.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    script.chmod(0o755)
+    doc = _elastic_doc(launcher={"np": 1, "hosts": None, "host_discovery_script": str(script),
+                                 "network_interface": "eth0"}, data={"samples": 1024}, train={"commit_every": 1})
+    run_dir = tmp_path / "join"
+
+    def add_host():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            metrics = run_dir / "metrics.csv"
+            if metrics.exists() and metrics.read_text().count("\ntrain,") >= 3:
+                hosts.write_text("lbh1:1\nlbh2:1\n")
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=add_host, daemon=True).start()
+    proc, run_dir = _elastic_run(cluster, tmp_path, doc, "join", {"LARGEBATCH_FAULT": "slow:0:1:0.05"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    summary = _summary(run_dir)
+    resets = summary["elastic"]["resets"]
+    assert summary["status"] == "completed" and len(resets) == 1 and resets[0]["world_size"] == 2, out[-3000:]
+    assert sorted(summary["hosts"]) == ["lbh1", "lbh2"]
+    params, momentum = _max_diff(_final(run_dir), _fixed_size_reference_join(tmp_path))
+    assert params < 1e-4 and momentum < 1e-6, (params, momentum)       # the tolerance of test_elastic
