@@ -99,3 +99,116 @@ def finish_figure(fig, axes, path, legend_size=8, grid_which="major"):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- several hosts
+SAME_MACHINE_NOTE = ("the hosts run on ONE machine (the same kernel: network namespaces such as "
+                     "largebatch.launchers.testcluster's): they share its cores and memory, and their "
+                     "'network' is the kernel's TCP stack over veth pairs and a bridge, so these numbers "
+                     "model a network, not a cluster")
+
+
+def add_host_args(ap):
+    """-H/--hostfile and the ssh/interface settings handed to horovodrun (as ``largebatch run`` does)."""
+    g = ap.add_argument_group("several hosts (ranks placed by horovodrun over ssh)")
+    g.add_argument("-H", "--hosts", help="host:slots[,host:slots...], as horovodrun -H")
+    g.add_argument("--hostfile", help="'host slots=N' per line (# comments allowed)")
+    g.add_argument("--ssh-port", type=int, help="sshd port on the hosts (horovodrun --ssh-port)")
+    g.add_argument("--ssh-identity", help="ssh private key (horovodrun --ssh-identity-file)")
+    g.add_argument("--network-interface", help="interface the ranks talk over, e.g. eth0 "
+                                               "(horovodrun --network-interfaces)")
+    return g
+
+
+def hosts_from_args(a):
+    """[launchers.hostfile.Host] from -H / --hostfile, or None when neither is given."""
+    from launchers import hostfile as hf
+    if a.hosts and a.hostfile:
+        raise SystemExit("give either -H/--hosts or --hostfile, not both")
+    if a.hosts:
+        return hf.parse_hosts(a.hosts)
+    if a.hostfile:
+        return hf.parse_hostfile(a.hostfile)
+    return None
+
+
+def horovodrun_host_args(a, placed):
+    """horovodrun arguments for ranks ``placed`` as [(host, ranks)] on the hosts of ``a``."""
+    from launchers import hostfile as hf
+    out = ["-H", hf.hosts_arg(placed)]
+    if a.network_interface:
+        out += ["--network-interfaces", a.network_interface]
+    if a.ssh_port:
+        out += ["--ssh-port", str(a.ssh_port)]
+    if a.ssh_identity:
+        out += ["--ssh-identity-file", os.path.abspath(os.path.expanduser(a.ssh_identity))]
+    return out
+
+
+def host_env(a, controller, seconds):
+    """Extra environment for a multi-host horovodrun: Open MPI's out-of-band channel on the same
+    interface as the data, and Gloo/Open MPI giving up on a silent host instead of hanging."""
+    env = {"HOROVOD_GLOO_TIMEOUT_SECONDS": str(int(seconds)),
+           "OMPI_MCA_oob_tcp_keepalive_time": str(max(1, int(seconds) // 3)),
+           "OMPI_MCA_oob_tcp_keepalive_intvl": str(max(1, int(seconds) // 6)),
+           "OMPI_MCA_oob_tcp_keepalive_probes": "4"}
+    if a.network_interface and controller == "mpi":
+        env["OMPI_MCA_oob_tcp_if_include"] = a.network_interface
+    return env
+
+
+def ssh_argv(a, host, command):
+    """ssh to ``host`` in batch mode with the port and identity of ``a`` (never prompts)."""
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
+    if a.ssh_port:
+        argv += ["-p", str(a.ssh_port)]
+    if a.ssh_identity:
+        argv += ["-i", os.path.abspath(os.path.expanduser(a.ssh_identity))]
+    return argv + [host, command]
+
+
+def same_machine(a, names, timeout=15):
+    """True when every host runs on this machine's kernel (the same boot id: namespaces, not
+    separate nodes), False when one does not, None when it cannot be told. Also the first check
+    that ssh to every host works: raises SystemExit naming the host that does not answer."""
+    import subprocess
+    try:
+        mine = open("/proc/sys/kernel/random/boot_id").read().strip()
+    except OSError:
+        return None
+    same = True
+    for name in names:
+        try:
+            proc = subprocess.run(ssh_argv(a, name, "cat /proc/sys/kernel/random/boot_id"), capture_output=True,
+                                  text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"host {name}: ssh did not answer within {timeout} s")
+        if proc.returncode != 0:
+            raise SystemExit(f"host {name}: ssh failed ({(proc.stderr or proc.stdout).strip()[-300:]}); "
+                             "check --ssh-port/--ssh-identity (largebatch doctor -H ... checks every host)")
+        same = same and proc.stdout.strip() == mine
+    return same
+
+
+def run_bounded(cmd, env, timeout):
+    """subprocess.run(cmd) in its own session; on timeout the whole session (horovodrun, mpirun,
+    ssh: all started here) gets SIGTERM, then SIGKILL. Returns (returncode or None, output)."""
+    import signal
+    import subprocess
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                out, _ = proc.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                out = ""
+        return None, f"(killed after {timeout} s)\n{out or ''}"

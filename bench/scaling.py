@@ -14,7 +14,15 @@ or ``largebatch.keras.DistributedOptimizer`` (Keras, ``train_on_batch``). Throug
 On a machine with fewer cores than N × threads this measures oversubscription, not Horovod;
 with cores fixed, efficiency < 1 mostly shows the per-rank compute getting fewer threads.
 
+With hosts (``-H h1:1,h2:1`` or ``--hostfile F``, plus ``--ssh-port``, ``--ssh-identity``,
+``--network-interface``, handed to horovodrun as ``--ssh-port``, ``--ssh-identity-file``,
+``--network-interfaces``) the ranks of each np are placed on the hosts in order (horovodrun's
+rule), ``--cores`` is cores per host and threads per rank = cores ÷ ranks on the fullest host.
+Hosts that share this machine's kernel (network namespaces) share its cores and memory: that
+models a network, not a cluster, and the output says so.
+
     python bench/scaling.py [--quick] [--out DIR] [--np 1 2] [--controllers mpi gloo] [--frameworks torch keras]
+    python bench/scaling.py -H lbh1:1,lbh2:1 --ssh-port 2222 --ssh-identity KEY --network-interface eth0 --cores 1
 """
 import argparse
 import json
@@ -28,7 +36,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import DEFAULT_OUT, finish_figure, machine_info, print_header, print_table, write_outputs  # noqa: E402
+from _common import (DEFAULT_OUT, SAME_MACHINE_NOTE, add_host_args, finish_figure, horovodrun_host_args,  # noqa: E402
+                     host_env, hosts_from_args, machine_info, print_header, print_table, run_bounded,
+                     same_machine, write_outputs)
+
+
+RESULT_MARK = "LB_SCALING_RESULT "      # rank 0's result line in horovodrun's output (hosts need no shared /tmp)
 
 
 def torch_setups(a):
@@ -116,7 +129,12 @@ def worker(a):
         results[k] = dict(total_images_s=tot[len(tot) // 2], rank0_images_s=r0[len(r0) // 2],
                           total_images_s_min=tot[0], total_images_s_max=tot[-1], repeats=len(v))
     if rank == 0:
-        Path(a.worker_out).write_text(json.dumps(dict(np=size, results=results)))
+        text = json.dumps(dict(np=size, results=results))
+        try:
+            Path(a.worker_out).write_text(text)
+        except OSError:            # rank 0 on a host without the launcher's /tmp: the line below carries it
+            pass
+        print(RESULT_MARK + text, flush=True)
 
 
 def plot(rows, path):
@@ -151,12 +169,15 @@ def main(argv=None):
     ap.add_argument("--optimizers", default="sgd,lars")
     ap.add_argument("--frameworks", nargs="*", choices=["torch", "keras"],
                     help="default: torch and keras (quick: torch)")
-    ap.add_argument("--cores", type=int, default=os.cpu_count(), help="total cores shared by all ranks")
+    ap.add_argument("--cores", type=int, default=os.cpu_count(),
+                    help="total cores shared by all ranks (with hosts: cores per host)")
     ap.add_argument("--batch", type=int, default=64, help="per-rank batch")
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, help="interleaved timing rounds; the median is reported")
+    ap.add_argument("--timeout", type=float, default=600, help="limit for each horovodrun, seconds")
+    add_host_args(ap)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -166,6 +187,15 @@ def main(argv=None):
         return worker(a) or 0
     import horovod  # noqa: F401  (version in the header)
     import torch  # noqa: F401
+    from launchers import hostfile as hf
+    hosts = hosts_from_args(a)
+
+    def placement(n):
+        """[(host, ranks)] for n ranks: on the hosts given, else all on this machine."""
+        return hf.place_ranks(n, hosts) if hosts else [("localhost", n)]
+
+    def threads_for(n):
+        return max(1, a.cores // max(k for _, k in placement(n)))
     controllers = a.controllers or (["mpi"] if a.quick else ["mpi", "gloo"])
     frameworks = a.frameworks or (["torch"] if a.quick else ["torch", "keras"])
     steps = a.steps or (4 if a.quick else 10)
@@ -173,34 +203,47 @@ def main(argv=None):
     settings = dict(mode="quick" if a.quick else "full", np=a.np, controllers=controllers, frameworks=frameworks,
                     optimizers=a.optimizers,
                     cores=a.cores, per_rank_batch=a.batch, model=f"SmallCNN(width={a.width}, BN) 3x32x32 (torch and Keras: the same layers)",
-                    steps=steps, warmup=a.warmup, repeats=repeats, threads_per_rank={n: max(1, a.cores // n) for n in a.np})
+                    steps=steps, warmup=a.warmup, repeats=repeats, threads_per_rank={n: threads_for(n) for n in a.np},
+                    hosts=hf.hosts_arg(hosts and [(h.name, h.slots) for h in hosts]) if hosts else None,
+                    network_interface=a.network_interface)
     meta = machine_info(**settings)
-    print_header(meta, "scaling: synthetic-data training throughput under horovodrun")
+    print_header(meta, "scaling: synthetic-data training throughput under horovodrun"
+                 + (f" on hosts {settings['hosts']}" if hosts else ""))
+    if hosts:
+        same = same_machine(a, [h.name for h in hosts])
+        meta["same_machine"] = same
+        if same:
+            meta["note"] = SAME_MACHINE_NOTE
+            print(f"   NOTE: {SAME_MACHINE_NOTE}", flush=True)
     hvdrun = Path(sys.executable).with_name("horovodrun")
     hvdrun = str(hvdrun) if hvdrun.exists() else "horovodrun"
     rows = []
     # (ranks, threads per rank): every np at cores/np threads, plus np=1 at the per-rank threads of
     # the largest np, the "single worker" that Horovod's efficiency definition divides by
-    configs = [(n, max(1, a.cores // n)) for n in a.np]
-    single_threads = max(1, a.cores // max(a.np))
+    configs = [(n, threads_for(n)) for n in a.np]
+    single_threads = threads_for(max(a.np))
     if (1, single_threads) not in configs:
         configs.insert(1, (1, single_threads))
     for fw, ctl, (n, threads) in ((fw, ctl, c) for fw in frameworks for ctl in controllers for c in configs):
         tmp = Path(tempfile.mkdtemp(prefix="lb-scaling-")) / "rank0.json"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                    OMPI_MCA_btl_vader_single_copy_mechanism="none")
-        cmd = [hvdrun, "-np", str(n), "-H", f"localhost:{n}", f"--{ctl}", sys.executable,
+        if hosts:
+            env.update(host_env(a, ctl, min(a.timeout, 60)))
+        where = horovodrun_host_args(a, placement(n)) if hosts else ["-H", f"localhost:{n}"]
+        cmd = [hvdrun, "-np", str(n), *where, f"--{ctl}", sys.executable,
                str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--batch", str(a.batch),
                "--width", str(a.width), "--steps", str(steps), "--warmup", str(a.warmup), "--repeats", str(repeats),
                "--optimizers", a.optimizers, "--framework", fw, "--worker-out", str(tmp)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0 or not tmp.exists():
-            sys.stderr.write(f"scaling: {' '.join(cmd)} exited {proc.returncode}\n"
-                             f"{(proc.stdout + proc.stderr)[-4000:]}\n")
+        rc, out = run_bounded(cmd, env, a.timeout)
+        got = [line.split(RESULT_MARK, 1)[1] for line in out.splitlines() if RESULT_MARK in line]
+        if rc != 0 or not (tmp.exists() or got):
+            sys.stderr.write(f"scaling: {' '.join(cmd)} exited {rc}\n{out[-4000:]}\n")
             return 1
-        got = json.loads(tmp.read_text())
+        got = json.loads(tmp.read_text()) if tmp.exists() else json.JSONDecoder().raw_decode(got[-1])[0]
         for opt, r in got["results"].items():
-            rows.append(dict(framework=fw, controller=ctl, optimizer=opt, np=n, threads_per_rank=threads, **r))
+            rows.append(dict(framework=fw, controller=ctl, optimizer=opt, np=n, threads_per_rank=threads,
+                             **({"hosts": hf.hosts_arg(placement(n))} if hosts else {}), **r))
             print(f"   {fw:5s} {ctl:4s} {opt:4s} np={n} threads/rank={threads}: {r['total_images_s']:.1f} images/s total",
                   flush=True)
     for r in rows:
@@ -224,6 +267,8 @@ def main(argv=None):
     print("   efficiency = total(N) / (N x total(np=1 at the same threads/rank)); speedup_same_cores = "
           "total(N) / total(np=1 with all cores)")
     print("   total = median over interleaved repeats of sum(images)/max(rank wall); min/max show the noise")
+    if meta.get("note"):
+        print(f"   NOTE: {meta['note']}")
     print(f"   wrote {csv_path}, {json_path}, {out / 'scaling.png'}")
     return 0
 
