@@ -154,17 +154,86 @@ def cmd_run(args):
         fh.write("#!/bin/sh\n# written by largebatch run; rerunning it continues into this run dir\n")
         fh.write(f"cd {_quote(os.getcwd())}\n{cmd.shell()}\n")
     print(f"run dir: {run_dir}", file=sys.stderr)
-    env = dict(os.environ)
+    env = _without_enclosing_mpi_job(dict(os.environ)) if la_type_uses_mpirun(exp) else dict(os.environ)
     env.update(cmd.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")      # horovodrun and the ranks import TensorFlow
-    code = supervise(subprocess.Popen(cmd.argv, env=env, start_new_session=True, preexec_fn=_default_signals))
+    from .config import launchers_module
+    watch = launchers_module("diagnose").OutputWatch(gloo_across_hosts=bool(remote) and la["controller"] == "gloo")
+    proc = subprocess.Popen(cmd.argv, env=env, start_new_session=True, preexec_fn=_default_signals,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    relays = [_relay(proc.stdout, sys.stdout, watch), _relay(proc.stderr, sys.stderr, watch)]
+    code = supervise(proc)
+    for thread in relays:
+        thread.join(timeout=5)
     stopped = {128 + s: signal.Signals(s).name for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}.get(code)
     if stopped:
         _record_stop(run_dir, exp, stopped)
-    elif code not in (0, 2) and remote:
-        _name_lost_hosts(remote, la)
+    elif code != 0:
+        for hint in watch.findings():
+            print(f"largebatch: {hint}", file=sys.stderr, flush=True)
+        if remote and not _name_lost_hosts(remote, la):
+            # every host answers: check what else makes a multi-host job crash (the launchers'
+            # own messages, e.g. Gloo's 'Connection reset by peer', rarely name the cause)
+            from .doctor import check_hosts
+            problems, _ = check_hosts([h for h, _ in exp.derived["placement"]], ssh_port=la["ssh_port"],
+                                      ssh_identity=la["ssh_identity"], network_interface=la["network_interface"])
+            for line in problems:
+                print(f"largebatch: after the failure: {line}", file=sys.stderr, flush=True)
     return code
+
+
+def _relay(pipe, target, watch):
+    """Copy the launcher's output to ``target`` as it comes (progress bars' carriage returns
+    included) and feed a copy to ``watch``."""
+    import threading
+    lock = getattr(watch, "_relay_lock", None) or threading.Lock()
+    watch._relay_lock = lock
+    out = getattr(target, "buffer", None)
+
+    def copy():
+        fd = pipe.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            try:
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    target.write(chunk.decode(errors="replace"))
+                    target.flush()
+            except (OSError, ValueError):
+                pass
+            with lock:
+                watch.feed(chunk.decode(errors="replace"))
+        pipe.close()
+
+    thread = threading.Thread(target=copy, daemon=True, name="largebatch-relay")
+    thread.start()
+    return thread
+
+
+# Variables an MPI process (an in-process hvd.init(), a rank) leaves in its environment: a
+# horovodrun or mpirun started from there would join that job instead of starting its own
+_ENCLOSING_MPI = ("PMIX_", "OMPI_MCA_ess", "OMPI_MCA_orte_", "OMPI_MCA_pmix", "OMPI_APP_CTX_", "OMPI_COMM_WORLD_",
+                  "ORTE_SCHIZO_DETECTION")
+
+
+def la_type_uses_mpirun(exp):
+    return exp.cfg["launcher"]["type"] in ("horovodrun", "mpirun")
+
+
+def _without_enclosing_mpi_job(env):
+    dropped = sorted(k for k in env if k.startswith(_ENCLOSING_MPI))
+    if dropped:
+        print(f"note: not passing on {len(dropped)} variables of an enclosing MPI job ({', '.join(dropped[:3])}"
+              f"{', ...' if len(dropped) > 3 else ''}); this launch starts a job of its own", file=sys.stderr)
+    return {k: v for k, v in env.items() if k not in dropped}
 
 
 def _record_stop(run_dir, exp, name):
@@ -200,9 +269,11 @@ def _name_lost_hosts(hosts, la):
     rarely say; Open MPI blames 'unable to reliably start one or more daemons')."""
     from .config import launchers_module
     preflight = launchers_module("preflight")
-    for host, reason in preflight.unreachable(hosts, preflight.SSH(port=la["ssh_port"], identity=la["ssh_identity"])):
+    lost = preflight.unreachable(hosts, preflight.SSH(port=la["ssh_port"], identity=la["ssh_identity"]))
+    for host, reason in lost:
         print(f"largebatch: host {host} stopped answering ({reason}): it lost its network or went down; "
               f"the job ended because of it", file=sys.stderr, flush=True)
+    return lost
 
 
 def _default_signals():

@@ -202,6 +202,19 @@ def check_hosts(hosts, ssh=None, *, launch_node=None, rendezvous_port=None, netw
             problems.append(f"host {r.host}: no network interface {network_interface!r} (has "
                             f"{', '.join(f['interfaces'])}); set launcher.network_interface to one every host has")
     alive = [r for r in reports if r.ok]
+    # Gloo addresses every rank by its host's own hostname, not by the name it was given (-H
+    # with addresses, or aliases): those names must resolve on every host too
+    own = {r.host: r.facts["hostname"] for r in alive}
+    extra = sorted(set(own.values()) - set(hosts) - ({launch_node} if launch_node else set()))
+    if extra:
+        second = probe_hosts([r.host for r in alive], ssh, python=python, names=extra, timeout=timeout)
+        for r in second:
+            for name, address in (r.facts.get("resolves") or {}).items():
+                if address is None:
+                    given = next(h for h, n in own.items() if n == name)
+                    problems.append(f"host {r.host}: the name {name!r} (the hostname of {given}, which Gloo uses) "
+                                    f"does not resolve there (Gloo then crashes with a segfault or 'Unable to "
+                                    f"find address'); add it to /etc/hosts or DNS")
     if alive and not network_interface:
         common = set.intersection(*(set(r.facts["interfaces"]) for r in alive)) - {"lo"}
         if not common:

@@ -20,6 +20,12 @@ from largebatch.launchers import testcluster
 pytestmark = [pytest.mark.multirank, pytest.mark.multihost]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _clean_env():
+    """Python's copy of the environment: the process's own may carry the MPI singleton variables of an
+    in-process hvd.init() from an earlier test module, which would confuse a child mpirun."""
+    return dict(os.environ)
 LARGEBATCH = str(Path(sys.executable).with_name("largebatch"))
 # one thread per rank everywhere: the same float reduction order on one host and on two
 SMALL = ["data.samples=256", "data.val_samples=64", "output.progress=false", "launcher.threads_per_rank=1"]
@@ -71,7 +77,7 @@ def one_host(tmp_path_factory):
         run_dir = tmp_path_factory.mktemp("one-host") / framework
         proc = subprocess.run([LARGEBATCH, "run", f"examples/synthetic_{framework}.yaml", "--np", "2", *SMALL,
                                f"output.run_dir={run_dir}"], capture_output=True, text=True, timeout=150,
-                              cwd=str(ROOT))
+                              cwd=str(ROOT), env=_clean_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[framework] = _summary(run_dir)
     return out
@@ -186,7 +192,8 @@ def test_a_host_that_loses_its_network_ends_the_job_and_the_rest_resume(cluster,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref_dir = tmp_path / "uninterrupted"
     ref = subprocess.run([LARGEBATCH, "run", "examples/synthetic_torch.yaml", "--np", "2", *FAULT_RUN,
-                          f"output.run_dir={ref_dir}"], capture_output=True, text=True, timeout=150, cwd=str(ROOT))
+                          f"output.run_dir={ref_dir}"], capture_output=True, text=True, timeout=150, cwd=str(ROOT),
+                         env=_clean_env())
     assert ref.returncode == 0, ref.stderr[-3000:]
     got, want = _summary(run_dir), _summary(ref_dir)
     assert got["resumed_from"] and got["steps_done"] == want["steps_done"]
@@ -304,3 +311,43 @@ def test_elastic_job_gains_a_host_from_the_discovery_script(cluster, tmp_path):
     assert sorted(summary["hosts"]) == ["lbh1", "lbh2"]
     params, momentum = _max_diff(_final(run_dir), _fixed_size_reference_join(tmp_path))
     assert params < 1e-4 and momentum < 1e-6, (params, momentum)       # the tolerance of test_elastic
+
+
+def _hosts_file(cluster, node):
+    return f"/etc/netns/{cluster.node(node).namespace}/hosts"
+
+
+def test_a_hostname_that_does_not_resolve_on_another_host_is_named(cluster, tmp_path):
+    """Hosts given by address; lbh1 cannot resolve its own hostname, which Gloo uses."""
+    path = _hosts_file(cluster, "lbh1")
+    original = open(path).read()
+    addresses = [n.address for n in cluster.host_nodes]
+    try:
+        with open(path, "r+") as fh:         # in place: the file is bind-mounted over lbh2's /etc/hosts
+            fh.write("".join(line for line in original.splitlines(True) if not line.rstrip().endswith("\tlbh1")))
+            fh.truncate()
+        doctor = cluster.run("lblaunch", [LARGEBATCH, "doctor", "-H", ",".join(addresses), "--ssh-port",
+                                          str(cluster.ssh_port), "--ssh-identity", cluster.identity],
+                             capture_output=True, text=True, timeout=60)
+        assert doctor.returncode == 1
+        assert (f"PROBLEM: host {addresses[0]}: the name 'lbh1' (the hostname of {addresses[0]}, which Gloo uses) "
+                f"does not resolve there") in doctor.stdout, doctor.stdout
+        run_dir = tmp_path / "run"
+        proc = _run(cluster, "lblaunch", ["examples/synthetic_torch.yaml", "-H", ",".join(f"{a}:1" for a in addresses),
+                                          *SMALL, "launcher.controller=gloo", "launcher.network_interface=eth0",
+                                          "launcher.preflight=false", f"output.run_dir={run_dir}"], timeout=120)
+        assert proc.returncode != 0
+        # Gloo's own words, when rank 0's message wins the race ('Unable to find address for: lbh1'), and
+        # always the check run after the failure
+        assert (f"largebatch: after the failure: host {addresses[0]}: the name 'lbh1' (the hostname of "
+                f"{addresses[0]}, which Gloo uses) does not resolve there") in proc.stderr, proc.stderr[-3000:]
+        refused = _run(cluster, "lblaunch", ["examples/synthetic_torch.yaml", "-H",
+                                             ",".join(f"{a}:1" for a in addresses), *SMALL,
+                                             "launcher.controller=gloo", f"output.run_dir={tmp_path / 'run2'}"],
+                       timeout=60)
+        assert refused.returncode == 2 and "preflight: host" in refused.stderr and "'lbh1'" in refused.stderr
+    finally:
+        with open(path, "r+") as fh:
+            fh.write(original)
+            fh.truncate()
+    assert _wait_empty(cluster, 30), _left_on_hosts(cluster)

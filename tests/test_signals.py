@@ -14,6 +14,12 @@ import pytest
 pytestmark = pytest.mark.multirank
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _clean_env():
+    """Python's copy of the environment: the process's own may carry the MPI singleton variables of an
+    in-process hvd.init() from an earlier test module, which would confuse a child mpirun."""
+    return dict(os.environ)
 LARGEBATCH = str(Path(sys.executable).with_name("largebatch"))
 RUN = ["examples/synthetic_torch.yaml", "--np", "2", "data.samples=256", "data.val_samples=64", "train.epochs=8",
        "output.progress=false", "launcher.threads_per_rank=1", "output.checkpoint_every=0"]
@@ -38,7 +44,7 @@ def _ours(run_dir):
 def _start(run_dir, log, extra=()):
     fh = open(log, "w")
     proc = subprocess.Popen([LARGEBATCH, "run", *RUN, *extra, f"output.run_dir={run_dir}"], cwd=str(ROOT),
-                            stdout=fh, stderr=subprocess.STDOUT)
+                            stdout=fh, stderr=subprocess.STDOUT, env=_clean_env())
     return proc, fh
 
 
@@ -83,11 +89,11 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, sig):
     if sig != signal.SIGTERM:
         return
     resumed = subprocess.run([LARGEBATCH, "run", *RUN, f"output.run_dir={run_dir}", "train.resume=auto"],
-                             cwd=str(ROOT), capture_output=True, text=True, timeout=150)
+                             cwd=str(ROOT), capture_output=True, text=True, timeout=150, env=_clean_env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = tmp_path / "straight"
     ref = subprocess.run([LARGEBATCH, "run", *RUN, f"output.run_dir={straight}"], cwd=str(ROOT),
-                         capture_output=True, text=True, timeout=150)
+                         capture_output=True, text=True, timeout=150, env=_clean_env())
     assert ref.returncode == 0, ref.stderr[-3000:]
     got, want = (json.loads((d / "summary.json").read_text()) for d in (run_dir, straight))
     assert got["resumed_from"] == summary["checkpoint"] and got["steps_done"] == want["steps_done"]

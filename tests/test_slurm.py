@@ -222,7 +222,8 @@ def _horovodrun_reference(tmp_path, framework, *extra):
     """The same experiment under horovodrun -np 2 on this machine."""
     run_dir = str(tmp_path / f"horovodrun-{framework}")
     proc = subprocess.run([LARGEBATCH, "run", _example(framework), "--np", "2", *SMALL, *extra,
-                           f"output.run_dir={run_dir}"], capture_output=True, text=True, timeout=150, cwd=ROOT)
+                           f"output.run_dir={run_dir}"], capture_output=True, text=True, timeout=150, cwd=ROOT,
+                          env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _summary(run_dir)
 
