@@ -209,3 +209,60 @@ def test_model_save_and_load_keeps_optimizer(tmp_path):
     for a, b in zip(opt.variables, loaded.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert loaded.optimizer.trust_ratios() == pytest.approx(opt.trust_ratios())
+
+
+# ---- Horovod's Keras callbacks with a largebatch optimizer: refused when fit starts --------------
+
+class _CountBatches(keras.callbacks.Callback):
+    batches = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        type(self).batches += 1
+
+
+@pytest.mark.parametrize("name,replacement", [
+    ("BroadcastGlobalVariablesCallback", "largebatch.keras.callbacks.BroadcastGlobalVariables(root_rank)"),
+    ("MetricAverageCallback", "largebatch.keras.callbacks.MetricAverage()"),
+    ("LearningRateWarmupCallback", "largebatch.keras.callbacks.LearningRateSchedule(largebatch.schedules.build_schedule"),
+])
+@pytest.mark.parametrize("wrap", [False, True], ids=["lars", "distributed-lars"])
+def test_horovod_keras_callback_is_refused_when_fit_starts(name, replacement, wrap):
+    """No check_callbacks call: fit itself raises HorovodKerasError before the first batch, naming
+    the callback and what replaces it (Horovod's own failure is an AttributeError after batch 1)."""
+    hvd_keras = pytest.importorskip("horovod.tensorflow.keras")       # imported after largebatch.keras
+    make = {"BroadcastGlobalVariablesCallback": lambda: hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0),
+            "MetricAverageCallback": lambda: hvd_keras.callbacks.MetricAverageCallback(),
+            "LearningRateWarmupCallback": lambda: hvd_keras.callbacks.LearningRateWarmupCallback(initial_lr=0.1)}
+    opt = lbk.LARS(learning_rate=1.0)
+    if wrap:
+        opt = lbk.DistributedOptimizer(opt)
+    model = compiled_model(opt)
+    x, y = data(8)
+    _CountBatches.batches = 0
+    with pytest.raises(lbk.HorovodKerasError) as info:
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[_CountBatches(), make[name]()])
+    message = str(info.value)
+    assert message.startswith(f"{name} from horovod.tensorflow.keras.callbacks does not work under Keras 3"), message
+    assert replacement in message and "\n" not in message
+    assert _CountBatches.batches == 0                      # refused before any batch ran
+
+
+def test_horovod_keras_callbacks_untouched_without_a_largebatch_optimizer():
+    hvd_keras = pytest.importorskip("horovod.tensorflow.keras")
+    lbk.guard_horovod_callbacks()
+    model = compiled_model(keras.optimizers.SGD(0.1))
+    callback = hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0)
+    callback.set_model(model)
+    callback.on_train_begin()                              # Keras SGD: Horovod's behaviour, no error
+    assert lbk.check_callbacks([lbk.callbacks.MetricAverage()]) is not None
+
+
+def test_check_callbacks_names_the_replacement_also_for_subclasses():
+    hvd_keras = pytest.importorskip("horovod.tensorflow.keras")
+
+    class MyBroadcast(hvd_keras.callbacks.BroadcastGlobalVariablesCallback):
+        pass
+
+    with pytest.raises(lbk.HorovodKerasError, match=r"^BroadcastGlobalVariablesCallback from horovod.*use "
+                                                    r"largebatch\.keras\.callbacks\.BroadcastGlobalVariables"):
+        lbk.check_callbacks([MyBroadcast(0)])

@@ -99,6 +99,18 @@ def test_horovod_keras_callbacks_are_refused(refused):
     assert "largebatch.keras.callbacks" in message
 
 
+def test_horovod_keras_callback_in_fit_is_refused_at_once():
+    """hvd.callbacks.BroadcastGlobalVariablesCallback kept next to lbk.DistributedOptimizer, without
+    check_callbacks (tests/ranks/keras_hvd_callbacks.py): every rank stops when fit starts, naming
+    the replacement, before any batch."""
+    results = run_ranks("ranks/keras_hvd_callbacks.py", np=2, timeout=300)
+    message = _message(results, "message")
+    assert message.startswith("HorovodKerasError: BroadcastGlobalVariablesCallback from "
+                              "horovod.tensorflow.keras.callbacks does not work under Keras 3"), message
+    assert "use largebatch.keras.callbacks.BroadcastGlobalVariables(root_rank) instead" in message
+    assert [int(r["batches"]) for r in results] == [0, 0]
+
+
 def test_horovod_keras_optimizer_alone_fails_silently(refused):
     """What the refusal prevents (STACK.md): no error, and the ranks' weights differ."""
     assert _message(refused, "hvd_sgd_silent") == "no error"

@@ -280,6 +280,25 @@ def test_bad_arguments(cls, kwargs, name):
     assert "\n" not in message and message.startswith(f"{name}:"), message
 
 
+@pytest.mark.parametrize("cls,name,suggestion", [
+    (lbk.LARS, "lr", "learning_rate"), (lbk.LAMB, "lr", "learning_rate"), (lbk.LAMB, "eps", "epsilon"),
+    (lbk.LARS, "epsilon", "eps"), (lbk.LAMB, "beta1", "beta_1"), (lbk.LARS, "trust_coeficient", "trust_coefficient"),
+    (lbk.LARS, "eeta", "trust_coefficient"),
+])
+def test_unknown_argument_suggests_the_name(cls, name, suggestion):
+    """lbk.LARS(lr=0.1): one line naming the argument Keras calls it (torch users write lr)."""
+    with pytest.raises(ValueError) as info:
+        cls(**{name: 0.1})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{name}: unknown argument for {cls.__name__}; did you mean {suggestion}?"), message
+
+
+def test_unknown_argument_without_a_close_name_lists_them():
+    with pytest.raises(ValueError, match=r"^zzz: unknown argument for LARS; expected one of: learning_rate, momentum"):
+        lbk.LARS(zzz=1)
+
+
 def test_clars_not_implemented_says_why():
     with pytest.raises(NotImplementedError, match="per-example gradient"):
         lbk.CLARS(learning_rate=1.0)

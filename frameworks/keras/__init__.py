@@ -9,18 +9,22 @@
                                            lbk.callbacks.MetricAverage()])
 
 ``horovod.tensorflow.keras.DistributedOptimizer`` silently does not average gradients under
-Keras 3; this package refuses it (:class:`HorovodKerasError`) wherever it can see it.
+Keras 3; this package refuses it (:class:`HorovodKerasError`) wherever it can see it. Horovod's
+Keras callbacks (which crash or do nothing under Keras 3) are refused when ``model.fit`` starts
+with a largebatch optimizer, naming the replacement.
 Importing this package with TF_USE_LEGACY_KERAS=1 (tf-keras) raises ImportError.
 """
 from ._checks import check_keras as _check_keras
 
 _check_keras()
 
-from ._checks import HorovodKerasError, check_callbacks, check_optimizer  # noqa: E402
+from ._checks import HorovodKerasError, check_callbacks, check_optimizer, guard_horovod_callbacks  # noqa: E402
 from .distributed import DistributedOptimizer, is_distributed  # noqa: E402
 from .optimizers import CLARS, LAMB, LARS  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from . import callbacks, checkpoint, models  # noqa: E402,F401
+
+guard_horovod_callbacks()            # Horovod's Keras callbacks already imported (see _checks)
 
 __all__ = ["LARS", "LAMB", "CLARS", "DistributedOptimizer", "is_distributed", "check_optimizer",
            "check_callbacks", "HorovodKerasError", "callbacks", "models", "checkpoint", "save_checkpoint",

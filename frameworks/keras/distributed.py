@@ -27,7 +27,7 @@ import tensorflow as tf
 from largebatch.horovod_support import import_horovod
 from largebatch.validation import check_positive_int
 
-from ._checks import check_optimizer
+from ._checks import check_optimizer, guard_horovod_callbacks
 
 __all__ = ["DistributedOptimizer", "is_distributed"]
 
@@ -86,6 +86,7 @@ class _DistributedMixin:
         return out
 
     def build(self, variables):
+        guard_horovod_callbacks()
         if self.built:
             return
         super().build(variables)
@@ -158,6 +159,7 @@ class _DistributedMixin:
         return self._iterations
 
     def apply(self, grads, trainable_variables=None):
+        guard_horovod_callbacks()                  # runs while Keras traces the train step (once)
         grads = list(grads)
         if not grads:
             return
@@ -225,6 +227,7 @@ def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonf
     ``horovod.tensorflow.keras.DistributedOptimizer``, which does not average under Keras 3.
     """
     check_optimizer(optimizer)
+    guard_horovod_callbacks()        # Horovod's Keras callbacks in fit with this optimizer: an error at once
     if is_distributed(optimizer):
         raise ValueError("optimizer: already a largebatch.keras.DistributedOptimizer")
     _compression(compression)

@@ -11,6 +11,9 @@ as cheap as Keras' unfused SGD(momentum) (bench/keras_optimizer_cost.py). Norms 
 outside XLA with ``tf.nn.l2_loss`` (one fused pass). ``fused=False`` runs the same core formulas as
 plain TensorFlow ops.
 """
+import difflib
+import inspect
+
 import keras
 import tensorflow as tf
 
@@ -18,13 +21,35 @@ from largebatch import trust
 from largebatch.policy import ParamPolicy
 from largebatch.validation import check_hyperparameters, check_number
 
-from ._checks import HOROVOD_KERAS_MESSAGE, HorovodKerasError, is_horovod_keras_optimizer
+from ._checks import HOROVOD_KERAS_MESSAGE, HorovodKerasError, guard_horovod_callbacks, is_horovod_keras_optimizer
 
 __all__ = ["LARS", "LAMB", "CLARS"]
 
 # Keras' own keyword arguments that make sense for a LARS/LAMB optimizer.
 _KERAS_KWARGS = ("clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
                  "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps")
+
+
+# Other libraries' names for our arguments (torch: lr; TF Model Garden: eeta; Adam: beta1).
+_ALIASES = {"lr": "learning_rate", "learningrate": "learning_rate", "beta1": "beta_1", "beta2": "beta_2",
+            "betas": "beta_1 and beta_2", "wd": "weight_decay", "eeta": "trust_coefficient", "eta": "trust_coefficient",
+            "trust_coeff": "trust_coefficient", "epsilon": "eps", "eps": "epsilon"}
+
+
+def _unknown_argument(cls, name):
+    """One line for an unknown keyword argument, with the closest accepted name."""
+    accepted = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "kwargs")]
+    accepted += list(_KERAS_KWARGS)
+    guess = _ALIASES.get(name)
+    if guess is not None and guess.split(" and ")[0] not in accepted:
+        guess = None
+    if guess is None:
+        close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
+        guess = close[0] if close else None
+    hint = f"; did you mean {guess}?" if guess else f"; expected one of: {', '.join(accepted)}"
+    if name == "lr" and guess == "learning_rate":
+        hint += " (Keras optimizers call it learning_rate; largebatch.torch's call it lr)"
+    return f"{name}: unknown argument for {cls.__name__}{hint}"
 
 
 def _tf_var(variable):
@@ -79,13 +104,16 @@ class _LayerwiseOptimizer(keras.optimizers.Optimizer):
     """Shared machinery: the exclusion policy, weight decay handled by the algorithm (never by
     Keras' base class), per-layer learning-rate telemetry and the Horovod-Keras refusal."""
 
+    _lb_layerwise = True          # a largebatch optimizer (see _checks.is_largebatch_optimizer)
+
     def __init__(self, learning_rate, weight_decay, exclude, fused, name, kwargs):
         if is_horovod_keras_optimizer(type(self)):
             # horovod.tensorflow.keras.DistributedOptimizer re-creates us as a subclass of our class
             raise HorovodKerasError(HOROVOD_KERAS_MESSAGE)
         unknown = sorted(set(kwargs) - set(_KERAS_KWARGS) - {"decay"})
         if unknown:
-            raise ValueError(f"{unknown[0]}: unknown argument for {type(self).__name__}")
+            raise ValueError(_unknown_argument(type(self), unknown[0]))
+        guard_horovod_callbacks()     # Horovod's Keras callbacks in fit with this optimizer: an error at once
         learning_rate = _learning_rate_arg(learning_rate)
         if weight_decay is None:
             weight_decay = 0.0
@@ -111,6 +139,7 @@ class _LayerwiseOptimizer(keras.optimizers.Optimizer):
         return
 
     def build(self, variables):
+        guard_horovod_callbacks()
         if self.built:
             return
         super().build(variables)
