@@ -16,8 +16,50 @@ def _compression(hvd, compression):
     return compression
 
 
+_OP_NAMES = {"average": "Average", "sum": "Sum", "adasum": "Adasum"}
+
+
+def _op(hvd, op):
+    """Horovod's reduction op from ``op``: None (Average), hvd.Average / hvd.Sum / hvd.Adasum, or
+    their names ('average', 'sum', 'adasum')."""
+    if op is None:
+        return hvd.Average
+    if isinstance(op, str) and op.lower() in _OP_NAMES:
+        return getattr(hvd, _OP_NAMES[op.lower()])
+    for name in _OP_NAMES.values():
+        if not isinstance(op, str) and op == getattr(hvd, name):
+            return op
+    raise ValueError(f"op: expected hvd.Average, hvd.Sum or hvd.Adasum (or 'average', 'sum', 'adasum'), got {op!r}")
+
+
+def _op_name(hvd, op):
+    return next(name for name in _OP_NAMES.values() if op == getattr(hvd, name))
+
+
+def _one_group_per_parameter(optimizer):
+    """The same optimizer (same class, hyper-parameters and state) with one param group per
+    parameter. Horovod's Adasum optimizer steps one parameter at a time by narrowing each group's
+    ``params`` to that parameter (or to nothing); with one parameter per group, every group a
+    step sees is whole, so names (``param_names``) and the per-parameter exclusion policy stay
+    aligned with their tensors."""
+    groups = []
+    for group in optimizer.param_groups:
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            single = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            single["params"] = [p]
+            if names:
+                single["param_names"] = [names[i]]
+            groups.append(single)
+    split = type(optimizer)(groups)
+    for p, state in optimizer.state.items():
+        split.state[p] = state
+    return split
+
+
 def distributed_optimizer(optimizer, model=None, *, named_parameters=None, compression=None,
-                          backward_passes_per_step=1, gradient_predivide_factor=1.0, broadcast=True, root_rank=0):
+                          backward_passes_per_step=1, op=None, gradient_predivide_factor=1.0, broadcast=True,
+                          root_rank=0):
     """Wrap ``optimizer`` in ``hvd.DistributedOptimizer`` and (by default) broadcast the model's
     parameters and the optimizer state from ``root_rank``.
 
@@ -25,17 +67,37 @@ def distributed_optimizer(optimizer, model=None, *, named_parameters=None, compr
       allreduce: a global batch of per-rank batch × ranks × k. Horovod *sums* the k passes, so
       divide each pass's loss by k (the loss is then normalised by the global batch, as Goyal
       et al. prescribe).
-    - ``compression='fp16'`` halves allreduce traffic; ``gradient_predivide_factor`` splits the
-      averaging before/after the sum (Horovod's meaning).
-    - AMP: see :func:`amp_step`.
+    - ``op``: Horovod's reduction, passed through: ``hvd.Average`` (default, also ``None`` or
+      ``'average'``), ``hvd.Sum`` (``'sum'``) or ``hvd.Adasum`` (``'adasum'``; a Horovod script's
+      ``--use-adasum``). With Average and Sum the optimizer steps once on the reduced gradient, so
+      trust ratios are the same on every rank. With Adasum Horovod steps each rank's optimizer on
+      its *local* gradient and combines the resulting parameter deltas with Adasum: trust ratios
+      are each rank's own; the optimizer is given one param group per parameter for this (see
+      :func:`_one_group_per_parameter`).
+    - ``gradient_predivide_factor=f`` (op Average only, Horovod's meaning): gradients are scaled
+      by 1/f before the sum and f/size after it; the result is the average.
+    - ``compression='fp16'`` halves allreduce traffic.
+    - AMP: see :func:`amp_step` (Average and Sum).
     """
     hvd = import_horovod("torch")
+    op = _op(hvd, op)
+    try:
+        factor = float(gradient_predivide_factor)
+    except (TypeError, ValueError):
+        factor = None
+    if factor is None or not factor > 0 or factor != factor or factor == float("inf"):
+        raise ValueError(f"gradient_predivide_factor: expected a number > 0, got {gradient_predivide_factor!r}")
+    if factor != 1.0 and op != hvd.Average:
+        raise ValueError(f"gradient_predivide_factor: only used with op=hvd.Average, got op=hvd.{_op_name(hvd, op)} "
+                         f"and gradient_predivide_factor={gradient_predivide_factor!r}")
     if named_parameters is None and model is not None:
         named_parameters = model.named_parameters()
+    if op == hvd.Adasum and hvd.size() > 1:
+        optimizer = _one_group_per_parameter(optimizer)
     wrapped = hvd.DistributedOptimizer(
         optimizer, named_parameters=named_parameters, compression=_compression(hvd, compression),
-        backward_passes_per_step=backward_passes_per_step, op=hvd.Average,
-        gradient_predivide_factor=gradient_predivide_factor)
+        backward_passes_per_step=backward_passes_per_step, op=op,
+        gradient_predivide_factor=factor)
     if broadcast:
         if model is None:
             raise ValueError("model: broadcast=True needs the model whose parameters to broadcast")
