@@ -268,13 +268,14 @@ def test_elastic_job_drops_a_host_whose_rank_died_and_keeps_the_trajectory(clust
     from test_elastic import _final, _fixed_size_reference, _max_diff
     doc = _elastic_doc(launcher={"hosts": cluster.hosts_arg(), "network_interface": "eth0"},
                        train={"commit_every": 2})
-    # rank 1 runs on lbh2 and dies there at step 5 (as a host whose processes are all killed)
+    # rank 1 dies at step 5 on its host (as a host whose processes are all killed); Horovod Elastic
+    # places ranks on hosts in an order of its own, so either host may be the one lost
     proc, run_dir = _elastic_run(cluster, tmp_path, doc, "elastic", {"LARGEBATCH_FAULT": "kill:1:5"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "world size is now 1; global batch 64 kept as 16 per rank × 1 ranks × 4 accumulation steps" in out
     summary = _summary(run_dir)
-    assert summary["status"] == "completed" and summary["ranks"] == 1 and summary["hosts"] == ["lbh1"]
+    assert summary["status"] == "completed" and summary["ranks"] == 1 and summary["hosts"] in (["lbh1"], ["lbh2"])
     params, momentum = _max_diff(_final(run_dir), _fixed_size_reference(tmp_path, 2, 2))
     assert params < 1e-6 and momentum < 1e-6, (params, momentum)
     assert _wait_empty(cluster, 10), _left_on_hosts(cluster)
