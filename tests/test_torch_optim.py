@@ -487,3 +487,25 @@ def test_lamb_state_dict_round_trip_continues_identically(saved_group):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all(float(s["step"]) == 5.0 for s in saved[1]["state"].values())    # the saved dict untouched
     assert all(float(opt_resumed.state[p]["step"]) == 10.0 for p in resumed.parameters())
+
+
+def test_policy_follows_each_parameter_when_a_group_is_narrowed():
+    """Horovod's Adasum optimizer steps a group with its params swapped for one at a time: names
+    and exclusions must follow the tensors, not their positions."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    twin = copy.deepcopy(model)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    whole = LARS(model.named_parameters(), lr=0.5, weight_decay=0.1, exclude=r"^0\.")
+    narrowed = LARS(twin.named_parameters(), lr=0.5, weight_decay=0.1, exclude=r"^0\.")
+    for p, q, g in zip(model.parameters(), twin.parameters(), grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    whole.step()
+    group = narrowed.param_groups[0]
+    everything = group["params"]
+    for p in reversed(everything):                  # one at a time, last first (so positions differ)
+        group["params"] = [p]
+        narrowed.step()
+    group["params"] = everything
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

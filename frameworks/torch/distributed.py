@@ -36,27 +36,6 @@ def _op_name(hvd, op):
     return next(name for name in _OP_NAMES.values() if op == getattr(hvd, name))
 
 
-def _one_group_per_parameter(optimizer):
-    """The same optimizer (same class, hyper-parameters and state) with one param group per
-    parameter. Horovod's Adasum optimizer steps one parameter at a time by narrowing each group's
-    ``params`` to that parameter (or to nothing); with one parameter per group, every group a
-    step sees is whole, so names (``param_names``) and the per-parameter exclusion policy stay
-    aligned with their tensors."""
-    groups = []
-    for group in optimizer.param_groups:
-        names = group.get("param_names")
-        for i, p in enumerate(group["params"]):
-            single = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            single["params"] = [p]
-            if names:
-                single["param_names"] = [names[i]]
-            groups.append(single)
-    split = type(optimizer)(groups)
-    for p, state in optimizer.state.items():
-        split.state[p] = state
-    return split
-
-
 def distributed_optimizer(optimizer, model=None, *, named_parameters=None, compression=None,
                           backward_passes_per_step=1, op=None, gradient_predivide_factor=1.0, broadcast=True,
                           root_rank=0):
@@ -92,8 +71,6 @@ def distributed_optimizer(optimizer, model=None, *, named_parameters=None, compr
                          f"and gradient_predivide_factor={gradient_predivide_factor!r}")
     if named_parameters is None and model is not None:
         named_parameters = model.named_parameters()
-    if op == hvd.Adasum and hvd.size() > 1:
-        optimizer = _one_group_per_parameter(optimizer)
     wrapped = hvd.DistributedOptimizer(
         optimizer, named_parameters=named_parameters, compression=_compression(hvd, compression),
         backward_passes_per_step=backward_passes_per_step, op=op,

@@ -35,9 +35,12 @@ from largebatch.validation import check_hyperparameters
 __all__ = ["LARS", "LAMB", "CLARS"]
 
 
-def _policy_flags(group, policy):
-    """Per-parameter (adapt, decay) booleans from the core policy, using names if the group has them."""
-    names = group.get("param_names") or [None] * len(group["params"])
+def _policy_flags(group, policy, names_of):
+    """Per-parameter (adapt, decay) booleans from the core policy, using names if the group has them.
+
+    Names are looked up by parameter (``names_of``), not by position: Horovod's Adasum optimizer
+    steps a group with its parameters swapped for one at a time."""
+    names = [names_of.get(id(p)) for p in group["params"]]
     return [(policy.adapts(n, p.shape), policy.decays(n, p.shape)) for n, p in zip(names, group["params"])]
 
 
@@ -48,10 +51,9 @@ class _LayerwiseOptimizer(Optimizer):
 
     def __init__(self, params, defaults):
         self._flag_cache = {}
+        self._names_of = {}       # id(parameter) -> its name, from the groups' param_names
         self._plans = {}          # group index -> _Plan of its last step (see _plan)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._check_group(group)
+        super().__init__(params, defaults)      # checks each group through add_param_group
 
     def _check_group(self, group):
         policy = ParamPolicy.from_spec(group["exclude"])     # raises on a malformed rule
@@ -62,9 +64,12 @@ class _LayerwiseOptimizer(Optimizer):
                              "or largebatch.torch.param_groups(model) as params")
         if group.get("fused") and group.get("foreach"):
             raise ValueError("fused: expected fused=True or foreach=True, not both")
+        for p, name in zip(group["params"], group.get("param_names") or ()):
+            self._names_of[id(p)] = name
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
         self._clear_caches()
 
     def load_state_dict(self, state_dict):
@@ -76,9 +81,9 @@ class _LayerwiseOptimizer(Optimizer):
         self._plans.clear()
 
     def _flags(self, index, group):
-        key = (index, id(group["exclude"]), len(group["params"]))
+        key = (index, id(group["exclude"]), tuple(id(p) for p in group["params"]))
         if key not in self._flag_cache:
-            self._flag_cache[key] = _policy_flags(group, ParamPolicy.from_spec(group["exclude"]))
+            self._flag_cache[key] = _policy_flags(group, ParamPolicy.from_spec(group["exclude"]), self._names_of)
         return self._flag_cache[key]
 
     @torch.no_grad()
