@@ -24,7 +24,24 @@ def machine_info(**settings):
         if m is not None:
             info[mod] = getattr(m, "__version__", "?")
     info["settings"] = settings
+    warning = load_warning(info.get("loadavg_1_5_15"), info["cpus"])
+    if warning:
+        info["warning"] = warning
     return info
+
+
+# A benchmark shares the CPUs with whatever else runs: above this many runnable processes per
+# core (1-minute load average, taken before the benchmark's own processes start) its timings
+# were seen off by up to 1000x (allreduce at load 2 on 2 cores)
+BUSY_LOAD_PER_CORE = 0.5
+
+
+def load_warning(loadavg, cpus):
+    """One line when the machine is too busy for timings to mean much, else None."""
+    if not loadavg or not cpus or loadavg[0] <= BUSY_LOAD_PER_CORE * cpus:
+        return None
+    return (f"WARNING: load average {loadavg[0]:.2f} on {cpus} cores before the benchmark started: other "
+            f"processes compete for the CPUs and these timings are unreliable; rerun on a quiet machine")
 
 
 def _cpu_model():
@@ -44,6 +61,9 @@ def print_header(info, title):
                      if k in info)
     print(f"   versions: {vers}")
     print(f"   settings: {json.dumps(info['settings'], default=str)}")
+    if info.get("warning"):
+        print(f"   {info['warning']}")
+        print(info["warning"], file=sys.stderr)
     sys.stdout.flush()
 
 

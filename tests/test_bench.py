@@ -109,3 +109,15 @@ def test_optimizer_cost_quick(tmp_path):
     assert (tmp_path / "torch_optimizer_cost.png").stat().st_size > 0
     assert (tmp_path / "keras_optimizer_cost.csv").exists()
     assert (tmp_path / "keras_optimizer_cost.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_busy_machine_is_said_to_give_unreliable_timings():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import _common
+    assert _common.load_warning([0.4, 0.3, 0.2], 2) is None
+    assert _common.load_warning([2.0, 1.0, 1.0], 2) == (
+        "WARNING: load average 2.00 on 2 cores before the benchmark started: other processes compete for the CPUs "
+        "and these timings are unreliable; rerun on a quiet machine")
+    assert _common.load_warning(None, 2) is None
+    info = _common.machine_info()
+    assert ("warning" in info) == (_common.load_warning(info.get("loadavg_1_5_15"), info["cpus"]) is not None)
