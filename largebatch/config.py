@@ -14,7 +14,7 @@ validate`` prints the fully resolved file. Sections and keys (see docs/experimen
                    trust_coefficient, eps, trust_denominator, nesterov, betas, exclude
     schedule       base_lr, base_batch, scaling, warmup, warmup_epochs, warmup_start_lr,
                    decay, power, end_lr, milestones, factor, momentum_correction
-    train          epochs | steps, seed, log_every, eval, resume, on_nonfinite
+    train          epochs | steps, seed, log_every, eval, label_smoothing, resume, on_nonfinite
     output         dir, run_dir, checkpoint_every, checkpoint_keep, tensorboard, trust_ratios, progress
     launcher       type, np, hosts | hostfile, ranks_per_host, controller, cores_per_host,
                    threads_per_rank, interop_threads, binding, network_interface, env, args, python
@@ -292,7 +292,7 @@ SCHEMA = {
     "description": F(text, ""),
     "framework": F(choice(FRAMEWORKS), "torch"),
     "model": {
-        "name": F(choice(sorted({m for ms in MODELS.values() for m in ms})), "small_cnn"),
+        "name": F(string, "small_cnn", doc="checked against the framework's models (MODELS)"),
         "num_classes": F(integer(1), None, nullable=True, doc="default: from data"),
         "batch_norm": F(boolean, True, doc="small_cnn: BatchNorm after each convolution"),
         "zero_init_residual": F(boolean, False, doc="torch ResNets: γ = 0 in each block's last BN (Goyal et al.)"),
@@ -346,6 +346,8 @@ SCHEMA = {
         "seed": F(integer(0), 0),
         "log_every": F(integer(1), 10),
         "eval": F(boolean, True),
+        "label_smoothing": F(number(0, 1, high_open=True), 0.0,
+                             doc="ε of label smoothing in the training loss (Szegedy et al.); 0 = none"),
         "resume": F(string, "none", doc="auto (newest checkpoint in the run dir, if any) | PATH | none"),
         "on_nonfinite": F(choice(("stop", "skip")), "stop",
                           doc="NaN/Inf gradient: stop the run (exit 1) or skip the step; always reported"),
@@ -536,7 +538,7 @@ def load(path, overrides=(), *, check_paths=True):
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError([f"{path}: cannot read ({err})"]) from None
     if doc is None:
-        doc = {}
+        raise ConfigError([f"{path}: the file is empty"])
     if not isinstance(doc, dict):
         raise ConfigError([f"{path}: expected a mapping of sections (framework, model, data, ...), "
                            f"got {type(doc).__name__} {doc!r}"[:200]])
@@ -614,7 +616,12 @@ def _cross_checks(cfg, explicit, derived, problems, check_paths):
     opt, sch, train, la = cfg["optimizer"], cfg["schedule"], cfg["train"], cfg["launcher"]
 
     # model and optimizer for the framework
-    if model["name"] not in MODELS[fw]:
+    known = {m for ms in MODELS.values() for m in ms}
+    if model["name"] not in known:
+        close = difflib.get_close_matches(model["name"], MODELS[fw], n=1, cutoff=0.6)
+        problems.append(f"model.name: expected one of {', '.join(repr(m) for m in MODELS[fw])} (framework {fw!r}), "
+                        f"got {model['name']!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    elif model["name"] not in MODELS[fw]:
         problems.append(f"model.name: {model['name']!r} is not available for framework {fw!r} "
                         f"(available: {', '.join(repr(m) for m in MODELS[fw])})")
     if opt["name"] not in FRAMEWORK_OPTIMIZERS[fw]:
@@ -950,6 +957,8 @@ def describe(exp):
     if c["schedule"]["warmup"] != "none" and c["schedule"]["warmup_epochs"] > 0:
         warm = f", {c['schedule']['warmup']} warmup {c['schedule']['warmup_epochs']:g} epochs"
     decay = c["schedule"]["decay"] + (f" {c['schedule']['power']:g}" if c["schedule"]["decay"] == "poly" else "")
+    smooth = c["train"]["label_smoothing"]
+    length += f", label smoothing {smooth:g}" if smooth else ""
     return (f"{c['name']}: {c['framework']} {c['model']['name']} on {c['data']['kind']} data, "
             f"{c['optimizer']['name']}, global batch {d['global_batch']} = {d['per_worker_batch']} per worker × "
             f"{d['np']} ranks × {d['accumulation_steps']} accumulation, peak lr {d['peak_lr']:g} "

@@ -46,10 +46,13 @@ def test_minimal_file_resolves_to_the_documented_defaults(tmp_path):
     assert exp.source == {"file": str(path.resolve()), "overrides": []}
 
 
-def test_empty_file_is_all_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
+def test_an_empty_file_is_refused_with_one_line(tmp_path, text):
     path = tmp_path / "empty.yaml"
-    path.write_text("")
-    assert load(path).cfg["framework"] == "torch"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert err.value.problems == [f"{path}: the file is empty"]
 
 
 def test_lamb_eps_default_and_shorthand_sections():
@@ -439,3 +442,42 @@ def test_every_problem_is_reported_once_and_follow_ups_of_bad_keys_are_not():
         "optimizer.betas: not used by optimizer 'lars' (used by: lamb)",
         "batch.global: expected a multiple of launcher.np × batch.accumulation_steps = 2 × 1 = 2, got 63",
     ]
+
+
+# ------------------------------------------------------------------------------ models per framework
+@pytest.mark.parametrize("framework, name, message", [
+    ("torch", "resnet34", "model.name: expected one of 'small_cnn', 'resnet18', 'resnet50', 'alexnet_bn' "
+                          "(framework 'torch'), got 'resnet34' (did you mean 'resnet50'?)"),
+    ("keras", "resnet34", "model.name: expected one of 'small_cnn', 'small_resnet', 'resnet50' (framework 'keras'), "
+                          "got 'resnet34' (did you mean 'resnet50'?)"),
+    ("torch", "small_resnet", "model.name: 'small_resnet' is not available for framework 'torch' "
+                              "(available: 'small_cnn', 'resnet18', 'resnet50', 'alexnet_bn')"),
+])
+def test_model_choices_are_those_of_the_framework(framework, name, message):
+    assert one({"framework": framework, "model": name}) == message
+
+
+def test_every_listed_model_is_accepted_for_its_framework():
+    from largebatch.config import MODELS
+    for framework, names in MODELS.items():
+        for name in names:
+            doc = {"framework": framework, "model": name, "optimizer": "lars"}
+            if name == "alexnet_bn":
+                doc["data"] = {"image_size": 64}
+            assert load_dict(doc).cfg["model"]["name"] == name
+
+
+# ------------------------------------------------------------------------------ label smoothing
+def test_label_smoothing_default_and_value():
+    assert load_dict({}).cfg["train"]["label_smoothing"] == 0.0
+    exp = load_dict({"train": {"label_smoothing": 0.1}})
+    assert exp.cfg["train"]["label_smoothing"] == 0.1
+    assert exp.resolved()["train"]["label_smoothing"] == 0.1
+    from largebatch.checkpoint import config_hash
+    assert config_hash(exp.cfg) != config_hash(load_dict({}).cfg)        # it changes the trajectory
+
+
+@pytest.mark.parametrize("value, shown", [(1, "1.0"), (1.5, "1.5"), (-0.1, "-0.1"), ("much", "'much'")])
+def test_label_smoothing_out_of_range_is_one_line(value, shown):
+    assert one({"train": {"label_smoothing": value}}) == \
+        f"train.label_smoothing: expected a number in [0, 1), got {shown}"
