@@ -74,6 +74,22 @@ def exclude_from_decay(optimizer, cfg, model):
             optimizer.exclude_from_weight_decay(var_list=excluded)
 
 
+def training_loss(cfg, num_classes):
+    """Cross-entropy on the logits; with ``train.label_smoothing`` ε > 0 against smoothed targets
+    (1 - ε on the label, ε / classes everywhere: Keras' ``CategoricalCrossentropy(label_smoothing)``
+    and torch's ``CrossEntropyLoss(label_smoothing)`` agree). Evaluation reports the plain loss."""
+    import keras
+    smoothing = cfg["train"]["label_smoothing"]
+    if not smoothing:
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def smoothed_cross_entropy(y_true, logits):
+        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        return keras.losses.categorical_crossentropy(keras.ops.one_hot(labels, num_classes), logits,
+                                                     from_logits=True, label_smoothing=smoothing)
+    return smoothed_cross_entropy
+
+
 def _log_softmax(z):
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
@@ -123,7 +139,7 @@ def run(exp, loader, threads):
     fault = faults.from_env(rank)
     if fault is not None:
         fault.arm_keras(model, optimizer)          # before the train function is traced
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    model.compile(optimizer=optimizer, loss=training_loss(cfg, derived["num_classes"]),
                   metrics=["accuracy"], jit_compile=False)
     optimizer.build(model.trainable_variables)     # its variables exist before a checkpoint is loaded
     resumed = _load_resume(cfg, run_dir, model, optimizer, hvd, rank)   # before anything is written

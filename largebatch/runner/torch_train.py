@@ -167,7 +167,8 @@ def run(exp, loader, threads):
     guard = import_mapped("largebatch.torch.guard").NonFiniteGuard(model, optimizer, hvd=hvd)
     on_nonfinite = cfg["train"]["on_nonfinite"]
     fault = faults.from_env(rank)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    smoothing = cfg["train"]["label_smoothing"]
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=smoothing) if smoothing else torch.nn.CrossEntropyLoss()
     clars = o["name"] == "clars"
     if clars:
         per_example = lbt.per_example_norm_sums
