@@ -17,7 +17,7 @@ LOG_DIR="$CACHE/logs"
 mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/setup-$(date +%Y%m%d-%H%M%S)-$$.log"
 STAMP="$VENV/.largebatch-ready"
-PIP_PKGS=(mpi4py pyyaml pytest pytest-timeout hypothesis numpy tqdm matplotlib packaging pillow)
+PIP_PKGS=(mpi4py pyyaml pytest pytest-timeout hypothesis numpy tqdm matplotlib packaging pillow tensorboard)
 
 say() { echo "[setup] $*"; }
 die() { echo "[setup] FAILED: $1 (log: $LOG)" >&2; exit 1; }

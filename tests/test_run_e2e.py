@@ -13,7 +13,7 @@ import pytest
 
 from largebatch.runner import data as lbdata
 from largebatch.runner.entry import world_rank_from_env, world_size_from_env
-from largebatch.runner.tbevents import EventWriter, crc32c, read_scalars
+from largebatch.runner.tbevents import EventWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 PIL = pytest.importorskip("PIL.Image")
@@ -114,15 +114,32 @@ def test_prefetcher_keeps_order(tmp_path):
 
 
 # ------------------------------------------------------------------------------ tensorboard, env
-def test_event_writer_round_trip(tmp_path):
-    assert crc32c(b"123456789") == 0xE3069283        # the CRC-32C check value
+def tensorboard_scalars(log_dir):
+    """{tag: [(step, value)]} as TensorBoard's own reader sees the event files of ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_event_writer_is_read_by_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
     w = EventWriter(tmp_path)
     w.scalars(3, {"train/loss": 1.5, "trust_ratio/conv1.weight": 0.25})
+    w.scalars(4, {"train/loss": 1.25})
     w.scalars(2 ** 40, {"x": -2.0})
     w.close()
     assert Path(w.path).name.startswith("events.out.tfevents.")
-    assert read_scalars(w.path) == [(3, "train/loss", 1.5), (3, "trust_ratio/conv1.weight", 0.25),
-                                    (2 ** 40, "x", -2.0)]
+    assert tensorboard_scalars(tmp_path) == {"train/loss": [(3, 1.5), (4, 1.25)], "trust_ratio/conv1.weight": [(3, 0.25)],
+                                             "x": [(2 ** 40, -2.0)]}
+
+
+def test_the_writer_does_not_import_torch_or_tensorflow():
+    code = ("import sys, tempfile; from largebatch.runner.tbevents import EventWriter; "
+            "w = EventWriter(tempfile.mkdtemp()); w.scalars(1, {'a': 1.0}); w.close(); "
+            "print(sorted(m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "[]\n", proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("env, size, rank", [
@@ -165,9 +182,13 @@ def _check_run_dir(run_dir, framework, ranks):
     assert float(train[-1]["loss"]) < float(train[0]["loss"])          # it learns
     jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(jsonl) == len(rows)
-    events = next((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    tags = {tag for _, tag, _ in read_scalars(events)}
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    tags = set(scalars)
     assert {"train/loss", "train/lr", "train/images_per_sec"} <= tags
+    logged = [(int(r["step"]), float(r["loss"])) for r in train]
+    assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in logged]      # the rows of metrics.csv
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([v for _, v in logged], rel=1e-6)
     return summary, rows, tags
 
 

@@ -130,7 +130,12 @@ class RunLog:
         if not keep:
             self._csv.writeheader()
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a" if keep else "w")
-        if exp.cfg["output"]["tensorboard"]:
+        from .tbevents import available
+        missing = available() if exp.cfg["output"]["tensorboard"] else None
+        if missing:
+            print(f"largebatch: output.tensorboard: no event file: {missing} (or set output.tensorboard=false)",
+                  file=sys.stderr, flush=True)
+        elif exp.cfg["output"]["tensorboard"]:
             from .tbevents import EventWriter
             tb_dir = os.path.join(run_dir, "tensorboard")
             if os.path.isdir(tb_dir) and not append:   # a rerun into the same directory replaces the run
