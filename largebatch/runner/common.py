@@ -22,7 +22,8 @@ from .. import __version__
 from ..config import dump_yaml
 from ..schedules import build_schedule
 
-__all__ = ["RunLog", "make_schedule", "Progress", "Throughput", "versions"]
+__all__ = ["RunLog", "make_schedule", "Progress", "Throughput", "versions", "holds_run", "choose_run_dir",
+           "claim_run_dir", "progress_mode"]
 
 METRIC_FIELDS = ("kind", "step", "epoch", "lr", "loss", "accuracy", "images_per_sec", "elapsed_s")
 
@@ -270,6 +271,91 @@ def datasets_and_steps(exp):
     else:
         derived["total_steps"] = max(1, round(cfg["train"]["epochs"] * spe))
     return train_set, val_set
+
+
+# files that show a folder holds a run (a folder `largebatch run` or `largebatch sbatch` has just
+# created holds only launch.sh, job.sbatch, slurm-*.out)
+RUN_FILES = ("summary.json", "metrics.csv", "metrics.jsonl", "trust_ratios.csv", "config.yaml")
+
+
+def holds_run(run_dir):
+    """What shows that ``run_dir`` holds a run (``'summary.json'``, ``'checkpoints/'``, ...), or
+    None: no such folder, an empty one, or one just created for this run."""
+    from .. import checkpoint as core
+    if not os.path.isdir(run_dir):
+        return None
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(run_dir, name)):
+            return name
+    if core.list_checkpoints(os.path.join(run_dir, "checkpoints")):
+        return "checkpoints/"
+    tb = os.path.join(run_dir, "tensorboard")
+    if os.path.isdir(tb) and any(n.startswith("events.out.tfevents.") for n in os.listdir(tb)):
+        return "tensorboard/"
+    return None
+
+
+def run_dir_refusal(run_dir, found):
+    """The one line for a run directory that holds another run."""
+    return (f"output.run_dir: {run_dir} holds another run ({found}); give this run a fresh output.run_dir, "
+            f"or set train.resume=auto (or train.resume=PATH) to continue that one")
+
+
+def fresh_run_dir(base):
+    """``base`` if it does not exist, else the first of ``base-2``, ``base-3``, ... that does not."""
+    candidate, n = base, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def choose_run_dir(exp, run_dir):
+    """Where this run writes: ``(run_dir, note)``. A run never writes over another run's files:
+    with ``train.resume`` (auto or a path) it continues in ``run_dir``; a folder that holds no run
+    is used as it is; over another run, an explicit ``output.run_dir`` is refused (ConfigError,
+    one line) and the default ``<output.dir>/<name>`` becomes ``<name>-2``, ``-3``, ... as with
+    ``largebatch run`` (created here, so that two runs cannot pick the same one)."""
+    from ..config import ConfigError
+    if exp.cfg["train"]["resume"] != "none":
+        return run_dir, None
+    found = holds_run(run_dir)
+    if found is None:
+        return run_dir, None
+    if exp.cfg["output"]["run_dir"]:
+        raise ConfigError([run_dir_refusal(run_dir, found)])
+    while True:
+        fresh = fresh_run_dir(run_dir)
+        try:
+            os.makedirs(fresh)
+            break
+        except FileExistsError:          # another run took it in between
+            continue
+    return fresh, f"{run_dir} holds another run ({found}); this run writes to {fresh}"
+
+
+def claim_run_dir(exp, run_dir, hvd, rank, elastic=False):
+    """Rank 0 decides where the run writes (:func:`choose_run_dir`); every rank gets the answer
+    (or the refusal: ConfigError, exit 2, on every rank, before anything is written). Horovod
+    Elastic ranks skip it (a rank joining later could not take part in the broadcast):
+    ``largebatch run`` checks the folder before it launches."""
+    from ..config import ConfigError
+    if elastic:
+        return run_dir
+    answer = None
+    if rank == 0:
+        try:
+            answer = choose_run_dir(exp, run_dir) + (None,)
+        except ConfigError as err:
+            answer = (None, None, err.problems[0])
+    if hvd.size() > 1:
+        answer = hvd.broadcast_object(answer, root_rank=0, name="largebatch.run_dir")
+    path, note, problem = answer
+    if problem:
+        raise ConfigError([problem])
+    if note and rank == 0:
+        print(f"largebatch: {note}", file=sys.stderr, flush=True)
+    return path
 
 
 def resolve_resume(cfg, run_dir):

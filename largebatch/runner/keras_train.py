@@ -23,8 +23,9 @@ import numpy as np
 from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
 from . import faults, lifeline
-from .common import (Progress, RunLog, Throughput, announce_resume, datasets_and_steps, make_schedule,
-                     read_resume, save_run_checkpoint, summary_dict, versions, weights_digest, world_record)
+from .common import (Progress, RunLog, Throughput, announce_resume, claim_run_dir, datasets_and_steps,
+                     make_schedule, read_resume, save_run_checkpoint, summary_dict, versions, weights_digest,
+                     world_record)
 from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
 
@@ -131,7 +132,7 @@ def run(exp, loader, threads):
     schedule = make_schedule(exp)
     total = derived["total_steps"]
 
-    run_dir = run_dir_of(exp)
+    run_dir = claim_run_dir(exp, run_dir_of(exp), hvd, rank)     # never over another run's files
     model = build_model(cfg, derived)
     optimizer = lbk.DistributedOptimizer(build_optimizer(cfg, model, schedule(0)), accumulation_steps=acc,
                                          nonfinite_guard=True)

@@ -12,8 +12,9 @@ from ..config import ConfigError, import_mapped
 from ..policy import ParamPolicy
 from ..schedules import momentum_correction
 from . import faults, lifeline
-from .common import (Progress, RunLog, Throughput, announce_resume, datasets_and_steps, make_schedule,
-                     read_resume, save_run_checkpoint, summary_dict, versions, weights_digest, world_record)
+from .common import (Progress, RunLog, Throughput, announce_resume, claim_run_dir, datasets_and_steps,
+                     make_schedule, read_resume, save_run_checkpoint, summary_dict, versions, weights_digest,
+                     world_record)
 from .data import Prefetcher, epoch_batches, eval_batches
 from .entry import run_dir_of
 
@@ -150,7 +151,7 @@ def run(exp, loader, threads):
     total = derived["total_steps"]
     acc = _accumulation(derived, size, elastic)
 
-    run_dir = run_dir_of(exp)
+    run_dir = claim_run_dir(exp, run_dir_of(exp), hvd, rank, elastic)    # never over another run's files
     model = build_model(cfg, derived)
     model.train()
     o = cfg["optimizer"]
