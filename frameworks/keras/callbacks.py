@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from largebatch import schedules as _schedules
+from largebatch.consistency import RankDivergenceError, first_divergence  # noqa: F401 (re-exported)
 from largebatch.horovod_support import import_horovod
 from largebatch.nonfinite import NonFinite
 from largebatch.validation import check_positive_int
@@ -35,9 +36,6 @@ from .optimizers import LARS
 __all__ = ["BroadcastGlobalVariables", "MetricAverage", "LearningRateSchedule", "TrustRatioLogger",
            "RankConsistencyCheck", "RankDivergenceError", "NonFiniteGuard", "NonFinite"]
 
-
-class RankDivergenceError(RuntimeError):
-    """Ranks hold different weights: they are no longer training one model."""
 
 
 def _hvd():
@@ -341,21 +339,12 @@ class RankConsistencyCheck(_Callback):
         local = self._checksum[1](_tf_vars(variables))
         gathered = hvd.allgather(local[None, :], name="largebatch.rank_consistency").numpy()
         self.checks += 1
-        reference = gathered[0]
-        for rank in range(1, gathered.shape[0]):
-            row = gathered[rank]
-            bad = ~np.isclose(row, reference, rtol=self.rtol, atol=0.0, equal_nan=True)
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                var = variables[i // 2]
-                name = getattr(var, "path", None) or var.name
-                what = "sum" if i % 2 == 0 else "sum of squares"
-                self.model.stop_training = True
-                raise RankDivergenceError(
-                    f"ranks' weights differ at {where}: {what} of {name!r} is {float(reference[i]):.17g} on rank 0 "
-                    f"but {float(row[i]):.17g} on rank {rank}; the ranks are training different models (is the optimizer "
-                    "wrapped with largebatch.keras.DistributedOptimizer and BroadcastGlobalVariables(0) in the "
-                    "callbacks?)")
+        message = first_divergence(gathered, [getattr(v, "path", None) or v.name for v in variables], where,
+                                   rtol=self.rtol, hint="is the optimizer wrapped with largebatch.keras."
+                                   "DistributedOptimizer and BroadcastGlobalVariables(0) in the callbacks?")
+        if message:
+            self.model.stop_training = True
+            raise RankDivergenceError(message)
 
 
 _CODES = {1: ("gradient", "nan"), 2: ("gradient", "inf"), 4: ("trust ratio", "nan/inf")}

@@ -16,5 +16,6 @@ __all__ = ["LARS", "LAMB", "CLARS", "param_groups", "per_example_norm_sums", "di
            "broadcast_state", "init_optimizer_state", "elastic_state", "amp_step"]
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
 from .guard import NonFiniteGuard  # noqa: F401,E402
+from .consistency import RankConsistencyCheck, RankDivergenceError  # noqa: F401,E402
 
-__all__ += ["save_checkpoint", "load_checkpoint", "NonFiniteGuard"]
+__all__ += ["save_checkpoint", "load_checkpoint", "NonFiniteGuard", "RankConsistencyCheck", "RankDivergenceError"]
