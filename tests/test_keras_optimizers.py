@@ -299,9 +299,9 @@ def test_unknown_argument_without_a_close_name_lists_them():
         lbk.LARS(zzz=1)
 
 
-def test_clars_not_implemented_says_why():
-    with pytest.raises(NotImplementedError, match="per-example gradient"):
-        lbk.CLARS(learning_rate=1.0)
+def test_clars_is_lars_with_its_own_denominator():
+    # largebatch.keras.CLARS with model.fit: tests/test_keras_clars.py
+    assert issubclass(lbk.CLARS, lbk.LARS)
 
 
 # ---- the legacy-Keras refusal ----------------------------------------------------------------

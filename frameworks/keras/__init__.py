@@ -21,11 +21,12 @@ _check_keras()
 from ._checks import HorovodKerasError, check_callbacks, check_optimizer, guard_horovod_callbacks  # noqa: E402
 from .distributed import DistributedOptimizer, is_distributed  # noqa: E402
 from .optimizers import CLARS, LAMB, LARS  # noqa: E402
+from .per_example import enable_clars, per_example_norm_sums  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from . import callbacks, checkpoint, models  # noqa: E402,F401
+from . import callbacks, checkpoint, models, per_example  # noqa: E402,F401
 
 guard_horovod_callbacks()            # Horovod's Keras callbacks already imported (see _checks)
 
-__all__ = ["LARS", "LAMB", "CLARS", "DistributedOptimizer", "is_distributed", "check_optimizer",
+__all__ = ["LARS", "LAMB", "CLARS", "enable_clars", "per_example_norm_sums", "per_example", "DistributedOptimizer", "is_distributed", "check_optimizer",
            "check_callbacks", "HorovodKerasError", "callbacks", "models", "checkpoint", "save_checkpoint",
            "load_checkpoint"]

@@ -95,6 +95,10 @@ class _DistributedMixin:
             self._lb_micro_step = self.add_variable(shape=(), dtype="int64", name="lb_micro_step")
             # each rank's own partial sums: legitimately different across ranks
             self._lb_rank_local_paths = tuple(a.path for a in self._lb_accumulators if a is not None)
+            if getattr(type(self), "_lb_clars", False):      # CLARS: norm sums and batch sizes so far
+                self._lb_norm_accumulator = self.add_variable(shape=(len(variables) + 1,),
+                                                              name="lb_norm_sum_accumulator")
+                self._lb_rank_local_paths += (self._lb_norm_accumulator.path,)
         if self._lb_guard:
             self._lb_build_guard(variables)
 
@@ -165,9 +169,34 @@ class _DistributedMixin:
             return
         if self._lb_inject_nan is not None:
             grads = self._lb_inject(grads, trainable_variables)
+        clars = getattr(type(self), "_lb_clars", False)
+        if clars and trainable_variables is not None and not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(trainable_variables))
         if self._lb_accumulation_steps == 1:
-            return super().apply(self._lb_average(grads), trainable_variables)
+            if not clars:
+                return super().apply(self._lb_average(grads), trainable_variables)
+            local = self._lb_norm_vector(trainable_variables)
+            return self._lb_apply_clars(self._lb_average(grads), trainable_variables, local)
         return self._lb_accumulate(grads, trainable_variables)
+
+    # ---- CLARS: per-example norm sums added over ranks (and micro-batches) -------------------
+    def _lb_norm_vector(self, trainable_variables):
+        """[Σ_i ‖∇_l f_i‖ per variable..., batch size]: this rank's, for this micro-batch."""
+        sums, batch = self._lb_local_norm_sums(trainable_variables)
+        return tf.concat([sums, tf.reshape(batch, (1,))], axis=0)
+
+    def _lb_apply_clars(self, grads, trainable_variables, local):
+        """One allreduce(Sum) of the per-rank norm sums and batch sizes, then CLARS's apply."""
+        hvd = _hvd()
+        total = local
+        if hvd.is_initialized() and hvd.size() > 1:
+            total = hvd.allreduce(local, op=hvd.Sum)
+        self._lb_set_norm_sums(total[:-1], total[-1])
+        try:
+            return super(_DistributedMixin, self).apply(grads, trainable_variables)
+        finally:
+            self._lb_norm_means = None
 
     def _lb_accumulate(self, grads, trainable_variables):
         k = self._lb_accumulation_steps
@@ -176,16 +205,23 @@ class _DistributedMixin:
         else:
             trainable_variables = list(trainable_variables)
             if not self.built:
-                with keras.backend.name_scope(self.name, caller=self):
+                with keras.name_scope(self.name, caller=self):
                     self.build(trainable_variables)
         accumulators = [self._lb_accumulators[self._get_variable_index(v)] for v in trainable_variables]
         grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
         micro = self._lb_micro_step
+        clars = getattr(type(self), "_lb_clars", False)
+        norms = self._lb_norm_vector(trainable_variables) if clars else None
 
         def update():
             total = [None if g is None else (tf.cast(g, a.dtype) + a.value) / k
                      for g, a in zip(grads, accumulators)]
-            super(_DistributedMixin, self).apply(self._lb_average(total), trainable_variables)
+            if clars:
+                self._lb_apply_clars(self._lb_average(total), trainable_variables,
+                                     norms + self._lb_norm_accumulator.value)
+                self._lb_norm_accumulator.assign(tf.zeros_like(self._lb_norm_accumulator.value))
+            else:
+                super(_DistributedMixin, self).apply(self._lb_average(total), trainable_variables)
             for g, a in zip(grads, accumulators):
                 if g is not None:
                     a.assign(tf.zeros_like(a.value))
@@ -194,6 +230,8 @@ class _DistributedMixin:
             for g, a in zip(grads, accumulators):
                 if g is not None:
                     a.assign_add(tf.cast(g, a.dtype))
+            if clars:
+                self._lb_norm_accumulator.assign_add(norms)
 
         is_update = tf.equal((micro.value + 1) % k, 0)
         keras.ops.cond(is_update, update, accumulate)

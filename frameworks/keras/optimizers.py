@@ -336,7 +336,7 @@ class LARS(_LayerwiseOptimizer):
         norm_of_sum = self.trust_denominator == "norm_of_sum"
         # norms in float32 (float64 for float64 variables), as halved sums of squares
         if adapt:
-            w_half, g_half = _half_sum_sq(w), _half_sum_sq(g)
+            w_half, g_half = _half_sum_sq(w), self._lb_grad_half(index, g)
             update_half = _half_sum_sq(g + beta * w) if norm_of_sum else tf.zeros((), w_half.dtype)
         else:                                        # not adapted: the layer lr is γ_t, norms unused
             w_half = g_half = update_half = tf.zeros((), tf.float64 if dtype == tf.float64 else tf.float32)
@@ -357,6 +357,10 @@ class LARS(_LayerwiseOptimizer):
             self.assign(v, new_v)
             self.assign(w, new_w)
         self._record(index, layer_lr)
+
+    def _lb_grad_half(self, index, g):
+        """‖g‖²/2 for the ratio's denominator (CLARS: from the mean per-example norm instead)."""
+        return _half_sum_sq(g)
 
     def get_config(self):
         config = super().get_config()
@@ -419,20 +423,90 @@ class LAMB(_LayerwiseOptimizer):
         return config
 
 
-class CLARS:
-    """CLARS (Huo, Gu, Huang 2020) is not available for Keras.
+@keras.saving.register_keras_serializable(package="largebatch")
+class CLARS(LARS):
+    """LARS whose denominator is each layer's mean per-example gradient norm (CLARS) for Keras 3.
 
-    Its denominator is each layer's mean per-example gradient norm over the global batch. A
-    Keras optimizer only ever receives the batch-mean gradient from ``model.fit``'s train step;
-    per-example norms need a custom ``train_step`` that differentiates every example's loss
-    separately (``tf.vectorized_map`` over a per-example tape: B times the backward memory, and
-    not every layer vectorises). Use ``largebatch.torch.CLARS`` or the NumPy reference
-    (``largebatch.ReferenceOptimizer("clars", ...)``).
+    Our reading of Huo, Gu, Huang 2020 (arXiv 2002.01576; AAAI 2021), stated in docs/algorithms.md::
+
+        λ = η‖w‖ / ((1/B)·Σ_i ‖∇_l f_i(w)‖ + β‖w‖ + eps)        over the global batch B
+
+    and otherwise :class:`LARS` (same arguments; ``trust_denominator`` must be 'sum_of_norms').
+    The mean comes from :func:`largebatch.trust.clars_mean_example_norm`.
+
+    With ``model.fit``: call :func:`largebatch.keras.enable_clars` on the model; its train step
+    computes the per-example norms in the compiled train function and hands them over. Wrapped
+    in :func:`largebatch.keras.DistributedOptimizer`, the per-rank sums and batch sizes are added
+    with one allreduce (and summed over accumulation micro-batches). In a custom loop, call
+    :meth:`set_per_example_norms` before ``apply``. A step without norms is refused when the train
+    function is traced.
     """
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError(
-            "largebatch.keras.CLARS is not implemented: CLARS needs each layer's per-example gradient "
-            "norms, but a Keras optimizer only receives the batch-mean gradient from model.fit's train step "
-            "(per-example gradients would need a custom train_step with tf.vectorized_map, B times the "
-            "backward memory); use largebatch.torch.CLARS or largebatch.ReferenceOptimizer('clars', ...)")
+    _lb_clars = True
+
+    def __init__(self, learning_rate=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
+                 eps=0.0, trust_denominator="sum_of_norms", clip=False, nesterov=False, exclude=None,
+                 fused=None, name="clars", **kwargs):
+        if trust_denominator != "sum_of_norms":
+            raise ValueError("trust_denominator: CLARS defines its own denominator, expected 'sum_of_norms', "
+                             f"got {trust_denominator!r}")
+        if kwargs.get("gradient_accumulation_steps"):
+            raise ValueError("gradient_accumulation_steps: Keras' own accumulation would give CLARS the norms of "
+                             "the last micro-batch only; use largebatch.keras.DistributedOptimizer(opt, "
+                             "accumulation_steps=k)")
+        super().__init__(learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+                         trust_coefficient=trust_coefficient, eps=eps, trust_denominator=trust_denominator,
+                         clip=clip, nesterov=nesterov, exclude=exclude, fused=fused, name=name, **kwargs)
+        self._lb_norm_source = None       # set by enable_clars' train step while it traces
+        self._lb_explicit_norms = None    # set_per_example_norms (custom loops)
+        self._lb_norm_means = None        # per variable index, while apply runs
+
+    def set_per_example_norms(self, norm_sums, global_batch_size):
+        """Record Σ_i ‖∇_l f_i‖ for the next ``apply``: ``norm_sums`` maps each trainable variable's
+        path (or the variable) to a 0-d tensor, as :func:`largebatch.keras.per_example_norm_sums`
+        returns; ``global_batch_size`` is B (a number or 0-d tensor)."""
+        self._lb_explicit_norms = ({getattr(k, "path", k): v for k, v in norm_sums.items()}, global_batch_size)
+
+    def _lb_local_norm_sums(self, trainable_variables):
+        """(float32 vector over the optimizer's variables, batch size): this process's per-example
+        norm sums for this step, from set_per_example_norms or enable_clars' train step."""
+        variables = list(self._trainable_variables)
+        if self._lb_explicit_norms is not None:
+            sums, batch = self._lb_explicit_norms
+            self._lb_explicit_norms = None
+            missing = [v.path for v in variables if v.path not in sums]
+            if missing:
+                raise ValueError(f"norm_sums: expected a norm sum for every trainable variable, {len(missing)} "
+                                 f"missing (first: {missing[0]!r})")
+            vector = tf.stack([tf.cast(sums[v.path], tf.float32) for v in variables])
+            return vector, tf.cast(batch, tf.float32)
+        if self._lb_norm_source is None:
+            raise ValueError("largebatch.keras.CLARS: no per-example gradient norms for this step; call "
+                             "largebatch.keras.enable_clars(model) before model.fit (custom loops: "
+                             "optimizer.set_per_example_norms(largebatch.keras.per_example_norm_sums(...)) "
+                             "before apply)")
+        return self._lb_norm_source.norm_sums(variables)
+
+    def _lb_set_norm_sums(self, sums, batch):
+        """The denominators of this step from the (global) sums and batch size."""
+        means = trust.clars_mean_example_norm(sums, batch)
+        self._lb_norm_means = tf.unstack(means, num=len(self._trainable_variables))
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built and trainable_variables is not None:
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(trainable_variables))
+        owner = self._lb_norm_means is None
+        if owner:
+            self._lb_set_norm_sums(*self._lb_local_norm_sums(trainable_variables))
+        try:
+            return super().apply(grads, trainable_variables)
+        finally:
+            if owner:
+                self._lb_norm_means = None
+
+    def _lb_grad_half(self, index, g):
+        mean = self._lb_norm_means[index]
+        dtype = tf.float64 if g.dtype == tf.float64 else tf.float32
+        mean = tf.cast(mean, dtype)
+        return 0.5 * mean * mean
