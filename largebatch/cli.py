@@ -1,16 +1,29 @@
 """The ``largebatch`` command.
 
     largebatch run EXP.yaml [--np N] [--launcher horovodrun|mpirun|srun] [--hosts H | --hostfile F]
-                            [--dry-run] [key.sub=value ...]
-    largebatch validate EXP.yaml [--np N] [--print] [key.sub=value ...]
+                            [--dry-run] [--tf-logs] [key.sub=value ...]
+    largebatch validate EXP.yaml [--np N] [--launcher L] [--hosts H | --hostfile F] [--print]
+                                 [key.sub=value ...]
     largebatch doctor [...]
     largebatch bench [...]
 
 Exit codes: 0 success; 2 bad input (one line per problem on stderr, nothing written, nothing
 run); otherwise the launcher's own exit code.
+
+A run never writes over another run's files: ``runs/<name>`` taken, ``largebatch run`` picks
+``runs/<name>-2``, ``-3``, ...; an explicit ``output.run_dir`` that holds a run is refused unless
+``train.resume`` continues it (the ranks apply the same rule when started by hand). A checkpoint
+given to ``train.resume`` is checked before anything is launched.
+
+The launcher's output is relayed: rank 0's ``[1,0]<stderr>:`` tags are taken off, and TensorFlow's
+C++ start-up lines (oneDNN, cpu_feature_guard, XLA service ...) are left out unless ``--tf-logs``
+or ``LARGEBATCH_TF_LOGS=1``. Rank 0 draws a progress bar when this command's stderr is a
+terminal, and writes plain lines otherwise (``LARGEBATCH_PROGRESS=bar|lines`` overrides).
 """
 import argparse
+import codecs
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +37,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2."""
 
     def error(self, message):
+        if message.startswith("the following arguments are required: EXP.yaml"):
+            sys.stderr.write(f"usage: {self.prog} EXP.yaml [options] [key.sub=value ...]: the experiment file "
+                             f"is required (see {self.prog} --help)\n")
+            raise SystemExit(2)
         sys.stderr.write(f"{self.prog}: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
 
@@ -53,15 +70,48 @@ def _load(args):
 
 
 def run_dir_for(exp):
-    """``output.run_dir``, else ``<output.dir>/<name>``, made unique with ``-2``, ``-3``, ..."""
+    """``output.run_dir``, else ``<output.dir>/<name>``, made unique with ``-2``, ``-3``, ...
+    (``train.resume=auto`` continues ``<output.dir>/<name>`` itself)."""
+    from .runner.common import fresh_run_dir
     if exp.cfg["output"]["run_dir"]:
         return os.path.abspath(exp.cfg["output"]["run_dir"])
     base = os.path.abspath(os.path.join(exp.cfg["output"]["dir"], exp.cfg["name"]))
-    candidate, n = base, 1
-    while os.path.exists(candidate):
-        n += 1
-        candidate = f"{base}-{n}"
-    return candidate
+    if exp.cfg["train"]["resume"] == "auto":
+        return base
+    return fresh_run_dir(base)
+
+
+def run_dir_problems(exp, run_dir, resumes=None):
+    """One line when ``run_dir`` holds another run and this one would not continue it."""
+    from .runner.common import holds_run, run_dir_refusal
+    resumes = exp.cfg["train"]["resume"] != "none" if resumes is None else resumes
+    found = None if resumes else holds_run(run_dir)
+    return [run_dir_refusal(run_dir, found)] if found else []
+
+
+def resume_problems(exp, run_dir):
+    """``train.resume`` (auto: the newest checkpoint in ``run_dir``, or a path) checked before
+    anything is launched: the file's integrity (size and SHA-256, largebatch.checkpoint.read), the
+    framework that wrote it and its model's name. The ranks check the model's signature (the
+    names and shapes of its tensors) when they have built the model."""
+    from . import checkpoint as core
+    resume = exp.cfg["train"]["resume"]
+    if resume == "none":
+        return []
+    path = core.latest(os.path.join(run_dir, "checkpoints")) if resume == "auto" else resume
+    if path is None:
+        return []
+    try:
+        manifest, _ = core.read(path)
+        theirs = manifest.get("model_signature") or {}
+        core.check_compatible(path, manifest, framework=exp.cfg["framework"],
+                              signature={"hash": theirs.get("hash"), "tensors": theirs.get("tensors")})
+    except core.CheckpointError as err:
+        return [f"train.resume: {err}"]
+    model, ours = manifest.get("model"), exp.cfg["model"]["name"]
+    if model is not None and model != ours:
+        return [f"train.resume: checkpoint {path}: from another model (model {model!r}; this run: model {ours!r})"]
+    return []
 
 
 def _installed():
@@ -119,8 +169,14 @@ def cmd_run(args):
         return _fail(err.problems)
     overrides = list(args.overrides) + _flag_overrides(args)
     run_dir = run_dir_for(exp)
+    problems = run_dir_problems(exp, run_dir) or resume_problems(exp, run_dir)
+    if problems:
+        return _fail(problems)
     try:
         cmd = launch_plan(exp, run_dir, overrides)
+        # launch.sh continues this run when rerun (from its newest checkpoint, if any)
+        again = cmd if exp.cfg["train"]["resume"] != "none" else \
+            launch_plan(exp, run_dir, overrides + ["train.resume=auto"])
     except ValueError as err:          # a hostfile that changed since validation, say
         return _fail([f"launcher: {err}"])
     print(describe(exp), file=sys.stderr)
@@ -151,18 +207,29 @@ def cmd_run(args):
                           "launcher.preflight=false skips the check)"])
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "launch.sh"), "w") as fh:
-        fh.write("#!/bin/sh\n# written by largebatch run; rerunning it continues into this run dir\n")
-        fh.write(f"cd {_quote(os.getcwd())}\n{cmd.shell()}\n")
+        fh.write("#!/bin/sh\n# written by largebatch run; rerunning it continues this run (train.resume=auto: "
+                 "from its newest checkpoint)\n")
+        fh.write(f"cd {_quote(os.getcwd())}\n{again.shell()}\n")
     print(f"run dir: {run_dir}", file=sys.stderr)
     env = _without_enclosing_mpi_job(dict(os.environ)) if la_type_uses_mpirun(exp) else dict(os.environ)
     env.update(cmd.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")      # horovodrun and the ranks import TensorFlow
+    tf_logs = args.tf_logs or os.environ.get("LARGEBATCH_TF_LOGS") == "1"
+    if tf_logs:
+        env["LARGEBATCH_TF_LOGS"] = "1"
+    else:
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")      # horovodrun and the ranks import TensorFlow
+    terminal = _isatty(sys.stderr)
+    env.setdefault("LARGEBATCH_PROGRESS", "bar" if terminal else "lines")
+    if terminal and "COLUMNS" not in env:                 # rank 0's bar, drawn through a pipe
+        size = shutil.get_terminal_size()
+        env.update(COLUMNS=str(size.columns), LINES=str(size.lines))
     from .config import launchers_module
     watch = launchers_module("diagnose").OutputWatch(gloo_across_hosts=bool(remote) and la["controller"] == "gloo")
     proc = subprocess.Popen(cmd.argv, env=env, start_new_session=True, preexec_fn=_default_signals,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    relays = [_relay(proc.stdout, sys.stdout, watch), _relay(proc.stderr, sys.stderr, watch)]
+    relays = [_relay(proc.stdout, sys.stdout, watch, OutputFilter(quiet_tf=not tf_logs)),
+              _relay(proc.stderr, sys.stderr, watch, OutputFilter(quiet_tf=not tf_logs))]
     code = supervise(proc)
     for thread in relays:
         thread.join(timeout=5)
@@ -183,13 +250,91 @@ def cmd_run(args):
     return code
 
 
-def _relay(pipe, target, watch):
+def _isatty(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+# the tags horovodrun (MPI: mpirun --tag-output; Gloo) and mpirun put on every rank's output
+_RANK0_TAG = re.compile(r"\[\d+,0\]<std(?:out|err)>:|\[0\]<std(?:out|err)>:")
+_ANY_TAG = re.compile(r"\[\d+(?:,\d+)?\]<std(?:out|err)>:")
+_PARTIAL_TAG = re.compile(r"\[[\d,]*(?:\][<a-z]*>?)?$")
+# TensorFlow's C++ (absl) info and warning lines: oneDNN, cpu_feature_guard, XLA service,
+# StreamExecutor ...; error lines (E...) are kept
+TF_NOISE = re.compile(
+    r"(?:WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} \d\d:\d\d:[\d.]+\s+\d+ [\w./-]+:\d+\] .*"
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IW] [\w./-]+:\d+\] .*"
+    r"|To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.)\s*")
+
+
+class OutputFilter:
+    """What ``largebatch run`` shows of the launcher's output: rank 0's tags taken off (its
+    progress and summary read as if it ran here; other ranks keep theirs) and, with
+    ``quiet_tf``, TensorFlow's C++ info/warning lines left out. Text is passed on as soon as it
+    cannot be one of those (a progress bar's frames included); ``feed`` returns what to write."""
+
+    def __init__(self, quiet_tf=True):
+        self.quiet_tf, self.pending, self.mid_line = quiet_tf, "", False
+
+    def feed(self, text):
+        self.pending += text
+        out = []
+        while True:
+            m = re.search(r"[\r\n]", self.pending)
+            if m is None:
+                break
+            unit, self.pending = self.pending[:m.end()], self.pending[m.end():]
+            out.append(self._unit(unit))
+        if self.pending and not self._hold(self.pending):
+            out.append(self._unit(self.pending))
+            self.pending = ""
+        return "".join(out)
+
+    def flush(self):
+        rest, self.pending = self.pending, ""
+        return self._unit(rest) if rest else ""
+
+    def _hold(self, tail):
+        """Keep an unfinished line back: it may end as a tag or a TensorFlow line."""
+        if _PARTIAL_TAG.search(tail):
+            return True
+        if not self.quiet_tf or self.mid_line:
+            return False
+        bare = _ANY_TAG.sub("", tail)
+        return bare == "" or bare[0] in "IWT" or bare[0].isdigit()
+
+    def _unit(self, unit):
+        start_of_line = not self.mid_line
+        self.mid_line = not unit.endswith(("\n", "\r"))
+        if self.quiet_tf and start_of_line and TF_NOISE.fullmatch(_ANY_TAG.sub("", unit)):
+            return ""
+        return _RANK0_TAG.sub("", unit)
+
+
+def _relay(pipe, target, watch, output_filter=None):
     """Copy the launcher's output to ``target`` as it comes (progress bars' carriage returns
-    included) and feed a copy to ``watch``."""
+    included; through ``output_filter``, an :class:`OutputFilter`) and feed a copy to ``watch``."""
     import threading
     lock = getattr(watch, "_relay_lock", None) or threading.Lock()
     watch._relay_lock = lock
     out = getattr(target, "buffer", None)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(text):
+        if not text:
+            return
+        try:
+            if out is not None:
+                out.write(text.encode("utf-8", errors="replace"))
+                out.flush()
+            else:
+                target.write(text)
+                target.flush()
+        except (OSError, ValueError):
+            pass
 
     def copy():
         fd = pipe.fileno()
@@ -200,17 +345,15 @@ def _relay(pipe, target, watch):
                 break
             if not chunk:
                 break
-            try:
-                if out is not None:
-                    out.write(chunk)
-                    out.flush()
-                else:
-                    target.write(chunk.decode(errors="replace"))
-                    target.flush()
-            except (OSError, ValueError):
-                pass
+            text = decoder.decode(chunk)
+            write(output_filter.feed(text) if output_filter is not None else text)
             with lock:
-                watch.feed(chunk.decode(errors="replace"))
+                watch.feed(text)
+        text = decoder.decode(b"", final=True)
+        if output_filter is not None:
+            write(output_filter.feed(text) + output_filter.flush())
+        else:
+            write(text)
         pipe.close()
 
     thread = threading.Thread(target=copy, daemon=True, name="largebatch-relay")
@@ -423,6 +566,10 @@ def cmd_sbatch(args):
         return _fail(err.problems)
     sbatch = launchers_module("sbatch")
     run_dir = run_dir_for(exp)
+    resumes = exp.cfg["train"]["resume"] != "none" or args.requeue
+    problems = run_dir_problems(exp, run_dir, resumes=resumes) or resume_problems(exp, run_dir)
+    if problems:
+        return _fail(problems)
     try:
         if args.time is not None:
             sbatch.parse_time(args.time)
@@ -465,17 +612,21 @@ def cmd_bench(argv):
 
 
 def _experiment_parser(command):
-    p = _Parser(prog=f"largebatch {command}")
+    p = _Parser(prog=f"largebatch {command}", usage="%(prog)s EXP.yaml [options] [key.sub=value ...]")
     p.add_argument("experiment", metavar="EXP.yaml", help="experiment file")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="override a YAML key, e.g. optimizer.trust_coefficient=0.02")
     p.add_argument("--np", type=int, metavar="N", help="number of ranks (launcher.np)")
-    if command == "run":
-        p.description = "Launch an experiment with horovodrun, mpirun or srun."
+    if command in ("run", "validate"):
         p.add_argument("--launcher", choices=("horovodrun", "mpirun", "srun"), help="launcher.type")
         p.add_argument("-H", "--hosts", metavar="H1:N,H2:N", help="launcher.hosts")
         p.add_argument("--hostfile", metavar="FILE", help="launcher.hostfile ('host slots=N' lines)")
+    if command == "run":
+        p.description = "Launch an experiment with horovodrun, mpirun or srun."
         p.add_argument("--dry-run", action="store_true", help="print the launch command, run nothing")
+        p.add_argument("--tf-logs", action="store_true",
+                       help="show TensorFlow's C++ log lines (oneDNN, cpu_feature_guard, XLA ...); "
+                            "also LARGEBATCH_TF_LOGS=1")
     elif command == "sbatch":
         p.description = "Write a Slurm batch script for an experiment (--submit: and submit it)."
         p.add_argument("--nodes", type=int, metavar="N", help="nodes to spread launcher.np over")
@@ -494,8 +645,9 @@ def _experiment_parser(command):
 USAGE = """usage: largebatch {run,validate,sbatch,doctor,bench,report} ...
 
   run EXP.yaml [--np N] [--launcher horovodrun|mpirun|srun] [-H HOSTS | --hostfile F]
-               [--dry-run] [key.sub=value ...]      launch an experiment
-  validate EXP.yaml [--np N] [--print] [key.sub=value ...]
+               [--dry-run] [--tf-logs] [key.sub=value ...]
+                                                   launch an experiment
+  validate EXP.yaml [--np N] [--launcher L] [-H HOSTS | --hostfile F] [--print] [key.sub=value ...]
                                                    check it, print what would run
   sbatch EXP.yaml [--nodes N] [--time T] [--requeue] [--submit | --dry-run]
                                                    a Slurm batch script for it
@@ -521,6 +673,11 @@ def main(argv=None):
         from . import report
         return report.main(rest)
     if command in ("run", "validate", "sbatch"):
+        horovod_np = next((i for i, a in enumerate(rest) if a == "-np" or a.startswith("-np=")), None)
+        if horovod_np is not None:           # horovodrun's and mpirun's spelling
+            given = rest[horovod_np][4:] if "=" in rest[horovod_np] else \
+                (rest[horovod_np + 1] if horovod_np + 1 < len(rest) else "N")
+            return _fail([f"largebatch {command}: unrecognized argument -np (Horovod's spelling); use --np {given}"])
         args = _experiment_parser(command).parse_intermixed_args(rest)
         if args.np is not None and args.np < 1:
             return _fail([f"--np: expected an integer > 0, got {args.np}"])

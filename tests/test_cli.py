@@ -143,8 +143,16 @@ def test_missing_launcher_executable(workdir, capsys):
     (["run", "exp.yaml", "--launcher", "jsrun"],
      "largebatch run: argument --launcher: invalid choice: 'jsrun' (choose from 'horovodrun', 'mpirun', 'srun') "
      "(see largebatch run --help)"),
-    (["validate"], "largebatch validate: the following arguments are required: EXP.yaml, key.sub=value "
-                   "(see largebatch validate --help)"),
+    (["validate"], "usage: largebatch validate EXP.yaml [options] [key.sub=value ...]: the experiment file is "
+                   "required (see largebatch validate --help)"),
+    (["run"], "usage: largebatch run EXP.yaml [options] [key.sub=value ...]: the experiment file is required "
+              "(see largebatch run --help)"),
+    (["run", "--np", "2"], "usage: largebatch run EXP.yaml [options] [key.sub=value ...]: the experiment file is "
+                           "required (see largebatch run --help)"),
+    (["run", "-np", "2", "exp.yaml"], "largebatch run: unrecognized argument -np (Horovod's spelling); use --np 2"),
+    (["run", "exp.yaml", "-np", "4", "--dry-run"],
+     "largebatch run: unrecognized argument -np (Horovod's spelling); use --np 4"),
+    (["validate", "exp.yaml", "-np=3"], "largebatch validate: unrecognized argument -np (Horovod's spelling); use --np 3"),
     (["frob"], "largebatch: unknown command 'frob'; expected one of run, validate, sbatch, doctor, bench, report"),
 ])
 def test_usage_errors_are_one_line_exit_2(workdir, capsys, argv, message):
@@ -184,3 +192,184 @@ def test_console_entry_point_has_no_traceback(workdir):
     assert proc.returncode == 2
     assert proc.stderr == "optimizer.momentum: expected a number in [0, 1), got 2.0\n"
     assert proc.stdout == ""
+
+
+def test_help_names_exp_yaml_first(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    assert capsys.readouterr().out.startswith("usage: largebatch run EXP.yaml [options] [key.sub=value ...]")
+
+
+# ------------------------------------------------------------------------------ validate: the run shorthands
+def test_validate_takes_launcher_hosts_and_hostfile(workdir, capsys):
+    assert cli.main(["validate", "exp.yaml", "--launcher", "mpirun", "-H", "a:2,b:2", "--print"]) == 0
+    la = yaml.safe_load(capsys.readouterr().out)["launcher"]
+    assert la["type"] == "mpirun" and la["hosts"] == ["a:2", "b:2"]
+    (workdir / "hosts").write_text("n1 slots=2\nn2 slots=2\n")
+    assert cli.main(["validate", "exp.yaml", "--hostfile", "hosts", "--launcher", "srun"]) == 0
+    assert "× 4 ranks" in capsys.readouterr().out
+    assert cli.main(["validate", "exp.yaml", "--hosts", "a:2", "--np", "3"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["launcher.np: expected at most 2 (the slots in launcher.hosts), got 3"]
+
+
+# ------------------------------------------------------------------------------ a run never overwrites another
+def _fake_run(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text('{"status": "completed"}\n')
+    (folder / "metrics.csv").write_text("kind,step\n")
+
+
+def test_an_explicit_run_dir_that_holds_a_run_is_refused(workdir, capsys):
+    _fake_run(workdir / "old")
+    before = listing(workdir)
+    for extra in ([], ["--dry-run"]):
+        assert cli.main(["run", "exp.yaml", "output.run_dir=old", *extra]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"output.run_dir: {workdir / 'old'} holds another run (summary.json); give this run a fresh "
+            f"output.run_dir, or set train.resume=auto (or train.resume=PATH) to continue that one"]
+    assert listing(workdir) == before
+    # continuing it is explicit; a folder without a run (or just made by largebatch run) is used as it is
+    assert cli.main(["run", "exp.yaml", "output.run_dir=old", "train.resume=auto", "--dry-run"]) == 0
+    (workdir / "fresh").mkdir()
+    (workdir / "fresh" / "launch.sh").write_text("#!/bin/sh\n")
+    assert cli.main(["run", "exp.yaml", "output.run_dir=fresh", "--dry-run"]) == 0
+    capsys.readouterr()
+
+
+def test_resume_auto_continues_the_default_run_dir(workdir, capsys):
+    _fake_run(workdir / "runs" / "exp")
+    assert cli.main(["run", "exp.yaml", "--dry-run", "train.resume=auto"]) == 0
+    assert f"output.run_dir={workdir / 'runs' / 'exp'}" in capsys.readouterr().out
+    assert cli.main(["run", "exp.yaml", "--dry-run"]) == 0
+    assert f"output.run_dir={workdir / 'runs' / 'exp-2'}" in capsys.readouterr().out
+
+
+def test_sbatch_refuses_a_run_dir_that_holds_a_run_unless_it_resumes(workdir, capsys):
+    _fake_run(workdir / "old")
+    assert cli.main(["sbatch", "exp.yaml", "output.run_dir=old", "--dry-run"]) == 2
+    assert capsys.readouterr().err.splitlines()[0].startswith(f"output.run_dir: {workdir / 'old'} holds another run")
+    assert cli.main(["sbatch", "exp.yaml", "output.run_dir=old", "--dry-run", "--requeue"]) == 0
+
+
+# ------------------------------------------------------------------------------ train.resume checked before launching
+def _checkpoint(path, framework="torch", model="small_cnn"):
+    from largebatch import checkpoint as core
+    core.write(str(path), b"payload" * 100, {"framework": framework, "step": 4, "epoch": 1, "model": model,
+                                              "model_signature": {"hash": "0123456789abcdef", "tensors": 6}})
+    return path
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda p: _truncate(_checkpoint(p)), "truncated (payload has 690 of 700 bytes)"),
+    (lambda p: _flip(_checkpoint(p)), "corrupted (payload SHA-256 does not match the manifest)"),
+    (lambda p: p.write_bytes(b"PK\x03\x04 a zip file, say"), "not a largebatch checkpoint (bad header)"),
+    (lambda p: p.write_bytes(b"LBC"), "truncated (3 bytes, not a complete header)"),
+    (lambda p: _checkpoint(p, framework="keras"), "written by framework 'keras', this run is 'torch'"),
+    (lambda p: _checkpoint(p, model="resnet50"), "from another model (model 'resnet50'; this run: model 'small_cnn')"),
+])
+def test_a_bad_resume_checkpoint_is_refused_before_launching(workdir, capsys, monkeypatch, make, expected):
+    ck = workdir / "elsewhere" / "epoch-0001.pt"
+    ck.parent.mkdir()
+    make(ck)
+    before = listing(workdir)
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda *a, **k: pytest.fail("launched"))
+    for extra in ([], ["--dry-run"]):
+        assert cli.main(["run", "exp.yaml", "--np", "2", f"train.resume={ck}", *extra]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"train.resume: checkpoint {ck}: {expected}"]
+    assert listing(workdir) == before                         # no run directory, nothing written
+
+
+def test_resume_auto_checks_the_newest_checkpoint_of_the_run_dir(workdir, capsys, monkeypatch):
+    ckpts = workdir / "old" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    _checkpoint(ckpts / "epoch-0001.pt")
+    _truncate(_checkpoint(ckpts / "epoch-0002.pt"))
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda *a, **k: pytest.fail("launched"))
+    assert cli.main(["run", "exp.yaml", "output.run_dir=old", "train.resume=auto"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"train.resume: checkpoint {ckpts / 'epoch-0002.pt'}: truncated (payload has 690 of 700 bytes)"]
+    (ckpts / "epoch-0002.pt").unlink()
+    assert cli.main(["run", "exp.yaml", "output.run_dir=old", "train.resume=auto", "--dry-run"]) == 0
+    capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------ the relayed output
+NOISE = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+         "I0000 00:00:1796128113.966132   23005 port.cc:153] oneDNN custom operations are on. You may see "
+         "slightly different numerical results due to floating-point round-off errors.\n"
+         "I0000 00:00:1796128113.998869   23005 cpu_feature_guard.cc:227] This TensorFlow binary is optimized to "
+         "use available CPU instructions in performance-critical operations.\n"
+         "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with "
+         "the appropriate compiler flags.\n"
+         "[1,1]<stderr>:I0000 00:00:1796128120.1   23007 service.cc:152] XLA service 0x55d initialized for platform "
+         "Host (this does not guarantee that XLA will be used). Devices:\n"
+         "2026-12-01 12:00:00.123456: W tensorflow/core/util/port.cc:113] an old-style warning line\n")
+
+
+def _filtered(text, chunk=None, **kw):
+    f = cli.OutputFilter(**kw)
+    if chunk is None:
+        return f.feed(text) + f.flush()
+    return "".join(f.feed(text[i:i + chunk]) for i in range(0, len(text), chunk)) + f.flush()
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_relay_drops_tensorflow_noise_and_rank0_tags(chunk):
+    mpi = NOISE + "[1,0]<stderr>:\rframe 0[1,0]<stderr>:\rframe 1[1,0]<stderr>:\n" \
+                  "[1,0]<stdout>:run dir: /r (completed)[1,0]<stdout>:\n" \
+                  "[1,1]<stderr>:rank 1 says hi\n" \
+                  "[1,0]<stderr>:E0000 00:00:1.2   5 cuda.cc:1] an error line is kept\n"
+    assert _filtered(mpi, chunk) == ("\rframe 0\rframe 1\nrun dir: /r (completed)\n[1,1]<stderr>:rank 1 says hi\n"
+                                     "E0000 00:00:1.2   5 cuda.cc:1] an error line is kept\n")
+    gloo = "[0]<stderr>:\r[0]<stderr>:frame 0\r[0]<stderr>:frame 1\n[0]<stdout>:Total: 3\n[1]<stdout>:x\n"
+    assert _filtered(gloo, chunk) == "\rframe 0\rframe 1\nTotal: 3\n[1]<stdout>:x\n"
+
+
+def test_relay_keeps_tensorflow_lines_when_asked():
+    assert _filtered(NOISE, quiet_tf=False) == NOISE
+    assert "oneDNN" in _filtered("[1,0]<stderr>:" + NOISE, quiet_tf=False)
+
+
+def test_relay_passes_a_progress_frame_at_once():
+    f = cli.OutputFilter()
+    assert f.feed("[1,0]<stderr>:\rexp:  50%|#####     | 5/10") == "\rexp:  50%|#####     | 5/10"
+    assert f.feed(" [00:01<00:01]") == " [00:01<00:01]"            # the rest of a line already shown
+    assert f.feed("[1,0]<st") == ""                                   # maybe a tag: held back
+    assert f.feed("derr>:\rexp: 60%") == "\rexp: 60%"
+
+
+def test_launch_passes_progress_mode_and_quiets_tensorflow(workdir, capsys, monkeypatch):
+    """A fake launcher that prints what horovodrun prints: the relay shows rank 0's lines only."""
+    seen = {}
+    real = subprocess.Popen
+    script = ("import os, sys; sys.stderr.write(os.environ['NOISE']); "
+              "sys.stdout.write('[1,0]<stdout>:run dir: x[1,0]<stdout>:\\n'); "
+              "print(os.environ.get('LARGEBATCH_PROGRESS'), os.environ.get('TF_CPP_MIN_LOG_LEVEL'), "
+              "os.environ.get('LARGEBATCH_TF_LOGS'))")
+
+    def fake(argv, env, **kw):
+        seen["env"] = env
+        return real([sys.executable, "-c", script], env=dict(env, NOISE=NOISE), **kw)
+    monkeypatch.setattr(cli.subprocess, "Popen", fake)
+    monkeypatch.delenv("LARGEBATCH_TF_LOGS", raising=False)
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    monkeypatch.delenv("LARGEBATCH_PROGRESS", raising=False)
+    assert cli.main(["run", "exp.yaml"]) == 0
+    out, err = capsys.readouterr()
+    assert "run dir: x\nlines 2 None\n" in out                         # capsys is not a terminal: plain lines
+    assert "oneDNN" not in err and "cpu_feature_guard" not in err and "XLA service" not in err
+    assert cli.main(["run", "exp.yaml", "--tf-logs"]) == 0
+    out, err = capsys.readouterr()
+    assert "lines None 1" in out and "oneDNN custom operations" in err and "XLA service" in err
+    launch = (workdir / "runs" / "exp-2" / "launch.sh").read_text()
+    assert "train.resume=auto" in launch and "output.run_dir=" in launch
