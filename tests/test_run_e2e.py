@@ -196,17 +196,30 @@ def _check_run_dir(run_dir, framework, ranks):
 @pytest.mark.parametrize("framework", ["torch", "keras"])
 def test_largebatch_run_synthetic_example_on_two_ranks(tmp_path, framework):
     example = ROOT / "examples" / f"synthetic_{framework}.yaml"
-    cmd = [sys.executable, "-m", "largebatch.cli", "run", str(example), "--np", "2",
-           f"output.dir={tmp_path}", "output.progress=false"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-m", "largebatch.cli", "run", str(example), "--np", "2", f"output.dir={tmp_path}"]
+    env = _env()
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "LARGEBATCH_PROGRESS", "LARGEBATCH_TF_LOGS"):   # largebatch run's defaults
+        env.pop(name, None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     run_dir = tmp_path / f"synthetic_{framework}"
     summary, rows, tags = _check_run_dir(run_dir, framework, 2)
+    # what a person reads (stderr is a pipe here, as a log file): rank 0's progress as plain lines
+    # and its summary, without the launcher's rank tags or TensorFlow's C++ start-up lines
+    for text in (proc.stdout, proc.stderr):
+        assert "[1,0]<" not in text and "[0]<" not in text and "\r" not in text, text[-3000:]
+    for noise in ("oneDNN custom operations", "cpu_feature_guard", "absl::InitializeLog", "XLA service"):
+        assert noise not in proc.stderr, proc.stderr[-3000:]
+    steps = [line for line in proc.stderr.splitlines() if line.startswith(f"synthetic_{framework}: step ")]
+    assert len(steps) == len([r for r in rows if r["kind"] == "train"]), proc.stderr[-3000:]
+    assert steps[-1].startswith(f"synthetic_{framework}: step {summary['total_steps']}/{summary['total_steps']}  loss ")
+    assert proc.stdout.splitlines()[-1].startswith(f"run dir: {run_dir} (completed, ")
     assert summary["global_batch"] == (32 if framework == "torch" else 64)
     assert summary["final_eval_accuracy"] > 0.5
     assert any(r["kind"] == "eval" for r in rows) and "eval/accuracy" in tags
     assert (run_dir / "trust_ratios.csv").exists() and any(t.startswith("trust_ratio/") for t in tags)
     assert (run_dir / "launch.sh").read_text().count("horovodrun") == 1
+    assert "train.resume=auto" in (run_dir / "launch.sh").read_text()       # rerunning it continues the run
     config = (run_dir / "config.yaml").read_text()
     assert "global_batch:" in config and "steps_per_epoch:" in config
 

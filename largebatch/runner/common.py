@@ -71,29 +71,64 @@ class Throughput:
         return sum(rates) / len(rates) if rates else float("nan")
 
 
+PROGRESS_ENV = "LARGEBATCH_PROGRESS"
+
+
+def progress_mode(stream=None, env=None):
+    """How rank 0 shows progress: ``bar`` (tqdm, redrawn with carriage returns) or ``lines`` (one
+    plain line per logged step). ``LARGEBATCH_PROGRESS=bar|lines`` decides (``largebatch run`` sets
+    it from its own terminal: a rank's stderr is a pipe to the launcher); else a bar on a terminal
+    and lines anywhere else (a log file, a pipe, horovodrun started by hand)."""
+    env = os.environ if env is None else env
+    mode = env.get(PROGRESS_ENV, "")
+    if mode in ("bar", "lines"):
+        return mode
+    stream = sys.stderr if stream is None else stream
+    try:
+        return "bar" if stream.isatty() else "lines"
+    except (AttributeError, ValueError, OSError):
+        return "lines"
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
 class Progress:
-    """A tqdm bar on rank 0 (steps, with loss, lr and images/s); nothing elsewhere."""
+    """Rank 0's progress (steps, with loss, lr and images/s): a tqdm bar, or a plain line per
+    logged step (see :func:`progress_mode`); nothing elsewhere."""
 
     def __init__(self, total, enabled, desc, rank=0):
         self.bar = None
-        self.rank = rank
+        self.rank, self.total, self.desc, self.n = rank, total, desc, 0
+        self.lines = False
         if enabled and rank == 0:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5,
-                            file=sys.stderr, smoothing=0.1)
+            if progress_mode() == "bar":
+                try:
+                    from tqdm import tqdm
+                except ImportError:
+                    tqdm = None
+                if tqdm is not None:
+                    self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5,
+                                    file=sys.stderr, smoothing=0.1)
+                    return
+            self.lines = True
 
-    def update(self, n=1, **postfix):
+    def update(self, n=1, step=None, **postfix):
+        """``n`` more steps done; ``postfix`` (loss, lr, ...) at a logged step, which is ``step``."""
+        self.n += n
         if self.bar is not None:
             if postfix:
-                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
-                                     refresh=False)
+                self.bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
             self.bar.update(n)
+        elif self.lines and postfix:
+            step = self.n if step is None else step
+            values = "  ".join(f"{k} {_fmt(v)}" for k, v in postfix.items())
+            print(f"{self.desc}: step {step}/{self.total}  {values}", file=sys.stderr, flush=True)
 
     def seek(self, n):
         """Show step ``n`` (a restart from an elastic commit goes back)."""
+        self.n = n
         if self.bar is not None:
             self.bar.n = n
             self.bar.refresh()

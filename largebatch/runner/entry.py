@@ -83,7 +83,8 @@ def main(argv=None):
     t, i, _ = threads
     thread_env = launchers_module("threads").thread_env(t, i, la["binding"])
     os.environ.update(thread_env)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ.get("LARGEBATCH_TF_LOGS") != "1":     # TensorFlow's C++ log lines, unless asked for
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     module = importlib.import_module(f".{exp.cfg['framework']}_train", __package__)
     try:

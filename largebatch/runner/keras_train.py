@@ -223,7 +223,7 @@ def run(exp, loader, threads):
                 log.metrics("train", step, step / spe, lr=lr, loss=loss, images_per_sec=ips)
                 if track and rank == 0:
                     log.trust_ratios(step, {k: float(v) for k, v in self.model.optimizer.trust_ratios().items()})
-                progress.update(0, loss=loss, lr=lr, img_s=round(ips, 1))
+                progress.update(0, step=step, loss=loss, lr=lr, img_s=round(ips, 1))
                 if not math.isfinite(loss):
                     state["status"] = "diverged"
                     progress.write(f"step {step}: loss is {loss}; stopping (diverged)")

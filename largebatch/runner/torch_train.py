@@ -256,7 +256,7 @@ def run(exp, loader, threads):
                     if track:
                         ratios = {k: float(v) for k, v in optimizer.trust_ratios().items()}
                         log.trust_ratios(step, ratios)
-                    progress.update(0, loss=out.final_loss, lr=lr, img_s=round(ips, 1))
+                    progress.update(0, step=step, loss=out.final_loss, lr=lr, img_s=round(ips, 1))
                     if not math.isfinite(out.final_loss):
                         out.status = "diverged"
                         progress.write(f"step {step}: loss is {out.final_loss}; stopping (diverged)")
