@@ -12,7 +12,7 @@ setup:
 	@bash launchers/setup.sh
 
 demo: setup
-	$(VENV)/bin/largebatch run examples/synthetic_torch.yaml --np $(NP) output.run_dir=runs/demo
+	$(VENV)/bin/largebatch run examples/synthetic_torch.yaml --np $(NP)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
