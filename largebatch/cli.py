@@ -64,9 +64,9 @@ def _flag_overrides(args):
     return out
 
 
-def _load(args):
+def _load(args, data_notes=None):
     from .config import load
-    return load(args.experiment, list(args.overrides) + _flag_overrides(args))
+    return load(args.experiment, list(args.overrides) + _flag_overrides(args), data_notes=data_notes)
 
 
 def run_dir_for(exp):
@@ -163,8 +163,9 @@ def cmd_validate(args):
 
 def cmd_run(args):
     from .config import ConfigError, describe
+    data_notes = [] if args.dry_run else None        # a dry run reads no data: a missing folder is a note
     try:
-        exp = _load(args)
+        exp = _load(args, data_notes)
     except ConfigError as err:
         return _fail(err.problems)
     overrides = list(args.overrides) + _flag_overrides(args)
@@ -187,6 +188,8 @@ def cmd_run(args):
               file=sys.stderr)
     for note in cmd.notes:
         print(f"note: {note}", file=sys.stderr)
+    for line in data_notes or ():
+        print(f"note: {line}; --dry-run goes on (a real run stops here)", file=sys.stderr)
     if args.dry_run:
         print(f"run dir: {run_dir} (not created: --dry-run)", file=sys.stderr)
         print(cmd.shell())

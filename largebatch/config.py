@@ -519,8 +519,11 @@ class Experiment:
         return out
 
 
-def load(path, overrides=(), *, check_paths=True):
-    """Read, override and validate an experiment file. Raises :class:`ConfigError`."""
+def load(path, overrides=(), *, check_paths=True, data_notes=None):
+    """Read, override and validate an experiment file. Raises :class:`ConfigError`.
+
+    ``data_notes``: a list that collects problems with the data folders instead of raising
+    (a dry run, which reads no data, goes on and says so)."""
     overrides = [overrides] if isinstance(overrides, str) else list(overrides)
     path = str(path)
     if not os.path.exists(path):
@@ -543,10 +546,10 @@ def load(path, overrides=(), *, check_paths=True):
         raise ConfigError([f"{path}: expected a mapping of sections (framework, model, data, ...), "
                            f"got {type(doc).__name__} {doc!r}"[:200]])
     return load_dict(doc, overrides, name=Path(path).stem, source_path=os.path.abspath(path),
-                     check_paths=check_paths)
+                     check_paths=check_paths, data_notes=data_notes)
 
 
-def load_dict(doc, overrides=(), *, name="experiment", source_path=None, check_paths=True):
+def load_dict(doc, overrides=(), *, name="experiment", source_path=None, check_paths=True, data_notes=None):
     """Validate an experiment given as a mapping (see :func:`load`)."""
     overrides = [overrides] if isinstance(overrides, str) else list(overrides)
     doc, problems = _apply_overrides(doc, overrides)
@@ -556,7 +559,13 @@ def load_dict(doc, overrides=(), *, name="experiment", source_path=None, check_p
         cfg["name"] = name
     derived = {}
     cross = []
-    _cross_checks(cfg, explicit, derived, cross, check_paths)
+    script = cfg["launcher"]["host_discovery_script"]
+    if script and not os.path.isabs(script) and source_path is not None and not any(
+            o.split("=", 1)[0].strip() == "launcher.host_discovery_script" for o in overrides):
+        # a relative script in the YAML is the YAML's neighbour, wherever largebatch runs from
+        cfg["launcher"]["host_discovery_script"] = os.path.normpath(os.path.join(os.path.dirname(source_path),
+                                                                               script))
+    _cross_checks(cfg, explicit, derived, cross, check_paths, data_notes)
     # a key that failed its own check was replaced by its default: drop what follows from that
     bad = {p.split(":", 1)[0] for p in problems}
     problems += [p for p in cross if p.split(":", 1)[0] not in bad and not any(b in p for b in bad)]
@@ -611,7 +620,7 @@ def _unknown(schema, key, dotted, prefix):
     return f"{dotted}: unknown key; expected one of: {keys}"
 
 
-def _cross_checks(cfg, explicit, derived, problems, check_paths):
+def _cross_checks(cfg, explicit, derived, problems, check_paths, data_notes=None):
     fw, model, data, batch = cfg["framework"], cfg["model"], cfg["data"], cfg["batch"]
     opt, sch, train, la = cfg["optimizer"], cfg["schedule"], cfg["train"], cfg["launcher"]
 
@@ -698,14 +707,14 @@ def _cross_checks(cfg, explicit, derived, problems, check_paths):
             problems.append("data.path: required when data.kind is 'folder' "
                             "(a folder with one subfolder of images per class)")
         elif check_paths:
-            classes = _check_folder("data.path", data["path"], problems)
+            classes = _check_folder("data.path", data["path"], problems if data_notes is None else data_notes)
             if classes is not None:
                 derived["num_classes"] = data["num_classes"] or len(classes)
                 if data["num_classes"] is not None and data["num_classes"] != len(classes):
                     problems.append(f"data.num_classes: expected {len(classes)} (the class subfolders of "
                                     f"data.path), got {data['num_classes']}")
         if data["val_path"] is not None and check_paths:
-            _check_folder("data.val_path", data["val_path"], problems)
+            _check_folder("data.val_path", data["val_path"], problems if data_notes is None else data_notes)
         derived.setdefault("num_classes", data["num_classes"])
     if model["name"] == "alexnet_bn" and derived["image_size"] < 64:
         problems.append(f"data.image_size: model 'alexnet_bn' needs images of at least 64 pixels, "

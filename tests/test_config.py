@@ -481,3 +481,32 @@ def test_label_smoothing_default_and_value():
 def test_label_smoothing_out_of_range_is_one_line(value, shown):
     assert one({"train": {"label_smoothing": value}}) == \
         f"train.label_smoothing: expected a number in [0, 1), got {shown}"
+
+
+def test_a_relative_discovery_script_is_the_yamls_neighbour(tmp_path, monkeypatch):
+    import yaml
+    from largebatch.config import load
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    script = folder / "discover.sh"
+    script.write_text("#!/bin/sh\necho localhost:2\n")
+    script.chmod(0o755)
+    (folder / "e.yaml").write_text(yaml.safe_dump({
+        "framework": "torch", "data": {"kind": "synthetic", "samples": 256}, "batch": {"per_worker": 16},
+        "launcher": {"controller": "gloo", "elastic": True, "np": 2, "min_np": 1, "max_np": 2,
+                     "host_discovery_script": "discover.sh"}}))
+    monkeypatch.chdir(tmp_path)                      # not the YAML's folder
+    exp = load(str(folder / "e.yaml"))
+    assert exp.cfg["launcher"]["host_discovery_script"] == str(script)
+
+
+def test_a_dry_run_notes_missing_data_folders_and_goes_on(tmp_path, capsys):
+    from largebatch import cli
+    exp = tmp_path / "e.yaml"
+    exp.write_text("framework: torch\nmodel: resnet18\ndata: {kind: folder, path: /no/such/imagenet}\n")
+    assert cli.main(["run", str(exp), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert ("note: data.path: expected a folder with one subfolder of images per class, got '/no/such/imagenet' "
+            "(no such folder); --dry-run goes on (a real run stops here)") in err
+    assert cli.main(["run", str(exp)]) == 2                                   # a real run stops
+    assert cli.main(["validate", str(exp)]) == 2

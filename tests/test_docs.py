@@ -55,10 +55,7 @@ SKIP = {
 }
 
 # Lines expected to fail until a change outside the docs lands: prefix -> what is missing.
-PENDING = {
-    "largebatch run examples/lars_resnet50_32k.yaml": "a dry run must note missing ImageNet folders and go on "
-                                                       "(the change to largebatch/cli.py + config.py of issue 13 §4)",
-}
+PENDING = {}
 
 # Free names a snippet may use: what the reader's own script already has.
 PLACEHOLDERS = {"model", "loader", "sampler", "dataset", "steps", "steps_per_epoch", "x", "y",
