@@ -11,7 +11,7 @@ the same compiled train function. Two ways to the same numbers (as ``largebatch.
   with a custom gradient on z); Keras' own ``tape.gradient`` then delivers ∂L/∂z, from which the
   per-example weight-gradient norms follow without a per-example backward pass:
   Dense with 2-D input ‖g_i a_iᵀ‖ = ‖g_i‖·‖a_i‖; Dense with (B, ..., F) input and Conv2D
-  (im2col with ``tf.image.extract_patches``) ‖G_i·A_iᵀ‖, by L×L Gram matrices when the layer
+  (im2col as kh·kw shifted views of the input) ‖G_i·A_iᵀ‖, by L×L Gram matrices when the layer
   has few output positions L. Here g_i = B·∂L/∂z_i is the gradient of the example's own loss
   f_i (L is the batch-mean loss). No extra forward or backward pass: the cost is the norms.
 - ``vmap`` (any model): ``tf.vectorized_map`` over each example's gradient, from
@@ -94,23 +94,52 @@ def _product_norm_sq(g, a):
     return _sq(tf.matmul(g, a, transpose_a=True))
 
 
+def _conv_offsets(a, layer, out_h, out_w):
+    """The kh·kw shifted views of the (padded) input that im2col would stack: each (B, H'·W', C_in),
+    made with strided slices (``tf.image.extract_patches`` is ~10× slower on few channels)."""
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    if layer.padding == "same":                      # TensorFlow's SAME: the extra row/column after
+        pads = []
+        for size, out, k, st, d in ((a.shape[1], out_h, kh, sh, dh), (a.shape[2], out_w, kw, sw, dw)):
+            total = max((out - 1) * st + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        a = tf.pad(a, [(0, 0), pads[0], pads[1], (0, 0)])
+    batch, channels = tf.shape(a)[0], a.shape[-1]
+    for y in range(kh):
+        for x in range(kw):
+            view = a[:, y * dh: y * dh + (out_h - 1) * sh + 1: sh, x * dw: x * dw + (out_w - 1) * sw + 1: sw, :]
+            yield tf.reshape(view, (batch, out_h * out_w, channels))
+
+
+def _conv_norm_sq(layer, a, g):
+    """‖G_iᵀ·U_i‖² of a Conv2D with im2col U_i = [S_1 ... S_k] (the shifted views): the sum over
+    views of ‖G_iᵀ S_o‖², or by Gram matrices Σ (G_i G_iᵀ) ⊙ Σ_o (S_o S_oᵀ) when L² < C_out·k·C_in."""
+    if layer.data_format == "channels_first":
+        a, g = tf.transpose(a, (0, 2, 3, 1)), tf.transpose(g, (0, 2, 3, 1))
+    a, g = tf.cast(a, tf.float32), tf.cast(g, tf.float32)
+    out_h, out_w, c_out = g.shape[1], g.shape[2], g.shape[3]
+    batch, L = tf.shape(g)[0], out_h * out_w
+    g3 = tf.reshape(g, (batch, L, c_out))
+    views = _conv_offsets(a, layer, out_h, out_w)
+    k = layer.kernel_size[0] * layer.kernel_size[1] * a.shape[-1]
+    if L * L < c_out * k:
+        gram = None
+        for view in views:
+            part = tf.matmul(view, view, transpose_b=True)
+            gram = part if gram is None else gram + part
+        weight_sq = tf.reduce_sum(tf.matmul(g3, g3, transpose_b=True) * gram, axis=(1, 2))
+    else:
+        weight_sq = tf.add_n([_sq(tf.matmul(g3, view, transpose_a=True)) for view in views])
+    return weight_sq, _sq(tf.reduce_sum(g3, axis=1))
+
+
 def _layer_norm_sq(layer, a, g):
     """(weight, bias) per-example squared gradient norms of one Dense/Conv2D layer from its input
     a and the gradient g of the example losses with respect to its pre-activation output."""
     if isinstance(layer, keras.layers.Conv2D):
-        if layer.data_format == "channels_first":
-            a, g = tf.transpose(a, (0, 2, 3, 1)), tf.transpose(g, (0, 2, 3, 1))
-        kh, kw = layer.kernel_size
-        sh, sw = layer.strides
-        dh, dw = layer.dilation_rate
-        cols = tf.image.extract_patches(a, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
-                                        padding=layer.padding.upper())            # (B, H', W', kh·kw·C_in)
-        batch = tf.shape(g)[0]
-        g3 = tf.reshape(g, (batch, -1, g.shape[-1]))
-        a3 = tf.reshape(cols, (batch, -1, cols.shape[-1]))
-        g3 = tf.ensure_shape(g3, (None, g.shape[1] * g.shape[2], g.shape[-1]))
-        a3 = tf.ensure_shape(a3, (None, g.shape[1] * g.shape[2], cols.shape[-1]))
-        return _product_norm_sq(g3, a3), _sq(tf.reduce_sum(tf.cast(g3, tf.float32), axis=1))
+        return _conv_norm_sq(layer, a, g)
     if a.shape.rank == 2:                                              # rank one: ‖g aᵀ‖ = ‖g‖‖a‖
         g_sq = _sq(g)
         return g_sq * _sq(a), g_sq
