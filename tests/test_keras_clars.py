@@ -6,8 +6,9 @@
 - model.fit with CLARS equals torch CLARS (same model, weights and data, hook method there)
   after 6 steps, both methods: within 1e-5 relative (max |Δ| / max |w| per tensor);
 - model.fit with CLARS equals the NumPy reference step by step (per-example norms from a loop);
-- a LossScaleOptimizer around CLARS gives the unscaled norms; refusals are one line.
-The two-rank test (horovodrun) is tests/test_keras_clars_multirank.py's part below.
+- a LossScaleOptimizer around CLARS gives the unscaled norms; refusals are one line;
+- 2 ranks under horovodrun (tests/ranks/keras_clars.py, different data per rank; hooks, vmap,
+  2 accumulation steps) equal one process on the concatenated batches (the last test).
 """
 import os
 

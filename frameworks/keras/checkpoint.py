@@ -32,8 +32,10 @@ __all__ = ["save_checkpoint", "load_checkpoint", "signature_of", "rng_state", "s
 FRAMEWORK = "keras"
 CHECKPOINT_SUFFIX = ".ckpt"
 # optimizer variables that a checkpoint may lack (or hold for an optimizer without them): the
-# gradient accumulators (zero at a checkpoint) and the non-finite guard's counters
-_OPTIONAL = ("lb_gradient_accumulator", "lb_micro_step", "lb_skipped_steps", "lb_nonfinite_codes")
+# gradient accumulators and CLARS's norm-sum accumulator (zero at a checkpoint) and the non-finite
+# guard's counters
+_OPTIONAL = ("lb_gradient_accumulator", "lb_micro_step", "lb_skipped_steps", "lb_nonfinite_codes",
+             "lb_norm_sum_accumulator")
 
 
 def _path(variable):
