@@ -32,7 +32,7 @@ _NAME = re.compile(r"^epoch-(\d+)\.(?:pt|ckpt)$")
 _SUFFIX = {"torch": ".pt", "keras": ".ckpt"}
 # configuration sections/keys that do not change what a checkpoint means
 _CONFIG_IGNORED = {"output", "launcher", "description", "name", "derived", "source"}
-_TRAIN_IGNORED = {"resume", "log_every", "eval", "epochs", "steps", "on_nonfinite"}
+_TRAIN_IGNORED = {"resume", "log_every", "eval", "epochs", "steps", "on_nonfinite", "check_ranks_every"}
 
 
 class CheckpointError(ValueError):

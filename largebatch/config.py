@@ -351,6 +351,9 @@ SCHEMA = {
         "resume": F(string, "none", doc="auto (newest checkpoint in the run dir, if any) | PATH | none"),
         "on_nonfinite": F(choice(("stop", "skip")), "stop",
                           doc="NaN/Inf gradient: stop the run (exit 1) or skip the step; always reported"),
+        "check_ranks_every": F(integer(0), 100, doc="steps between rank-consistency checks (one allgather of two "
+                                                   "float64 numbers per tensor); ranks whose weights differ stop the "
+                                                   "run, naming the tensor and the step; 0 = never"),
         "commit_every": F(integer(1), 10, doc="launcher.elastic: steps between in-memory commits (work lost "
                                              "on a failure is at most this many steps)"),
     },

@@ -9,6 +9,8 @@ STEP (1-based):
     hang   sleep forever without exiting (a stuck rank)
     slow   from STEP on, sleep LAYER seconds (default 0.1) before every step (a slow rank; lets a
            test change the world size of an elastic job while it is still training)
+    drift  add 1e-3 to the first weight of LAYER (default: the first parameter / trainable
+           variable), on this rank only: ranks that silently stop training one model
 
 LAYER is a torch parameter name (``features.4.weight``) or a Keras variable path
 (``conv1/kernel``). Keras: the nan fault is armed in the train function (:meth:`Fault.arm_keras`,
@@ -72,8 +74,10 @@ class Fault:
         elif self.kind == "hang":
             while True:
                 time.sleep(60)
+        elif self.kind == "drift":
+            _drift(model, self.layer)
         elif self.kind == "nan":
-            if model is None:            # Keras: armed in the train function by arm_keras()
+            if not hasattr(model, "named_parameters"):     # Keras: armed in the train function (arm_keras)
                 return
             named = dict(model.named_parameters())
             name = self.layer or next(iter(named))
@@ -96,6 +100,21 @@ class Fault:
         optimizer._lb_inject_nan = (self.step, name)
 
 
+def _drift(model, layer):
+    """Nudge one weight of this rank's model: torch modules and Keras models alike."""
+    if hasattr(model, "named_parameters"):
+        import torch
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            named[layer or next(iter(named))].view(-1)[0] += 1e-3
+        return
+    variables = {getattr(v, "path", None) or v.name: v for v in model.trainable_variables}
+    v = variables[layer or next(iter(variables))]
+    flat = v.numpy().reshape(-1)
+    flat[0] += 1e-3
+    v.assign(flat.reshape(v.shape))
+
+
 def from_env(rank, env=None):
     """The fault for this rank from ``LARGEBATCH_FAULT``, or None."""
     env = os.environ if env is None else env
@@ -103,9 +122,10 @@ def from_env(rank, env=None):
     if not spec:
         return None
     parts = spec.split(":")
-    if len(parts) < 3 or parts[0] not in ("kill", "raise", "nan", "hang", "slow") or not parts[1].isdigit() \
-            or not parts[2].isdigit():
-        raise ValueError(f"{FAULT_ENV}: expected KIND:RANK:STEP[:LAYER] with KIND kill|raise|nan|hang|slow, got {spec!r}")
+    if len(parts) < 3 or parts[0] not in ("kill", "raise", "nan", "hang", "slow", "drift") or \
+            not parts[1].isdigit() or not parts[2].isdigit():
+        raise ValueError(f"{FAULT_ENV}: expected KIND:RANK:STEP[:LAYER] with KIND kill|raise|nan|hang|slow|drift, "
+                         f"got {spec!r}")
     if int(parts[1]) != rank:
         return None
     return Fault(parts[0], int(parts[1]), int(parts[2]), parts[3] if len(parts) > 3 else None)

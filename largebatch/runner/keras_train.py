@@ -201,7 +201,7 @@ def run(exp, loader, threads):
 
         def on_train_batch_begin(self, batch, logs=None):
             if fault is not None and batch % acc == 0:
-                fault.before_step(int(self.model.optimizer.iterations.numpy()) + 1, None)
+                fault.before_step(int(self.model.optimizer.iterations.numpy()) + 1, self.model)
 
         def on_train_batch_end(self, batch, logs=None):
             if (batch + 1) % acc:
@@ -230,6 +230,13 @@ def run(exp, loader, threads):
                     self.model.stop_training = True
             if step >= total:
                 self.model.stop_training = True
+            if check_every and step % check_every == 0 and state["status"] == "completed":
+                try:
+                    rank_check.check(f"step {step}")
+                except lbk.callbacks.RankDivergenceError as err:
+                    state["status"] = "ranks_diverged"
+                    progress.write(f"largebatch: {err}; stopping")
+                    self.model.stop_training = True
             # a stop signal on any rank: every rank stops after this same update (one small allreduce)
             stop = int(hvd.allreduce(tf.constant(float(lifeline.stop_requested()), tf.float64), op=hvd.Max,
                                      name="largebatch.stop").numpy())
@@ -268,6 +275,9 @@ def run(exp, loader, threads):
     lr_callback = lbk.callbacks.LearningRateSchedule(schedule,
                                                      momentum_correction=cfg["schedule"]["momentum_correction"])
     callbacks = [lbk.callbacks.BroadcastGlobalVariables(0), lr_callback, guard, RunnerCallback()]
+    check_every = cfg["train"]["check_ranks_every"] if size > 1 else 0
+    rank_check = lbk.callbacks.RankConsistencyCheck(every_n_steps=1)     # called by RunnerCallback
+    rank_check.set_model(model)
     epochs = math.ceil(total / spe)
     epoch, first_in_epoch = divmod(state["step"], spe)
     started = time.perf_counter()

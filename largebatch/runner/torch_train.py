@@ -174,6 +174,8 @@ def run(exp, loader, threads):
     if clars:
         per_example = lbt.per_example_norm_sums
     correct_momentum = cfg["schedule"]["momentum_correction"] and o["name"] in LR_IN_BUFFER
+    check_every = cfg["train"]["check_ranks_every"] if size > 1 or elastic else 0
+    rank_check = lbt.RankConsistencyCheck(model, optimizer, hvd=hvd)
 
     log_every, workers = cfg["train"]["log_every"], cfg["data"]["loader_workers"]
     commit_every = cfg["train"]["commit_every"]
@@ -262,6 +264,13 @@ def run(exp, loader, threads):
                         progress.write(f"step {step}: loss is {out.final_loss}; stopping (diverged)")
                         return
                 progress.update(1)
+                if check_every and step % check_every == 0:
+                    try:
+                        rank_check.check(f"step {step}")
+                    except lbt.RankDivergenceError as err:
+                        out.status = "ranks_diverged"
+                        progress.write(f"largebatch: {err}; stopping")
+                        return
                 # a stop signal on any rank: every rank stops after this same step (one small allreduce)
                 stop = int(hvd.allreduce(torch.tensor(float(lifeline.stop_requested())), op=hvd.Max,
                                          name="largebatch.stop"))
