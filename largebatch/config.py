@@ -351,6 +351,9 @@ SCHEMA = {
         "resume": F(string, "none", doc="auto (newest checkpoint in the run dir, if any) | PATH | none"),
         "on_nonfinite": F(choice(("stop", "skip")), "stop",
                           doc="NaN/Inf gradient: stop the run (exit 1) or skip the step; always reported"),
+        "precision": F(choice(("fp32", "bf16", "fp16")), "fp32",
+                       doc="torch: autocast to bfloat16 or float16 (fp16 with a GradScaler); weights, optimizer "
+                           "state and trust ratios stay float32"),
         "check_ranks_every": F(integer(0), 100, doc="steps between rank-consistency checks (one allgather of two "
                                                    "float64 numbers per tensor); ranks whose weights differ stop the "
                                                    "run, naming the tensor and the step; 0 = never"),
@@ -658,6 +661,9 @@ def _cross_checks(cfg, explicit, derived, problems, check_paths, data_notes=None
         problems.append("optimizer.trust_denominator: CLARS uses the mean per-example gradient norm; "
                         f"expected 'sum_of_norms', got {opt['trust_denominator']!r}")
 
+    if train["precision"] != "fp32" and cfg["framework"] != "torch":
+        problems.append(f"train.precision: {train['precision']!r} is not supported for framework 'keras' yet "
+                        f"(Keras's loss-scale optimizer checks for inf before our allreduce); expected 'fp32'")
     # launcher: hosts, np, controller, binding
     np_, placed, listed = _check_launcher(la, explicit, problems, check_paths)
     derived["np"] = np_

@@ -175,6 +175,16 @@ def run(exp, loader, threads):
         per_example = lbt.per_example_norm_sums
     correct_momentum = cfg["schedule"]["momentum_correction"] and o["name"] in LR_IN_BUFFER
     check_every = cfg["train"]["check_ranks_every"] if size > 1 or elastic else 0
+    autocast, scaler = _precision(cfg["train"]["precision"], torch, next(model.parameters()).device.type)
+    if scaler is not None and resumed is not None and resumed["extra"].get("grad_scaler"):
+        scaler.load_state_dict(resumed["extra"]["grad_scaler"])          # the fp16 loss scale goes on
+
+    def _extra(state):
+        extra = {"last_lr": state.last_lr, "skipped_steps": state.skipped}
+        if scaler is not None:
+            extra["grad_scaler"] = {k: (float(v) if isinstance(v, float) else v)
+                                    for k, v in scaler.state_dict().items()}
+        return extra
     rank_check = lbt.RankConsistencyCheck(model, optimizer, hvd=hvd)
 
     log_every, workers = cfg["train"]["log_every"], cfg["data"]["loader_workers"]
@@ -184,7 +194,8 @@ def run(exp, loader, threads):
     started = time.perf_counter()
     ckpt_every = cfg["output"]["checkpoint_every"]
     out = types.SimpleNamespace(status="completed", final_loss=float("nan"), eval_result=None, rank=rank,
-                                size=size, acc=acc, resets=[], stopped_by=None, checkpoint=None)
+                                size=size, acc=acc, resets=[], stopped_by=None, checkpoint=None,
+                                scaler_skips=0)
     start = dict(step=0, last_lr=schedule(0), skipped=0)
     if resumed is not None:
         start.update(step=int(resumed["step"]), skipped=int(resumed["extra"].get("skipped_steps", 0)),
@@ -223,8 +234,9 @@ def run(exp, loader, threads):
                     fault.before_step(state.step + 1, model)
                 for _ in range(acc):
                     x, y = _to_torch(next(micro), torch)
-                    loss = loss_fn(model(x), y)
-                    (loss / acc).backward()
+                    with autocast():
+                        loss = loss_fn(model(x), y)
+                    (scaler.scale(loss / acc) if scaler else loss / acc).backward()
                     window_loss += float(loss.detach())
                     window_n += 1
                     if clars:
@@ -234,10 +246,23 @@ def run(exp, loader, threads):
                 if clars:
                     optimizer.set_per_example_norms(norm_sums, seen)
                 optimizer.synchronize()                      # gradients averaged over ranks
-                bad = guard.check(state.step + 1, include_ratios=track)   # one reduced flag, one host read
+                if scaler is not None:
+                    # fp16: unscale the averaged gradients; an inf from the loss scale skips the step
+                    # (the same on every rank: the gradients are already averaged) and lowers the scale
+                    scaler.unscale_(optimizer)
+                    bad = None
+                else:
+                    bad = guard.check(state.step + 1, include_ratios=track)   # one reduced flag, one host read
                 state.step += 1
                 step = live.step = state.step
-                if bad is not None:
+                if scaler is not None:
+                    scale = scaler.get_scale()
+                    with optimizer.skip_synchronize():
+                        scaler.step(optimizer)
+                    scaler.update()
+                    if scaler.get_scale() < scale:
+                        out.scaler_skips += 1
+                elif bad is not None:
                     if on_nonfinite == "stop":
                         out.status = "nonfinite"
                         progress.write(f"largebatch: {bad.message}; stopping (train.on_nonfinite=stop)")
@@ -280,7 +305,7 @@ def run(exp, loader, threads):
                         out.checkpoint = save_run_checkpoint(
                             log, exp, import_mapped("largebatch.torch.checkpoint").save_checkpoint, model,
                             optimizer, step=step, epoch=epoch + 1,
-                            extra={"last_lr": state.last_lr, "skipped_steps": state.skipped})
+                            extra=_extra(state))
                     progress.write(f"largebatch: {out.stopped_by}: stopped after step {step}"
                                    + (f", checkpoint {out.checkpoint}" if out.checkpoint else ""))
                     return
@@ -296,7 +321,7 @@ def run(exp, loader, threads):
             if ckpt_every and (epoch % ckpt_every == 0 or state.step >= total) and rank == 0:
                 save_run_checkpoint(log, exp, import_mapped("largebatch.torch.checkpoint").save_checkpoint, model,
                                     optimizer, step=state.step, epoch=epoch,
-                                    extra={"last_lr": state.last_lr, "skipped_steps": state.skipped})
+                                    extra=_extra(state))
             if elastic:
                 state.commit()
 
@@ -348,6 +373,8 @@ def run(exp, loader, threads):
                            wall=time.perf_counter() - started, threads=threads,
                            framework_versions=versions("torch"), size=size)
     summary["skipped_steps"] = state.skipped
+    if scaler is not None:
+        summary["loss_scale_skips"] = out.scaler_skips        # fp16 steps skipped for an inf from the scale
     summary["resumed_from"] = resumed["path"] if resumed else None
     if out.status == "stopped":
         summary.update(stopped_by=out.stopped_by, checkpoint=out.checkpoint)
@@ -366,6 +393,19 @@ def run(exp, loader, threads):
     if out.status == "stopped":
         return lifeline.stop_exit_code(signal.Signals[out.stopped_by])
     return 0 if out.status == "completed" else 1
+
+
+def _precision(precision, torch, device):
+    """(autocast context factory, GradScaler or None) for train.precision: the forward pass in
+    bfloat16 or float16; weights, gradients, optimizer state and trust ratios stay float32."""
+    import contextlib
+    if precision == "fp32":
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+    def autocast():
+        return torch.autocast(device, dtype=dtype)
+    return autocast, (torch.amp.GradScaler(device) if precision == "fp16" else None)
 
 
 def _accumulation(derived, size, elastic):
