@@ -49,7 +49,7 @@ FRAMEWORKS = ("torch", "keras")
 MODELS = {"torch": ("small_cnn", "resnet18", "resnet50", "alexnet_bn"),
           "keras": ("small_cnn", "small_resnet", "resnet50")}
 OPTIMIZERS = ("sgd", "lars", "larc", "lamb", "clars")
-FRAMEWORK_OPTIMIZERS = {"torch": OPTIMIZERS, "keras": ("sgd", "lars", "larc", "lamb")}
+FRAMEWORK_OPTIMIZERS = {"torch": OPTIMIZERS, "keras": OPTIMIZERS}
 _LARS_KEYS = ("momentum", "weight_decay", "trust_coefficient", "eps", "trust_denominator", "nesterov", "exclude")
 OPTIMIZER_KEYS = {"sgd": ("momentum", "weight_decay", "nesterov", "exclude"),
                   "lars": _LARS_KEYS, "larc": _LARS_KEYS, "clars": _LARS_KEYS,

@@ -380,8 +380,6 @@ def test_hostfile_gives_np(tmp_path):
     ({"optimizer": {"name": "clars", "trust_denominator": "norm_of_sum"}}, [],
      "optimizer.trust_denominator: CLARS uses the mean per-example gradient norm; expected 'sum_of_norms', "
      "got 'norm_of_sum'"),
-    ({"framework": "keras", "optimizer": "clars"}, [],
-     "optimizer.name: 'clars' is not available for framework 'keras' (available: 'sgd', 'lars', 'larc', 'lamb')"),
     ({"framework": "keras", "model": "resnet18"}, [],
      "model.name: 'resnet18' is not available for framework 'keras' (available: 'small_cnn', 'small_resnet', "
      "'resnet50')"),

@@ -302,3 +302,24 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, scenar
     for rank in (0, 1):
         assert int(two_ranks[rank][f"{scenario}.iterations"]) == kc.STEPS_PER_EPOCH * kc.EPOCHS
         assert int(two_ranks[rank][f"{scenario}.checks"]) > 0            # RankConsistencyCheck passed
+
+
+@pytest.mark.multirank
+def test_yaml_runner_trains_keras_clars_on_two_ranks(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([str(Path(sys.executable).with_name("largebatch")), "run", "examples/synthetic_keras.yaml",
+                           "--np", "2", "optimizer.name=clars", "data.samples=256", "data.val_samples=64",
+                           "train.epochs=1", "output.progress=false", "launcher.threads_per_rank=1",
+                           f"output.run_dir={run_dir}"], cwd=str(root), env=dict(os.environ), capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["optimizer"] == "clars" and summary["ranks_agree"] is True
+    ratios = (run_dir / "trust_ratios.csv").read_text().splitlines()
+    assert len(ratios) > 1                                           # CLARS's layer ratios were logged

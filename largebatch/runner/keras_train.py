@@ -59,6 +59,10 @@ def build_optimizer(cfg, model, lr):
     if o["name"] == "lamb":
         return lbk.LAMB(learning_rate=lr, beta_1=o["betas"][0], beta_2=o["betas"][1], epsilon=o["eps"],
                         weight_decay=o["weight_decay"], exclude=o["exclude"])
+    if o["name"] == "clars":
+        return lbk.CLARS(learning_rate=lr, momentum=o["momentum"], weight_decay=o["weight_decay"],
+                         trust_coefficient=o["trust_coefficient"], eps=o["eps"], nesterov=o["nesterov"],
+                         exclude=o["exclude"])
     return lbk.LARS(learning_rate=lr, momentum=o["momentum"], weight_decay=o["weight_decay"],
                     trust_coefficient=o["trust_coefficient"], eps=o["eps"], trust_denominator=o["trust_denominator"],
                     clip=o["name"] == "larc", nesterov=o["nesterov"], exclude=o["exclude"])
@@ -142,6 +146,8 @@ def run(exp, loader, threads):
         fault.arm_keras(model, optimizer)          # before the train function is traced
     model.compile(optimizer=optimizer, loss=training_loss(cfg, derived["num_classes"]),
                   metrics=["accuracy"], jit_compile=False)
+    if cfg["optimizer"]["name"] == "clars":
+        lbk.enable_clars(model)                    # the train step hands CLARS its per-example norms
     optimizer.build(model.trainable_variables)     # its variables exist before a checkpoint is loaded
     resumed = _load_resume(cfg, run_dir, model, optimizer, hvd, rank)   # before anything is written
     log = RunLog(run_dir, exp, rank, append=resumed is not None)
