@@ -412,9 +412,10 @@ def main(argv=None):
                 raise ClusterError(f"--hosts: expected 1 to 8, got {args.hosts}")
             c = Cluster(hosts=args.hosts).up()
             print(f"test cluster {c.id} up: " + ", ".join(f"{n.name} {n.address}" for n in c.nodes))
-            me = "python -m largebatch.launchers.testcluster"
+            me = f"{sys.executable} -m largebatch.launchers.testcluster"
+            largebatch = os.path.join(os.path.dirname(sys.executable), "largebatch")
             print(f"  a shell on the launch node:  {me} exec lblaunch -- bash")
-            print(f"  then, in it:                 largebatch run examples/synthetic_torch.yaml -H {c.hosts_arg()} "
+            print(f"  then, in it:                 {largebatch} run examples/synthetic_torch.yaml -H {c.hosts_arg()} "
                   + " ".join(c.launcher_overrides()))
             print(f"  remove it:                   {me} down")
             return 0
