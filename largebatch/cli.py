@@ -201,9 +201,7 @@ def cmd_run(args):
     la = exp.cfg["launcher"]
     remote = _remote_hosts(exp)
     if remote and la["preflight"]:
-        from .doctor import check_hosts
-        problems, _ = check_hosts([h for h, _ in exp.derived["placement"]], ssh_port=la["ssh_port"],
-                                  ssh_identity=la["ssh_identity"], network_interface=la["network_interface"])
+        problems = _host_problems(exp)
         if problems:
             return _fail([f"preflight: {line}" for line in problems] +
                          ["preflight: nothing launched (largebatch doctor --hosts ... rechecks; "
@@ -228,11 +226,13 @@ def cmd_run(args):
         size = shutil.get_terminal_size()
         env.update(COLUMNS=str(size.columns), LINES=str(size.lines))
     from .config import launchers_module
-    watch = launchers_module("diagnose").OutputWatch(gloo_across_hosts=bool(remote) and la["controller"] == "gloo")
+    # a watch per stream: each keeps its own unfinished line (stdout must not extend stderr's)
+    watches = [launchers_module("diagnose").OutputWatch(gloo_across_hosts=bool(remote) and la["controller"] == "gloo")
+               for _ in range(2)]
     proc = subprocess.Popen(cmd.argv, env=env, start_new_session=True, preexec_fn=_default_signals,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    relays = [_relay(proc.stdout, sys.stdout, watch, OutputFilter(quiet_tf=not tf_logs)),
-              _relay(proc.stderr, sys.stderr, watch, OutputFilter(quiet_tf=not tf_logs))]
+    relays = [_relay(proc.stdout, sys.stdout, watches[0], OutputFilter(quiet_tf=not tf_logs)),
+              _relay(proc.stderr, sys.stderr, watches[1], OutputFilter(quiet_tf=not tf_logs))]
     code = supervise(proc)
     for thread in relays:
         thread.join(timeout=5)
@@ -240,15 +240,12 @@ def cmd_run(args):
     if stopped:
         _record_stop(run_dir, exp, stopped)
     elif code != 0:
-        for hint in watch.findings():
+        for hint in dict.fromkeys(h for w in watches for h in w.findings()):
             print(f"largebatch: {hint}", file=sys.stderr, flush=True)
         if remote and not _name_lost_hosts(remote, la):
             # every host answers: check what else makes a multi-host job crash (the launchers'
             # own messages, e.g. Gloo's 'Connection reset by peer', rarely name the cause)
-            from .doctor import check_hosts
-            problems, _ = check_hosts([h for h, _ in exp.derived["placement"]], ssh_port=la["ssh_port"],
-                                      ssh_identity=la["ssh_identity"], network_interface=la["network_interface"])
-            for line in problems:
+            for line in _host_problems(exp):
                 print(f"largebatch: after the failure: {line}", file=sys.stderr, flush=True)
     return code
 
@@ -321,8 +318,6 @@ def _relay(pipe, target, watch, output_filter=None):
     """Copy the launcher's output to ``target`` as it comes (progress bars' carriage returns
     included; through ``output_filter``, an :class:`OutputFilter`) and feed a copy to ``watch``."""
     import threading
-    lock = getattr(watch, "_relay_lock", None) or threading.Lock()
-    watch._relay_lock = lock
     out = getattr(target, "buffer", None)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -350,8 +345,7 @@ def _relay(pipe, target, watch, output_filter=None):
                 break
             text = decoder.decode(chunk)
             write(output_filter.feed(text) if output_filter is not None else text)
-            with lock:
-                watch.feed(text)
+            watch.feed(text)
         text = decoder.decode(b"", final=True)
         if output_filter is not None:
             write(output_filter.feed(text) + output_filter.flush())
@@ -401,6 +395,15 @@ def _record_stop(run_dir, exp, name):
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def _host_problems(exp):
+    """The multi-host preflight (largebatch doctor --hosts) for the experiment's hosts and ssh settings."""
+    from .doctor import check_hosts
+    la = exp.cfg["launcher"]
+    problems, _ = check_hosts([h for h, _ in exp.derived["placement"]], ssh_port=la["ssh_port"],
+                              ssh_identity=la["ssh_identity"], network_interface=la["network_interface"])
+    return problems
 
 
 def _remote_hosts(exp):

@@ -103,14 +103,20 @@ def _probe(host, ssh, python, names, reach, timeout):
     return HostReport(host, False, f"{python} failed there: {err}", elapsed)
 
 
+def _on_every_host(fn, hosts):
+    """[fn(host) for host in hosts], all at once: a dead host costs one timeout, not one per host."""
+    hosts = list(hosts)
+    if not hosts:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
+        return list(pool.map(fn, hosts))
+
+
 def probe_hosts(hosts, ssh=None, *, python=None, names=(), reach=(), timeout=PROBE_TIMEOUT_S):
     """One :class:`HostReport` per host, probed concurrently."""
     ssh = ssh or SSH()
     python = python or sys.executable
-    hosts = list(hosts)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, len(hosts)))) as pool:
-        futures = [pool.submit(_probe, h, ssh, python, names, reach, timeout) for h in hosts]
-        return [f.result() for f in futures]
+    return _on_every_host(lambda h: _probe(h, ssh, python, names, reach, timeout), hosts)
 
 
 def unreachable(hosts, ssh=None, timeout=PROBE_TIMEOUT_S):
@@ -127,11 +133,7 @@ def unreachable(hosts, ssh=None, timeout=PROBE_TIMEOUT_S):
             return host, (proc.stderr.strip().splitlines() or [f"ssh exit {proc.returncode}"])[-1]
         return None
 
-    hosts = list(hosts)
-    if not hosts:
-        return []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, len(hosts)))) as pool:
-        return [r for r in pool.map(one, hosts) if r is not None]
+    return [r for r in _on_every_host(one, hosts) if r is not None]
 
 
 def _local_versions():

@@ -91,21 +91,20 @@ def _wait_for_signals():
         again = signal.sigtimedwait(set(STOP_SIGNALS), grace)
         if again is None:
             _say(f"no clean stop within {grace:.0f} s")
-    callback = _state["on_signal"]
-    done = threading.Event()
-
-    def run_callback():
-        try:
-            if callback is not None:
-                callback(name)
-        finally:
-            done.set()
-
-    # the callback writes a small file; if the file system hangs, leave anyway after a few seconds
-    threading.Thread(target=run_callback, daemon=True, name="largebatch-on-signal").start()
-    done.wait(5.0)
+    _run_on_signal(name)
     _say(f"stopped by {name}")
     _exit(128 + signum)
+
+
+def _run_on_signal(name, timeout=5.0):
+    """The runner's ``on_signal(name)`` (rank 0 writes its summary) on a thread of its own: if the
+    file system hangs, the process leaves anyway after ``timeout`` seconds."""
+    callback = _state["on_signal"]
+    if callback is None:
+        return
+    thread = threading.Thread(target=callback, args=(name,), daemon=True, name="largebatch-on-signal")
+    thread.start()
+    thread.join(timeout)
 
 
 def _watch_parent(parent, interval):
@@ -113,17 +112,7 @@ def _watch_parent(parent, interval):
         time.sleep(interval)
         if os.getppid() != parent:
             _say(f"its launcher (parent process {parent}) is gone; stopping")
-            callback = _state["on_signal"]
-            if callback is not None:
-                done = threading.Event()
-
-                def run_callback():
-                    try:
-                        callback("launcher-gone")
-                    finally:
-                        done.set()
-                threading.Thread(target=run_callback, daemon=True).start()
-                done.wait(5.0)
+            _run_on_signal("launcher-gone")
             _exit(1)
 
 
