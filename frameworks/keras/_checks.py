@@ -67,11 +67,25 @@ def is_horovod_keras_optimizer(optimizer_or_class):
 
 
 def _inner_optimizers(optimizer):
+    """``optimizer`` and the ones it wraps (a Keras LossScaleOptimizer's ``inner_optimizer``), outermost first."""
     seen = set()
     while optimizer is not None and id(optimizer) not in seen:
         seen.add(id(optimizer))
         yield optimizer
         optimizer = getattr(optimizer, "inner_optimizer", None)       # keras LossScaleOptimizer
+
+
+def innermost(optimizer):
+    """The optimizer at the bottom of a chain of wrappers (the one that owns the update rule)."""
+    last = optimizer
+    for last in _inner_optimizers(optimizer):
+        pass
+    return last
+
+
+def find_inner(optimizer, flag):
+    """The first optimizer in the chain whose class sets ``flag`` (e.g. ``_lb_clars``), or None."""
+    return next((o for o in _inner_optimizers(optimizer) if getattr(type(o), flag, False)), None)
 
 
 def check_optimizer(optimizer):

@@ -29,7 +29,7 @@ from largebatch.horovod_support import import_horovod
 from largebatch.nonfinite import NonFinite
 from largebatch.validation import check_positive_int
 
-from ._checks import HorovodKerasError, check_optimizer
+from ._checks import HorovodKerasError, _inner_optimizers, check_optimizer, innermost
 from .distributed import is_distributed
 from .optimizers import LARS
 
@@ -44,11 +44,6 @@ def _hvd():
         raise RuntimeError("largebatch.keras.callbacks: Horovod is not initialized; call horovod.tensorflow.init()")
     return hvd
 
-
-def _innermost(optimizer):
-    while getattr(optimizer, "inner_optimizer", None) is not None:
-        optimizer = optimizer.inner_optimizer
-    return optimizer
 
 
 def _tf_vars(variables):
@@ -135,7 +130,7 @@ class MetricAverage(_Callback):
 
 def _momentum_buffers_with_lr(optimizer):
     """Momentum buffers that hold the learning rate inside (v ← m·v + γ·g): LARS and Keras SGD."""
-    optimizer = _innermost(optimizer)
+    optimizer = innermost(optimizer)
     if isinstance(optimizer, LARS) or (isinstance(optimizer, keras.optimizers.SGD) and optimizer.momentum):
         return [m for m in getattr(optimizer, "momentums", []) if m is not None]
     return []
@@ -168,12 +163,12 @@ class LearningRateSchedule(_Callback):
         optimizer = self._check_model_optimizer()
         if optimizer is None:
             raise ValueError("model.optimizer: compile the model before fit with LearningRateSchedule")
-        if not isinstance(_innermost(optimizer)._learning_rate, keras.Variable):
+        if not isinstance(innermost(optimizer)._learning_rate, keras.Variable):
             raise ValueError("learning_rate: the optimizer was created with a schedule or callable; "
                              "LearningRateSchedule needs a float learning_rate to set")
 
     def on_train_batch_begin(self, batch, logs=None):
-        optimizer = _innermost(self.model.optimizer)
+        optimizer = innermost(self.model.optimizer)
         step = int(optimizer.iterations.numpy())
         new_lr = float(self.schedule(step))
         if not math.isfinite(new_lr) or new_lr < 0:
@@ -242,7 +237,7 @@ class TrustRatioLogger(_Callback):
 
     def on_train_begin(self, logs=None):
         optimizer = self._check_model_optimizer()
-        if optimizer is None or not hasattr(_innermost(optimizer), "trust_ratios"):
+        if optimizer is None or not hasattr(innermost(optimizer), "trust_ratios"):
             raise ValueError("optimizer: TrustRatioLogger needs a largebatch.keras optimizer (LARS, LAMB), got "
                              f"{type(optimizer).__name__}")
         if not self._is_writer():
@@ -257,7 +252,7 @@ class TrustRatioLogger(_Callback):
                 self._csv.writerow(["step", "variable", "trust_ratio", "layer_lr"])
 
     def on_train_batch_end(self, batch, logs=None):
-        optimizer = _innermost(self.model.optimizer)
+        optimizer = innermost(self.model.optimizer)
         step = int(optimizer.iterations.numpy())
         if step == 0 or step % self.every_n_steps or step == self._last_step or not self._is_writer():
             return
@@ -307,11 +302,8 @@ class RankConsistencyCheck(_Callback):
         variables = list(self.model.trainable_variables)
         optimizer = self.model.optimizer
         if self.include_optimizer and optimizer is not None and optimizer.built:
-            local = set()
-            opt = optimizer
-            while opt is not None:           # gradient accumulators are rank-local by design
-                local.update(getattr(opt, "_lb_rank_local_paths", ()))
-                opt = getattr(opt, "inner_optimizer", None)
+            # gradient accumulators are rank-local by design
+            local = {p for opt in _inner_optimizers(optimizer) for p in getattr(opt, "_lb_rank_local_paths", ())}
             variables += [v for v in optimizer.variables if v.path not in local]
         return variables
 
@@ -372,10 +364,7 @@ class NonFiniteGuard(_Callback):
         self._seen = None
 
     def _guarded(self):
-        optimizer = self.model.optimizer
-        while optimizer is not None and not getattr(optimizer, "_lb_guard", False):
-            optimizer = getattr(optimizer, "inner_optimizer", None)
-        return optimizer
+        return next((o for o in _inner_optimizers(self.model.optimizer) if getattr(o, "_lb_guard", False)), None)
 
     def on_train_begin(self, logs=None):
         optimizer = self._check_model_optimizer()

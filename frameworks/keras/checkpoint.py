@@ -26,6 +26,8 @@ import numpy as np
 
 from largebatch import checkpoint as core
 
+from ._checks import innermost
+
 __all__ = ["save_checkpoint", "load_checkpoint", "signature_of", "rng_state", "set_rng_state",
            "CHECKPOINT_SUFFIX"]
 
@@ -42,10 +44,6 @@ def _path(variable):
     return getattr(variable, "path", None) or variable.name
 
 
-def _innermost(optimizer):
-    while getattr(optimizer, "inner_optimizer", None) is not None:
-        optimizer = optimizer.inner_optimizer
-    return optimizer
 
 
 def signature_of(model):
@@ -117,7 +115,7 @@ def save_checkpoint(path, model, optimizer=None, *, step, epoch, config=None, cf
     meta = {"step": int(step), "epoch": int(epoch), "extra": dict(extra or {}), "config": config,
             "model_paths": [_path(v) for v in model_vars],
             "optimizer": None if optimizer is None else {
-                "class": type(_innermost(optimizer)).__name__, "paths": [_path(v) for v in opt_vars]},
+                "class": type(innermost(optimizer)).__name__, "paths": [_path(v) for v in opt_vars]},
             "rng": rng["scalars"]}
     arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True, default=str).encode(), dtype=np.uint8)
     buf = io.BytesIO()
@@ -158,7 +156,7 @@ def _plan_optimizer(path, optimizer, arrays, meta):
     saved = meta.get("optimizer")
     if saved is None:
         raise _bad(path, "holds no optimizer state")
-    cls = type(_innermost(optimizer)).__name__
+    cls = type(innermost(optimizer)).__name__
     if saved.get("class") != cls:
         raise _bad(path, f"holds the state of optimizer {saved.get('class')!r}, this run uses {cls!r}")
     theirs = {}

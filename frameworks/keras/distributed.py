@@ -27,7 +27,7 @@ import tensorflow as tf
 from largebatch.horovod_support import import_horovod
 from largebatch.validation import check_positive_int
 
-from ._checks import check_optimizer, guard_horovod_callbacks
+from ._checks import check_optimizer, find_inner, guard_horovod_callbacks
 
 __all__ = ["DistributedOptimizer", "is_distributed"]
 
@@ -240,11 +240,7 @@ class _DistributedMixin:
 
 def is_distributed(optimizer):
     """True if ``optimizer`` came from :func:`DistributedOptimizer` (or is a LossScaleOptimizer around one)."""
-    while optimizer is not None:
-        if getattr(type(optimizer), "_lb_distributed", False):
-            return True
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return False
+    return find_inner(optimizer, "_lb_distributed") is not None
 
 
 def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonfinite_guard=False):

@@ -32,6 +32,8 @@ import types
 import keras
 import tensorflow as tf
 
+from ._checks import find_inner
+
 __all__ = ["enable_clars", "per_example_norm_sums", "METHODS"]
 
 METHODS = ("auto", "hooks", "vmap")
@@ -234,11 +236,7 @@ def _vmap_norms(model, x, y, sample_weight, variables):
 
 def _clars_of(optimizer):
     """The CLARS optimizer inside ``optimizer`` (itself, or inside a LossScaleOptimizer), or None."""
-    while optimizer is not None:
-        if getattr(type(optimizer), "_lb_clars", False):
-            return optimizer
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    return None
+    return find_inner(optimizer, "_lb_clars")
 
 
 class _Source:
