@@ -356,6 +356,17 @@ def plot_hosts(rows, fits, impls, link, proj, p, path):
     finish_figure(fig, (ax1, ax2, ax3), path, legend_size=7, grid_which="both")
 
 
+def _write_with_projection(out, stem, rows, meta, fits, proj):
+    """<stem>.csv/json with the fits and projection in meta, and <stem>_projection.csv/json;
+    returns (csv path, json path, the projection's rows)."""
+    meta["fits"] = fits
+    meta["projection"] = proj
+    csv_path, json_path = write_outputs(out, stem, rows, meta)
+    proj_rows = [dict(scenario=k, **r) for k, v in proj.items() for r in v]
+    write_outputs(out, f"{stem}_projection", proj_rows, meta)
+    return csv_path, json_path, proj_rows
+
+
 def main_hosts(a, hosts):
     from launchers import hostfile as hf
     import horovod  # noqa: F401  (version in the header)
@@ -440,12 +451,8 @@ def main_hosts(a, hosts):
             fits[f"horovod_{controllers[0]}"]["alpha_s"], 1 / (link["link_GBps"] * 1e9), **proj_args)
     proj[f"assumed {a.net_gbps:g} Gbit/s, {a.net_latency_us:g} us"] = project(
         a.net_latency_us * 1e-6, 8 / (a.net_gbps * 1e9), **proj_args)
-    meta["fits"] = fits
-    meta["projection"] = proj
     out = Path(a.out)
-    csv_path, json_path = write_outputs(out, "allreduce_hosts", rows, meta)
-    proj_rows = [dict(scenario=k, **r) for k, v in proj.items() for r in v]
-    write_outputs(out, "allreduce_hosts_projection", proj_rows, meta)
+    csv_path, json_path, proj_rows = _write_with_projection(out, "allreduce_hosts", rows, meta, fits, proj)
     plot_hosts(rows, fits, impls, link, proj, p, out / "allreduce_hosts.png")
     print()
     cols = ["bytes", *(f"{k}_s" for k in impls), *(f"{k}_busbw_GBps" for k in impls), "link_GBps",
@@ -554,12 +561,8 @@ def main(argv=None):
         f"assumed {a.net_gbps:g} Gbit/s, {a.net_latency_us:g} us": project(a.net_latency_us * 1e-6, net_beta,
                                                                             **proj_args),
     }
-    meta["fits"] = fits
-    meta["projection"] = proj
     out = Path(a.out)
-    csv_path, json_path = write_outputs(out, "allreduce", rows, meta)
-    proj_rows = [dict(scenario=k, **r) for k, v in proj.items() for r in v]
-    write_outputs(out, "allreduce_projection", proj_rows, meta)
+    csv_path, json_path, proj_rows = _write_with_projection(out, "allreduce", rows, meta, fits, proj)
     plot(rows, fits, proj, dict(settings, np=p), out / "allreduce.png")
     print()
     print_table(rows, ["bytes", *(f"{k}_s" for k in impls), *(f"{k}_busbw_GBps" for k in impls)],

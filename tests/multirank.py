@@ -81,3 +81,29 @@ def report(rank, **values):
     with open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     tmp.rename(Path(directory) / f"rank{rank}.npz")
+
+
+def environ_copy():
+    """Python's copy of the environment, for child processes: the process's own may carry the MPI
+    singleton variables of an in-process hvd.init() from an earlier test module, which would
+    confuse a child mpirun."""
+    return dict(os.environ)
+
+
+def wait_or_kill(proc, limit):
+    """``proc``'s exit code within ``limit`` seconds, else kill it and return None."""
+    try:
+        return proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+        return None
+
+
+def error_of(fn):
+    """'ExceptionType: message' of what ``fn()`` raises, or 'no error' (rank scripts report it)."""
+    try:
+        fn()
+    except Exception as err:                       # noqa: BLE001 - the message is what we test
+        return f"{type(err).__name__}: {err}"
+    return "no error"

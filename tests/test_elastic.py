@@ -248,30 +248,39 @@ def test_elastic_job_loses_a_worker_and_finishes_on_the_same_trajectory(tmp_path
           f"params {params:.2e}, momentum {momentum:.2e}")
 
 
-@needs_horovodrun
-@pytest.mark.multirank
-def test_elastic_job_gains_a_worker_that_receives_the_state(tmp_path):
+def discovery_script(tmp_path, hosts_text):
+    """A host discovery script that prints a hosts file; returns (script, hosts file)."""
     hosts = tmp_path / "hosts.txt"
-    hosts.write_text("localhost:1\n")
+    hosts.write_text(hosts_text)
     script = tmp_path / "discover.sh"
     script.write_text(f"#!/bin/sh\ncat {hosts}\n")
     script.chmod(0o755)
-    # one host at the start: Horovod needs the interface named (else it waits for a second host)
-    doc = _doc(launcher={"np": 1, "hosts": None, "host_discovery_script": str(script), "network_interface": "lo"},
-               data={"samples": 1024}, train={"commit_every": 1})
-    run_dir = tmp_path / "join"
+    return script, hosts
 
-    def add_host():            # once training is under way, a second host appears
-        deadline = time.monotonic() + 120
+
+def grow_hosts_when_training(hosts, run_dir, hosts_text, limit=120):
+    """Once ``run_dir`` has logged 3 training rows (training is under way), write ``hosts_text``
+    to the hosts file: a host appears in the discovery script's output (a thread; bounded)."""
+    def add_host():
+        deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             metrics = run_dir / "metrics.csv"
             if metrics.exists() and metrics.read_text().count("\ntrain,") >= 3:
-                hosts.write_text("localhost:1\n127.0.0.1:1\n")
+                hosts.write_text(hosts_text)
                 return
             time.sleep(0.05)
 
-    helper = threading.Thread(target=add_host, daemon=True)
-    helper.start()
+    threading.Thread(target=add_host, daemon=True).start()
+
+
+@needs_horovodrun
+@pytest.mark.multirank
+def test_elastic_job_gains_a_worker_that_receives_the_state(tmp_path):
+    script, hosts = discovery_script(tmp_path, "localhost:1\n")
+    # one host at the start: Horovod needs the interface named (else it waits for a second host)
+    doc = _doc(launcher={"np": 1, "hosts": None, "host_discovery_script": str(script), "network_interface": "lo"},
+               data={"samples": 1024}, train={"commit_every": 1})
+    grow_hosts_when_training(hosts, tmp_path / "join", "localhost:1\n127.0.0.1:1\n")
     # 50 ms per update on rank 0: the job cannot finish before Horovod (polling the script every
     # second) has added the new host, however fast the machine
     proc, run_dir, secs = _run(tmp_path, doc, "join", env=_env(LARGEBATCH_FAULT="slow:0:1:0.05"))

@@ -15,20 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from multirank import environ_copy, wait_or_kill
+
 from largebatch.launchers import testcluster
 
 pytestmark = [pytest.mark.multirank, pytest.mark.multihost]
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _clean_env():
-    """Python's copy of the environment: the process's own may carry the MPI singleton variables of an
-    in-process hvd.init() from an earlier test module, which would confuse a child mpirun."""
-    return dict(os.environ)
-LARGEBATCH = str(Path(sys.executable).with_name("largebatch"))
-# one thread per rank everywhere: the same float reduction order on one host and on two
-SMALL = ["data.samples=256", "data.val_samples=64", "output.progress=false", "launcher.threads_per_rank=1"]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +70,7 @@ def one_host(tmp_path_factory):
         run_dir = tmp_path_factory.mktemp("one-host") / framework
         proc = subprocess.run([LARGEBATCH, "run", f"examples/synthetic_{framework}.yaml", "--np", "2", *SMALL,
                                f"output.run_dir={run_dir}"], capture_output=True, text=True, timeout=150,
-                              cwd=str(ROOT), env=_clean_env())
+                              cwd=str(ROOT), env=environ_copy())
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[framework] = _summary(run_dir)
     return out
@@ -152,15 +145,6 @@ def _wait_for(path, limit):
     return False
 
 
-def _wait_exit(proc, limit):
-    try:
-        return proc.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
-        return None
-
-
 FAULT_RUN = [*SMALL, "train.epochs=6", "output.checkpoint_every=1"]
 
 
@@ -172,7 +156,7 @@ def test_a_host_that_loses_its_network_ends_the_job_and_the_rest_resume(cluster,
         assert _wait_for(run_dir / "checkpoints" / "epoch-0002.pt", 120), (tmp_path / "log").read_text()[-3000:]
         cluster.link("lbh2", up=False)
         cut = time.monotonic()
-        code = _wait_exit(proc, 90)
+        code = wait_or_kill(proc, 90)
         took = time.monotonic() - cut
         cluster.link("lbh2", up=True)
         text = (tmp_path / "log").read_text()
@@ -193,7 +177,7 @@ def test_a_host_that_loses_its_network_ends_the_job_and_the_rest_resume(cluster,
     ref_dir = tmp_path / "uninterrupted"
     ref = subprocess.run([LARGEBATCH, "run", "examples/synthetic_torch.yaml", "--np", "2", *FAULT_RUN,
                           f"output.run_dir={ref_dir}"], capture_output=True, text=True, timeout=150, cwd=str(ROOT),
-                         env=_clean_env())
+                         env=environ_copy())
     assert ref.returncode == 0, ref.stderr[-3000:]
     got, want = _summary(run_dir), _summary(ref_dir)
     assert got["resumed_from"] and got["steps_done"] == want["steps_done"]
@@ -212,7 +196,7 @@ def test_a_host_whose_ranks_are_killed_ends_the_job(cluster, tmp_path):
         for pid in ranks:
             os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
-        code = _wait_exit(proc, 90)
+        code = wait_or_kill(proc, 90)
         took = time.monotonic() - killed
         text = (tmp_path / "log").read_text()
         assert code not in (None, 0), text[-3000:]
@@ -233,7 +217,7 @@ def test_sigterm_to_largebatch_run_stops_every_host(cluster, tmp_path, controlle
         assert _wait_for(run_dir / "metrics.csv", 120)
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
-        code = _wait_exit(proc, 40)
+        code = wait_or_kill(proc, 40)
         took = time.monotonic() - sent
         assert code == 128 + signal.SIGTERM and took < 30, (tmp_path / "log").read_text()[-3000:]
         assert _wait_empty(cluster, 10), _left_on_hosts(cluster)
@@ -282,27 +266,11 @@ def test_elastic_job_drops_a_host_whose_rank_died_and_keeps_the_trajectory(clust
 
 
 def test_elastic_job_gains_a_host_from_the_discovery_script(cluster, tmp_path):
-    import threading
-    from test_elastic import _final, _fixed_size_reference_join, _max_diff
-    hosts = tmp_path / "hosts.txt"
-    hosts.write_text("lbh1:1\n")
-    script = tmp_path / "discover.sh"
-    script.write_text(f"#!/bin/sh\ncat {hosts}\n")
-    script.chmod(0o755)
+    from test_elastic import _final, _fixed_size_reference_join, _max_diff, discovery_script, grow_hosts_when_training
+    script, hosts = discovery_script(tmp_path, "lbh1:1\n")
     doc = _elastic_doc(launcher={"np": 1, "hosts": None, "host_discovery_script": str(script),
                                  "network_interface": "eth0"}, data={"samples": 1024}, train={"commit_every": 1})
-    run_dir = tmp_path / "join"
-
-    def add_host():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            metrics = run_dir / "metrics.csv"
-            if metrics.exists() and metrics.read_text().count("\ntrain,") >= 3:
-                hosts.write_text("lbh1:1\nlbh2:1\n")
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=add_host, daemon=True).start()
+    grow_hosts_when_training(hosts, tmp_path / "join", "lbh1:1\nlbh2:1\n")
     proc, run_dir = _elastic_run(cluster, tmp_path, doc, "join", {"LARGEBATCH_FAULT": "slow:0:1:0.05"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

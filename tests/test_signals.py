@@ -11,18 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from multirank import environ_copy, wait_or_kill
+
 pytestmark = pytest.mark.multirank
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _clean_env():
-    """Python's copy of the environment: the process's own may carry the MPI singleton variables of an
-    in-process hvd.init() from an earlier test module, which would confuse a child mpirun."""
-    return dict(os.environ)
-LARGEBATCH = str(Path(sys.executable).with_name("largebatch"))
-RUN = ["examples/synthetic_torch.yaml", "--np", "2", "data.samples=256", "data.val_samples=64", "train.epochs=8",
-       "output.progress=false", "launcher.threads_per_rank=1", "output.checkpoint_every=0"]
 
 
 def _ours(run_dir):
@@ -44,7 +37,7 @@ def _ours(run_dir):
 def _start(run_dir, log, extra=()):
     fh = open(log, "w")
     proc = subprocess.Popen([LARGEBATCH, "run", *RUN, *extra, f"output.run_dir={run_dir}"], cwd=str(ROOT),
-                            stdout=fh, stderr=subprocess.STDOUT, env=_clean_env())
+                            stdout=fh, stderr=subprocess.STDOUT, env=environ_copy())
     return proc, fh
 
 
@@ -58,15 +51,6 @@ def _wait_training(run_dir, proc, limit=120):
     return False
 
 
-def _finish(proc, limit):
-    try:
-        return proc.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
-        return None
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, sig):
     run_dir = tmp_path / "run"
@@ -75,7 +59,7 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, sig):
         assert _wait_training(run_dir, proc), (tmp_path / "log").read_text()[-3000:]
         proc.send_signal(sig)
         sent = time.monotonic()
-        code = _finish(proc, 40)
+        code = wait_or_kill(proc, 40)
         took = time.monotonic() - sent
     finally:
         log.close()
@@ -89,11 +73,11 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, sig):
     if sig != signal.SIGTERM:
         return
     resumed = subprocess.run([LARGEBATCH, "run", *RUN, f"output.run_dir={run_dir}", "train.resume=auto"],
-                             cwd=str(ROOT), capture_output=True, text=True, timeout=150, env=_clean_env())
+                             cwd=str(ROOT), capture_output=True, text=True, timeout=150, env=environ_copy())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = tmp_path / "straight"
     ref = subprocess.run([LARGEBATCH, "run", *RUN, f"output.run_dir={straight}"], cwd=str(ROOT),
-                         capture_output=True, text=True, timeout=150, env=_clean_env())
+                         capture_output=True, text=True, timeout=150, env=environ_copy())
     assert ref.returncode == 0, ref.stderr[-3000:]
     got, want = (json.loads((d / "summary.json").read_text()) for d in (run_dir, straight))
     assert got["resumed_from"] == summary["checkpoint"] and got["steps_done"] == want["steps_done"]
@@ -109,7 +93,7 @@ def test_a_second_signal_kills_at_once(tmp_path):
         time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
-        code = _finish(proc, 40)
+        code = wait_or_kill(proc, 40)
         took = time.monotonic() - sent
     finally:
         log.close()

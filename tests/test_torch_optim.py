@@ -135,7 +135,9 @@ def test_trust_ratio_telemetry_matches_reference():
     assert float(ratios["conv.bias"]) == 1.0 and float(ratios["zero_init.weight"]) != 1.0   # it grew from 0
 
 
-def test_state_dict_round_trip_continues_identically():
+def _round_trip(cls, kwargs, edit_saved=lambda saved: None):
+    """10 steps straight, and 5 steps, a state_dict saved (and passed to ``edit_saved``), loaded into
+    a default-constructed optimizer, 5 more: (straight model, resumed model, its optimizer, saved)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
     data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(10)]
@@ -147,19 +149,26 @@ def test_state_dict_round_trip_continues_identically():
             opt.step()
 
     straight = copy.deepcopy(model)
-    opt_straight = LARS(straight.parameters(), lr=0.5, weight_decay=1e-3, trust_coefficient=0.02)
-    train(straight, opt_straight, data)
-
+    train(straight, cls(straight.parameters(), **kwargs), data)
     first = copy.deepcopy(model)
-    opt_first = LARS(first.parameters(), lr=0.5, weight_decay=1e-3, trust_coefficient=0.02)
+    opt_first = cls(first.parameters(), **kwargs)
     train(first, opt_first, data[:5])
     saved = copy.deepcopy((first.state_dict(), opt_first.state_dict()))
+    edit_saved(saved[1])
     resumed = copy.deepcopy(model)
     resumed.load_state_dict(saved[0])
-    opt_resumed = LARS(resumed.parameters())                       # defaults differ: the state dict rules
+    opt_resumed = cls(resumed.parameters())                        # defaults differ: the state dict rules
     opt_resumed.load_state_dict(saved[1])
-    assert opt_resumed.param_groups[0]["lr"] == 0.5 and opt_resumed.param_groups[0]["trust_coefficient"] == 0.02
+    loaded = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt_resumed.state[p].items()}
+              for p in resumed.parameters()}                        # the state as loaded, before training on
+    groups = copy.deepcopy(opt_resumed.param_groups)
     train(resumed, opt_resumed, data[5:])
+    return straight, resumed, opt_resumed, saved[1], loaded, groups
+
+
+def test_state_dict_round_trip_continues_identically():
+    straight, resumed, _, _, _, groups = _round_trip(LARS, dict(lr=0.5, weight_decay=1e-3, trust_coefficient=0.02))
+    assert groups[0]["lr"] == 0.5 and groups[0]["trust_coefficient"] == 0.02
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -453,39 +462,20 @@ def test_lamb_state_dict_round_trip_continues_identically(saved_group):
     """LAMB's step counters come back as 0-d float64 tensors on the parameters' device with the saved
     value (torch's load_state_dict keeps 'step' as saved, or casts it to float32 for a group marked
     capturable or fused), and training continues bit for bit."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
-    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(10)]
+    def mark_groups(saved):
+        for group in saved["param_groups"]:
+            group.update(saved_group)
 
-    def train(model, opt, batches):
-        for x, y in batches:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-
-    straight = copy.deepcopy(model)
-    opt_straight = LAMB(straight.parameters(), lr=0.01, weight_decay=1e-2)
-    train(straight, opt_straight, data)
-
-    first = copy.deepcopy(model)
-    opt_first = LAMB(first.parameters(), lr=0.01, weight_decay=1e-2)
-    train(first, opt_first, data[:5])
-    saved = copy.deepcopy((first.state_dict(), opt_first.state_dict()))
-    for group in saved[1]["param_groups"]:
-        group.update(saved_group)
-    resumed = copy.deepcopy(model)
-    resumed.load_state_dict(saved[0])
-    opt_resumed = LAMB(resumed.parameters())                       # defaults differ: the state dict rules
-    opt_resumed.load_state_dict(saved[1])
-    assert opt_resumed.param_groups[0]["lr"] == 0.01 and opt_resumed.param_groups[0]["weight_decay"] == 1e-2
+    straight, resumed, opt_resumed, saved, loaded, groups = _round_trip(
+        LAMB, dict(lr=0.01, weight_decay=1e-2), mark_groups)
+    assert groups[0]["lr"] == 0.01 and groups[0]["weight_decay"] == 1e-2
     for p in resumed.parameters():
-        step = opt_resumed.state[p]["step"]
+        step = loaded[p]["step"]
         assert step.dtype == torch.float64 and step.dim() == 0 and step.device == p.device
         assert float(step) == 5.0
-    train(resumed, opt_resumed, data[5:])
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert all(float(s["step"]) == 5.0 for s in saved[1]["state"].values())    # the saved dict untouched
+    assert all(float(s["step"]) == 5.0 for s in saved["state"].values())    # the saved dict untouched
     assert all(float(opt_resumed.state[p]["step"]) == 10.0 for p in resumed.parameters())
 
 

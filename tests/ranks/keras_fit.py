@@ -20,7 +20,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import largebatch.keras as lbk  # noqa: E402
-from multirank import report  # noqa: E402
+from multirank import error_of, report  # noqa: E402
 
 hvd.init()
 rank, size = hvd.rank(), hvd.size()
@@ -48,14 +48,6 @@ def train(scenario):
     out[f"{scenario}.checks"] = check.checks
     out[f"{scenario}.iterations"] = int(optimizer.iterations.numpy())
     out[f"{scenario}.csv_rows"] = sum(1 for _ in open(csv_path)) if os.path.exists(csv_path) else 0
-
-
-def error_of(fn):
-    try:
-        fn()
-    except Exception as err:                       # noqa: BLE001 - the message is what we test
-        return f"{type(err).__name__}: {err}"
-    return "no error"
 
 
 def refuse():

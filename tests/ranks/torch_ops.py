@@ -10,7 +10,7 @@ import horovod.torch as hvd
 import torch
 
 import largebatch.torch as lbt
-from multirank import report
+from multirank import error_of, report
 
 torch.set_num_threads(1)
 hvd.init()
@@ -52,14 +52,6 @@ for name, (kind, op, factor) in CASES.items():
     opt.step()
     for i, p in enumerate(model.parameters()):
         out[f"{name}.w{i}"] = p.detach().numpy().copy()
-
-
-def error_of(fn):
-    try:
-        fn()
-    except Exception as err:                       # noqa: BLE001 - the message is what we test
-        return f"{type(err).__name__}: {err}"
-    return "no error"
 
 
 model = copy.deepcopy(base)
