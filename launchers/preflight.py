@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 __all__ = ["SSH", "HostReport", "probe_hosts", "check_hosts", "unreachable", "PROBE_TIMEOUT_S"]
 

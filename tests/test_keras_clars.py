@@ -307,7 +307,6 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, scenar
 @pytest.mark.multirank
 def test_yaml_runner_trains_keras_clars_on_two_ranks(tmp_path):
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path

@@ -22,6 +22,9 @@ from largebatch.launchers import testcluster
 pytestmark = [pytest.mark.multirank, pytest.mark.multihost]
 
 ROOT = Path(__file__).resolve().parent.parent
+LARGEBATCH = str(Path(sys.executable).with_name("largebatch"))
+# one thread per rank everywhere: the same float reduction order on one host and on two
+SMALL = ["data.samples=256", "data.val_samples=64", "output.progress=false", "launcher.threads_per_rank=1"]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,9 @@ from multirank import environ_copy, wait_or_kill
 pytestmark = pytest.mark.multirank
 
 ROOT = Path(__file__).resolve().parent.parent
+LARGEBATCH = str(Path(sys.executable).with_name("largebatch"))
+RUN = ["examples/synthetic_torch.yaml", "--np", "2", "data.samples=256", "data.val_samples=64", "train.epochs=8",
+       "output.progress=false", "launcher.threads_per_rank=1", "output.checkpoint_every=0"]
 
 
 def _ours(run_dir):
