@@ -6,7 +6,10 @@ and the value received, e.g. ``momentum: expected a number in [0, 1), got 1.5``.
 import math
 import numbers
 
-__all__ = ["check_number", "check_choice", "check_positive_int", "check_hyperparameters"]
+from .registry import HYPERPARAMETERS, TRUST_DENOMINATORS
+
+__all__ = ["check_number", "check_choice", "check_positive_int", "check_hyperparameters", "check_beta",
+           "TRUST_DENOMINATORS"]
 
 
 def _is_number(value):
@@ -70,21 +73,19 @@ def check_hyperparameters(*, lr=None, momentum=None, weight_decay=None, trust_co
     """
     if lr is not None and not callable(lr):
         check_number(lr_name, lr, low=0.0)
-    if momentum is not None:
-        check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
-    if weight_decay is not None:
-        check_number("weight_decay", weight_decay, low=0.0)
-    if trust_coefficient is not None:
-        check_number("trust_coefficient", trust_coefficient, low=0.0, low_open=True)
-    if eps is not None:
-        check_number("eps", eps, low=0.0)
+    for name, value in (("momentum", momentum), ("weight_decay", weight_decay),
+                        ("trust_coefficient", trust_coefficient), ("eps", eps)):
+        if value is not None:
+            check_number(name, value, **HYPERPARAMETERS[name].bounds)
     if trust_denominator is not None:
         check_choice("trust_denominator", trust_denominator, TRUST_DENOMINATORS)
     if betas is not None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas: expected a pair (beta_1, beta_2), got {betas!r}")
-        check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-        check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+        check_beta("betas[0]", betas[0])
+        check_beta("betas[1]", betas[1])
 
 
-TRUST_DENOMINATORS = ("sum_of_norms", "norm_of_sum")
+def check_beta(name, value):
+    """An Adam/LAMB moment decay: a number in [0, 1)."""
+    return check_number(name, value, low=0.0, high=1.0, high_open=True)
