@@ -27,23 +27,14 @@ def build_model(cfg, derived):
     import torch  # noqa: F401
     name, classes, channels = cfg["model"]["name"], derived["num_classes"], cfg["data"]["channels"]
     small = derived["image_size"] <= 64
-    if name == "alexnet_bn":
-        models = _local_or_adapter("alexnet_bn")
-        return models(num_classes=classes, in_channels=channels)
     models = import_mapped("largebatch.torch.models")
+    if name == "alexnet_bn":
+        return models.alexnet_bn(num_classes=classes, in_channels=channels)
     if name == "small_cnn":
         return models.SmallCNN(num_classes=classes, in_channels=channels, batchnorm=cfg["model"]["batch_norm"])
     fn = getattr(models, name)
     return fn(num_classes=classes, in_channels=channels, small_input=small,
               zero_init_residual=cfg["model"]["zero_init_residual"])
-
-
-def _local_or_adapter(name):
-    try:
-        return getattr(import_mapped("largebatch.torch.models"), name)
-    except AttributeError:
-        from . import torch_models
-        return getattr(torch_models, name)
 
 
 def build_optimizer(cfg, model, lr, track_trust_ratios):
