@@ -142,7 +142,7 @@ def add_host_args(ap):
 
 def hosts_from_args(a):
     """[launchers.hostfile.Host] from -H / --hostfile, or None when neither is given."""
-    from launchers import hostfile as hf
+    from largebatch import hostfile as hf
     if a.hosts and a.hostfile:
         raise SystemExit("give either -H/--hosts or --hostfile, not both")
     if a.hosts:
@@ -154,7 +154,7 @@ def hosts_from_args(a):
 
 def horovodrun_host_args(a, placed):
     """horovodrun arguments for ranks ``placed`` as [(host, ranks)] on the hosts of ``a``."""
-    from launchers import hostfile as hf
+    from largebatch import hostfile as hf
     out = ["-H", hf.hosts_arg(placed)]
     if a.network_interface:
         out += ["--network-interfaces", a.network_interface]

@@ -368,7 +368,7 @@ def _write_with_projection(out, stem, rows, meta, fits, proj):
 
 
 def main_hosts(a, hosts):
-    from launchers import hostfile as hf
+    from largebatch import hostfile as hf
     import horovod  # noqa: F401  (version in the header)
     import torch  # noqa: F401
     np_ = a.np or hf.total_slots(hosts)

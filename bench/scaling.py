@@ -187,7 +187,7 @@ def main(argv=None):
         return worker(a) or 0
     import horovod  # noqa: F401  (version in the header)
     import torch  # noqa: F401
-    from launchers import hostfile as hf
+    from largebatch import hostfile as hf
     hosts = hosts_from_args(a)
 
     def placement(n):

@@ -28,16 +28,14 @@ Validation collects every problem, one line each, naming the YAML key and what w
 """
 import copy
 import difflib
-import importlib
-import importlib.util
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 import yaml
 
+from . import hostfile
 from .schedules import DECAYS, SCALING_RULES, WARMUPS, scaled_lr
 from .validation import TRUST_DENOMINATORS, check_number
 
@@ -61,40 +59,6 @@ DATA_KINDS = ("synthetic", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 RECOMPUTED = ("derived", "source")      # sections of a resolved config.yaml, ignored on load
 SHORTHAND = {"model": "name", "optimizer": "name", "data": "kind", "launcher": "type"}
-
-
-_MAPPED = {"largebatch.launchers": "launchers", "largebatch.torch": "frameworks/torch",
-           "largebatch.keras": "frameworks/keras"}
-
-
-def import_mapped(package):
-    """Import ``largebatch.launchers`` / ``largebatch.torch`` / ``largebatch.keras`` (or a module
-    inside them). setup.py maps these packages to top-level folders; in a source checkout that
-    is not installed the folder is loaded under the same name."""
-    try:
-        return importlib.import_module(package)
-    except ModuleNotFoundError as err:
-        top = next((p for p in _MAPPED if package == p or package.startswith(p + ".")), None)
-        if top is None or top in sys.modules or err.name not in (top, package):
-            raise
-        root = Path(__file__).resolve().parent.parent / _MAPPED[top]
-        if not (root / "__init__.py").exists():
-            raise
-        spec = importlib.util.spec_from_file_location(top, root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[top] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[top]
-            raise
-        return importlib.import_module(package)
-
-
-def launchers_module(name):
-    """``largebatch.launchers.<name>`` (see :func:`import_mapped`)."""
-    return import_mapped(f"largebatch.launchers.{name}")
 
 
 class ConfigError(ValueError):
@@ -265,7 +229,6 @@ def args_list(key, value):
 
 
 def hosts(key, value):
-    hostfile = launchers_module("hostfile")
     try:
         return [str(h) for h in hostfile.parse_hosts(value)]
     except ValueError as err:
@@ -820,7 +783,6 @@ def _check_folder(key, path, problems):
 def _check_launcher(la, explicit, problems, check_paths):
     """Validate the launcher section; return (np, placement [(host, ranks)], the number of hosts
     listed: 1 for neither hosts nor hostfile (localhost), None if the list could not be read)."""
-    hostfile = launchers_module("hostfile")
     host_list = None
     if la["hosts"] is not None and la["hostfile"] is not None:
         problems.append("launcher.hostfile: set either launcher.hosts or launcher.hostfile, not both")

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from . import hostfile as _hostfile
+from largebatch import hostfile as _hostfile
 from .threads import plan_threads
 
 __all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind", "horovodrun_command",

@@ -141,7 +141,7 @@ def plan_threads(placed, *, cores_per_host=None, threads=None, interop=None, bin
 
 
 def _is_local(host):
-    from .hostfile import is_local
+    from largebatch.hostfile import is_local
     return is_local(host)
 
 

@@ -13,7 +13,7 @@ BENCH = REPO / "bench"
 
 
 def _run(args, out, timeout=180):
-    proc = subprocess.run([sys.executable, "-m", "largebatch.cli", "bench", *args, "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "largebatch.launchers.cli", "bench", *args, "--quick", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout
@@ -35,7 +35,7 @@ def _check_files(out, stem):
 
 
 def test_bench_dispatcher_rejects_unknown():
-    proc = subprocess.run([sys.executable, "-m", "largebatch.cli", "bench", "nope"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "largebatch.launchers.cli", "bench", "nope"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown benchmark" in proc.stderr
 

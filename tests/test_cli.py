@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from largebatch import cli
+from largebatch.launchers import cli
 
 
 @pytest.fixture
@@ -167,9 +167,9 @@ def test_usage_errors_are_one_line_exit_2(workdir, capsys, argv, message):
 def test_bench_dispatches_to_largebatch_bench_main(monkeypatch):
     import types
     seen = []
-    module = types.ModuleType("largebatch.bench")
+    module = types.ModuleType("largebatch.launchers.bench")
     module.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "largebatch.bench", module)
+    monkeypatch.setitem(sys.modules, "largebatch.launchers.bench", module)
     import largebatch
     monkeypatch.setattr(largebatch, "bench", module, raising=False)
     assert cli.main(["bench", "scaling", "--np", "2"]) == 0
@@ -177,7 +177,7 @@ def test_bench_dispatches_to_largebatch_bench_main(monkeypatch):
 
 
 def test_doctor_is_dispatched(monkeypatch):
-    from largebatch import doctor
+    from largebatch.launchers import doctor
     seen = []
     monkeypatch.setattr(doctor, "main", lambda argv: seen.append(argv) or 0)
     assert cli.main(["doctor", "--quick"]) == 0
@@ -187,7 +187,7 @@ def test_doctor_is_dispatched(monkeypatch):
 def test_console_entry_point_has_no_traceback(workdir):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
         str(__import__("pathlib").Path(cli.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "largebatch.cli", "validate", "exp.yaml", "optimizer.momentum=2"],
+    proc = subprocess.run([sys.executable, "-m", "largebatch.launchers.cli", "validate", "exp.yaml", "optimizer.momentum=2"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr == "optimizer.momentum: expected a number in [0, 1), got 2.0\n"

@@ -499,7 +499,7 @@ def test_a_relative_discovery_script_is_the_yamls_neighbour(tmp_path, monkeypatc
 
 
 def test_a_dry_run_notes_missing_data_folders_and_goes_on(tmp_path, capsys):
-    from largebatch import cli
+    from largebatch.launchers import cli
     exp = tmp_path / "e.yaml"
     exp.write_text("framework: torch\nmodel: resnet18\ndata: {kind: folder, path: /no/such/imagenet}\n")
     assert cli.main(["run", str(exp), "--dry-run"]) == 0

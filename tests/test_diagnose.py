@@ -1,7 +1,6 @@
 """The launcher-output watch: known failures become one line naming the fix."""
-from largebatch.config import launchers_module
 
-diagnose = launchers_module("diagnose")
+from largebatch.launchers import diagnose
 
 
 def test_known_failures_become_one_hint_each():

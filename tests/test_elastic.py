@@ -186,7 +186,7 @@ def _run(tmp_path, doc, name, *, env=None, timeout=240):
     exp = tmp_path / f"{name}.yaml"
     exp.write_text(yaml.safe_dump(doc))
     run_dir = tmp_path / name
-    cmd = [sys.executable, "-m", "largebatch.cli", "run", str(exp), f"output.run_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "largebatch.launchers.cli", "run", str(exp), f"output.run_dir={run_dir}"]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env or _env(), capture_output=True, text=True, timeout=timeout)
     return proc, run_dir, time.monotonic() - started

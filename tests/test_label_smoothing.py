@@ -73,7 +73,7 @@ def test_out_of_range_is_one_line_exit_2(tmp_path, value, shown):
     assert proc.stderr.splitlines() == [f"train.label_smoothing: expected a number in [0, 1), got {shown}"]
     assert not (tmp_path / "runs").exists()
     (tmp_path / "exp.yaml").write_text(EXP.replace("FRAMEWORK", "keras"))
-    proc = subprocess.run([sys.executable, "-m", "largebatch.cli", "validate", str(tmp_path / "exp.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "largebatch.launchers.cli", "validate", str(tmp_path / "exp.yaml"),
                            f"train.label_smoothing={value}"], env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == f"train.label_smoothing: expected a number in [0, 1), got {shown}\n"

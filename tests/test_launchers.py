@@ -3,11 +3,10 @@ import shlex
 
 import pytest
 
-from largebatch.config import launchers_module
 
-threads = launchers_module("threads")
-hostfile = launchers_module("hostfile")
-command = launchers_module("command")
+from largebatch.launchers import threads
+from largebatch import hostfile  # noqa: E402
+from largebatch.launchers import command
 
 
 # ------------------------------------------------------------------------------ thread rule

@@ -107,12 +107,12 @@ def test_one_run_writes_pngs_and_a_summary(runs, capsys):
 
 def test_the_command_line_runs_report(runs, tmp_path):
     out = tmp_path / "pictures"
-    proc = subprocess.run([sys.executable, "-m", "largebatch.cli", "report", str(runs[32]), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "largebatch.launchers.cli", "report", str(runs[32]), "--out", str(out)],
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "status       completed" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(METRIC_PNGS + ("trust_ratios.png",))
-    help_text = subprocess.run([sys.executable, "-m", "largebatch.cli", "--help"], env=_env(),
+    help_text = subprocess.run([sys.executable, "-m", "largebatch.launchers.cli", "--help"], env=_env(),
                                capture_output=True, text=True, timeout=60).stdout
     assert "report RUN_DIR" in help_text
 

@@ -196,7 +196,7 @@ def _check_run_dir(run_dir, framework, ranks):
 @pytest.mark.parametrize("framework", ["torch", "keras"])
 def test_largebatch_run_synthetic_example_on_two_ranks(tmp_path, framework):
     example = ROOT / "examples" / f"synthetic_{framework}.yaml"
-    cmd = [sys.executable, "-m", "largebatch.cli", "run", str(example), "--np", "2", f"output.dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "largebatch.launchers.cli", "run", str(example), "--np", "2", f"output.dir={tmp_path}"]
     env = _env()
     for name in ("TF_CPP_MIN_LOG_LEVEL", "LARGEBATCH_PROGRESS", "LARGEBATCH_TF_LOGS"):   # largebatch run's defaults
         env.pop(name, None)

@@ -6,9 +6,9 @@ import subprocess
 import pytest
 import yaml
 
-from largebatch.config import load, launchers_module
+from largebatch.config import load
 
-sbatch = launchers_module("sbatch")
+from largebatch.launchers import sbatch
 
 BASE = {
     "name": "lars small",
@@ -165,7 +165,7 @@ def test_job_names():
 
 
 def test_largebatch_sbatch_command_prints_writes_and_refuses(tmp_path, capsys, monkeypatch):
-    from largebatch import cli
+    from largebatch.launchers import cli
     monkeypatch.chdir(tmp_path)
     example = str(Path(__file__).resolve().parent.parent / "examples" / "synthetic_torch.yaml")
     run_dir = tmp_path / "runs" / "job"

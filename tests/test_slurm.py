@@ -13,11 +13,10 @@ import time
 
 import pytest
 
-from largebatch.config import launchers_module
 
-testbed = launchers_module("slurm_testbed")
-sbatch = launchers_module("sbatch")
-srun_gloo = launchers_module("srun_gloo")
+from largebatch.launchers import slurm_testbed as testbed
+from largebatch.launchers import sbatch
+from largebatch.launchers import srun_gloo
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -171,7 +170,7 @@ def ns_slurm():
     if why:
         pytest.skip(why)
     try:
-        testcluster = launchers_module("testcluster")
+        from largebatch.launchers import testcluster
     except ImportError:
         pytest.skip("largebatch.launchers.testcluster (namespace hosts) is not available")
     why = testcluster.unavailable()

@@ -38,7 +38,7 @@ def test_check_build_lists_everything():
 
 
 def test_doctor_reports_stack_and_keras3_trap():
-    proc = subprocess.run([sys.executable, "-m", "largebatch.doctor"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "largebatch.launchers.doctor"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "stack OK" in proc.stdout
     assert "torch [MPI, Gloo]" in proc.stdout and "tensorflow [MPI, Gloo]" in proc.stdout
@@ -50,7 +50,7 @@ def test_doctor_fails_with_one_line_fix_when_horovod_missing(tmp_path):
     (tmp_path / "horovod").mkdir()
     (tmp_path / "horovod" / "__init__.py").write_text("raise ImportError('hidden by test')\n")
     env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "largebatch.doctor"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "largebatch.launchers.doctor"], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 1
     assert "PROBLEM: horovod is not importable; run `make setup`" in proc.stdout

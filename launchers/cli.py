@@ -65,14 +65,14 @@ def _flag_overrides(args):
 
 
 def _load(args, data_notes=None):
-    from .config import load
+    from largebatch.config import load
     return load(args.experiment, list(args.overrides) + _flag_overrides(args), data_notes=data_notes)
 
 
 def run_dir_for(exp):
     """``output.run_dir``, else ``<output.dir>/<name>``, made unique with ``-2``, ``-3``, ...
     (``train.resume=auto`` continues ``<output.dir>/<name>`` itself)."""
-    from .runner.common import fresh_run_dir
+    from largebatch.runner.common import fresh_run_dir
     if exp.cfg["output"]["run_dir"]:
         return os.path.abspath(exp.cfg["output"]["run_dir"])
     base = os.path.abspath(os.path.join(exp.cfg["output"]["dir"], exp.cfg["name"]))
@@ -83,7 +83,7 @@ def run_dir_for(exp):
 
 def run_dir_problems(exp, run_dir, resumes=None):
     """One line when ``run_dir`` holds another run and this one would not continue it."""
-    from .runner.common import holds_run, run_dir_refusal
+    from largebatch.runner.common import holds_run, run_dir_refusal
     resumes = exp.cfg["train"]["resume"] != "none" if resumes is None else resumes
     found = None if resumes else holds_run(run_dir)
     return [run_dir_refusal(run_dir, found)] if found else []
@@ -94,7 +94,7 @@ def resume_problems(exp, run_dir):
     anything is launched: the file's integrity (size and SHA-256, largebatch.checkpoint.read), the
     framework that wrote it and its model's name. The ranks check the model's signature (the
     names and shapes of its tensors) when they have built the model."""
-    from . import checkpoint as core
+    from largebatch import checkpoint as core
     resume = exp.cfg["train"]["resume"]
     if resume == "none":
         return []
@@ -125,8 +125,7 @@ def _installed():
 
 def launch_plan(exp, run_dir, overrides):
     """The LaunchCommand that runs ``exp`` with its ranks writing to ``run_dir``."""
-    from .config import launchers_module
-    command = launchers_module("command")
+    from . import command
     program = command.rank_program(exp.cfg["launcher"]["python"], exp.source["file"],
                                    [*overrides, f"output.run_dir={run_dir}"])
     cmd = command.build_command(exp.cfg["launcher"], exp.derived, program)
@@ -149,7 +148,7 @@ def launch_plan(exp, run_dir, overrides):
 
 
 def cmd_validate(args):
-    from .config import ConfigError, describe, dump_yaml
+    from largebatch.config import ConfigError, describe, dump_yaml
     try:
         exp = _load(args)
     except ConfigError as err:
@@ -162,7 +161,7 @@ def cmd_validate(args):
 
 
 def cmd_run(args):
-    from .config import ConfigError, describe
+    from largebatch.config import ConfigError, describe
     data_notes = [] if args.dry_run else None        # a dry run reads no data: a missing folder is a note
     try:
         exp = _load(args, data_notes)
@@ -225,9 +224,9 @@ def cmd_run(args):
     if terminal and "COLUMNS" not in env:                 # rank 0's bar, drawn through a pipe
         size = shutil.get_terminal_size()
         env.update(COLUMNS=str(size.columns), LINES=str(size.lines))
-    from .config import launchers_module
     # a watch per stream: each keeps its own unfinished line (stdout must not extend stderr's)
-    watches = [launchers_module("diagnose").OutputWatch(gloo_across_hosts=bool(remote) and la["controller"] == "gloo")
+    from . import diagnose
+    watches = [diagnose.OutputWatch(gloo_across_hosts=bool(remote) and la["controller"] == "gloo")
                for _ in range(2)]
     proc = subprocess.Popen(cmd.argv, env=env, start_new_session=True, preexec_fn=_default_signals,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -407,17 +406,16 @@ def _host_problems(exp):
 
 
 def _remote_hosts(exp):
-    from .config import launchers_module
     if exp.cfg["launcher"]["type"] == "srun":
         return []
-    return launchers_module("command").remote_hosts([tuple(p) for p in exp.derived["placement"]])
+    from . import command
+    return command.remote_hosts([tuple(p) for p in exp.derived["placement"]])
 
 
 def _name_lost_hosts(hosts, la):
     """After a failed multi-host job: which hosts no longer answer (the launchers' own messages
     rarely say; Open MPI blames 'unable to reliably start one or more daemons')."""
-    from .config import launchers_module
-    preflight = launchers_module("preflight")
+    from . import preflight
     lost = preflight.unreachable(hosts, preflight.SSH(port=la["ssh_port"], identity=la["ssh_identity"]))
     for host, reason in lost:
         print(f"largebatch: host {host} stopped answering ({reason}): it lost its network or went down; "
@@ -565,12 +563,12 @@ def _quote(s):
 
 def cmd_sbatch(args):
     """Write (``--submit``: and submit; ``--dry-run``: only print) a Slurm batch script."""
-    from .config import ConfigError, launchers_module
+    from largebatch.config import ConfigError
     try:
         exp = _load(args)
     except ConfigError as err:
         return _fail(err.problems)
-    sbatch = launchers_module("sbatch")
+    from . import sbatch
     run_dir = run_dir_for(exp)
     resumes = exp.cfg["train"]["resume"] != "none" or args.requeue
     problems = run_dir_problems(exp, run_dir, resumes=resumes) or resume_problems(exp, run_dir)
@@ -676,7 +674,7 @@ def main(argv=None):
     if command == "bench":
         return cmd_bench(rest)
     if command == "report":
-        from . import report
+        from largebatch import report
         return report.main(rest)
     if command in ("run", "validate", "sbatch"):
         horovod_np = next((i for i, a in enumerate(rest) if a == "-np" or a.startswith("-np=")), None)

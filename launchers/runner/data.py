@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..config import IMAGE_EXTENSIONS
+from largebatch.config import IMAGE_EXTENSIONS
 
 __all__ = ["SyntheticImages", "ImageFolder", "DataError", "build_datasets", "epoch_batches", "eval_batches",
            "Prefetcher"]

@@ -18,9 +18,9 @@ import platform
 import sys
 import time
 
-from .. import __version__
-from ..config import dump_yaml
-from ..schedules import build_schedule
+from largebatch import __version__
+from largebatch.config import dump_yaml
+from largebatch.schedules import build_schedule
 
 __all__ = ["RunLog", "make_schedule", "Progress", "Throughput", "versions", "holds_run", "choose_run_dir",
            "claim_run_dir", "progress_mode"]
@@ -38,7 +38,7 @@ def make_schedule(exp):
                               warmup_start_lr=d.get("warmup_start_lr"), decay=sch["decay"], power=sch["power"],
                               end_lr=sch["end_lr"], milestones=sch["milestones"], factor=sch["factor"])
     except ValueError as err:
-        from ..config import ConfigError
+        from largebatch.config import ConfigError
         raise ConfigError([f"schedule.{err}"]) from None
 
 
@@ -287,7 +287,7 @@ def world_record(allgather_object, digest):
 def datasets_and_steps(exp):
     """Build this rank's datasets and fill ``exp.derived`` with steps_per_epoch and total_steps
     (and epochs, for a step budget). Shared by the torch and Keras runners."""
-    from ..config import ConfigError
+    from largebatch.config import ConfigError
     from .data import DataError, build_datasets
     cfg, derived = exp.cfg, exp.derived
     try:
@@ -316,7 +316,7 @@ RUN_FILES = ("summary.json", "metrics.csv", "metrics.jsonl", "trust_ratios.csv",
 def holds_run(run_dir):
     """What shows that ``run_dir`` holds a run (``'summary.json'``, ``'checkpoints/'``, ...), or
     None: no such folder, an empty one, or one just created for this run."""
-    from .. import checkpoint as core
+    from largebatch import checkpoint as core
     if not os.path.isdir(run_dir):
         return None
     for name in RUN_FILES:
@@ -351,7 +351,7 @@ def choose_run_dir(exp, run_dir):
     is used as it is; over another run, an explicit ``output.run_dir`` is refused (ConfigError,
     one line) and the default ``<output.dir>/<name>`` becomes ``<name>-2``, ``-3``, ... as with
     ``largebatch run`` (created here, so that two runs cannot pick the same one)."""
-    from ..config import ConfigError
+    from largebatch.config import ConfigError
     if exp.cfg["train"]["resume"] != "none":
         return run_dir, None
     found = holds_run(run_dir)
@@ -374,7 +374,7 @@ def claim_run_dir(exp, run_dir, hvd, rank, elastic=False):
     (or the refusal: ConfigError, exit 2, on every rank, before anything is written). Horovod
     Elastic ranks skip it (a rank joining later could not take part in the broadcast):
     ``largebatch run`` checks the folder before it launches."""
-    from ..config import ConfigError
+    from largebatch.config import ConfigError
     if elastic:
         return run_dir
     answer = None
@@ -395,7 +395,7 @@ def claim_run_dir(exp, run_dir, hvd, rank, elastic=False):
 
 def resolve_resume(cfg, run_dir):
     """The checkpoint to resume from, or None (train.resume: auto | PATH | none)."""
-    from .. import checkpoint as core
+    from largebatch import checkpoint as core
     resume = cfg["train"]["resume"]
     if resume == "none":
         return None
@@ -409,8 +409,8 @@ def read_resume(cfg, run_dir, hvd, rank, load, rng_state):
     load_checkpoint, filling model and optimizer in place); every rank gets the same
     ``{path, step, epoch, extra, warning, rng}`` (or None). A bad checkpoint raises ConfigError
     (exit 2) on every rank, before anything in the run directory is written."""
-    from .. import checkpoint as core
-    from ..config import ConfigError
+    from largebatch import checkpoint as core
+    from largebatch.config import ConfigError
     path = resolve_resume(cfg, run_dir)
     info, error = None, None
     if path is not None and rank == 0:
@@ -442,7 +442,7 @@ def save_run_checkpoint(log, exp, save, model, optimizer, *, step, epoch, extra)
     """``checkpoints/epoch-NNNN.pt|.ckpt`` in the run directory with ``save`` (the framework's
     save_checkpoint: atomic, keeps the newest ``output.checkpoint_keep``); call on rank 0. The
     file names the epoch it ends (a partial last epoch included)."""
-    from .. import checkpoint as core
+    from largebatch import checkpoint as core
     cfg = exp.cfg
     path = log.checkpoint_path(core.checkpoint_name(epoch, cfg["framework"]))
     save(path, model, optimizer, step=step, epoch=epoch, config=exp.resolved(), cfg_hash=core.config_hash(cfg),

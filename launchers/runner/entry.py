@@ -3,7 +3,8 @@ import importlib
 import os
 import sys
 
-from ..config import ConfigError, launchers_module, load
+from largebatch.config import ConfigError, load
+from largebatch.launchers import threads
 
 __all__ = ["main", "world_size_from_env", "world_rank_from_env", "run_dir_of"]
 
@@ -77,11 +78,11 @@ def main(argv=None):
 
     # threads before torch / TensorFlow are imported: OpenMP and MKL read the environment once
     la = exp.cfg["launcher"]
-    threads = launchers_module("threads").rank_threads(
+    threads = threads.rank_threads(
         threads=la["threads_per_rank"], interop=la["interop_threads"], cores_per_host=la["cores_per_host"],
         binding=la["binding"])
     t, i, _ = threads
-    thread_env = launchers_module("threads").thread_env(t, i, la["binding"])
+    thread_env = threads.thread_env(t, i, la["binding"])
     os.environ.update(thread_env)
     if os.environ.get("LARGEBATCH_TF_LOGS") != "1":     # TensorFlow's C++ log lines, unless asked for
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

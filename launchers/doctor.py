@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 
-from .horovod_support import FIX, HorovodUnavailable, import_horovod
+from largebatch.horovod_support import FIX, HorovodUnavailable, import_horovod
 
 KERAS3_TRAP = ("WARNING: Keras {keras} is active and horovod.tensorflow.keras is importable: under Keras 3 "
                "its DistributedOptimizer raises nothing and does NOT average gradients (ranks silently "
@@ -79,8 +79,7 @@ def check_hosts(hosts, *, ssh_port=None, ssh_identity=None, network_interface=No
     This machine is the launch node: a port is opened here for the hosts to reach it back, as
     Horovod's Gloo rendezvous server would be."""
     import socket
-    from .config import launchers_module
-    preflight = launchers_module("preflight")
+    from . import preflight
     me = socket.gethostname()
     listener = socket.socket()
     listener.bind(("0.0.0.0", 0))
@@ -97,8 +96,7 @@ def check_hosts(hosts, *, ssh_port=None, ssh_identity=None, network_interface=No
 
 def _hosts_main(args):
     import time
-    from .config import launchers_module
-    hostfile = launchers_module("hostfile")
+    from largebatch import hostfile
     try:
         hosts = hostfile.parse_hosts(args.hosts) if args.hosts else hostfile.parse_hostfile(args.hostfile)
     except (ValueError, OSError) as err:

@@ -1,4 +1,5 @@
 """The PyTorch training loop each rank runs (Horovod, largebatch.torch optimizers)."""
+import importlib
 import math
 import os
 import signal
@@ -8,9 +9,10 @@ import types
 
 import numpy as np
 
-from ..config import ConfigError, import_mapped
-from ..policy import ParamPolicy
-from ..schedules import momentum_correction
+from largebatch.config import ConfigError
+from largebatch.horovod_support import import_horovod
+from largebatch.policy import ParamPolicy
+from largebatch.schedules import momentum_correction
 from . import faults, lifeline
 from .common import (Progress, RunLog, Throughput, announce_resume, claim_run_dir, datasets_and_steps,
                      make_schedule, read_resume, save_run_checkpoint, summary_dict, versions, weights_digest,
@@ -27,7 +29,7 @@ def build_model(cfg, derived):
     import torch  # noqa: F401
     name, classes, channels = cfg["model"]["name"], derived["num_classes"], cfg["data"]["channels"]
     small = derived["image_size"] <= 64
-    models = import_mapped("largebatch.torch.models")
+    models = importlib.import_module("largebatch.torch.models")
     if name == "alexnet_bn":
         return models.alexnet_bn(num_classes=classes, in_channels=channels)
     if name == "small_cnn":
@@ -50,7 +52,7 @@ def build_optimizer(cfg, model, lr, track_trust_ratios):
         groups = [g for g in ({"params": decay, "weight_decay": o["weight_decay"]},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         return torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"])
-    lbt = import_mapped("largebatch.torch")
+    lbt = importlib.import_module("largebatch.torch")
     groups = lbt.param_groups(model, exclude=o["exclude"])
     if o["name"] == "lamb":
         return lbt.LAMB(groups, lr=lr, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"],
@@ -88,7 +90,7 @@ def _evaluate(model, val, cfg, derived, hvd, torch, rank, size):
 def _load_resume(cfg, run_dir, model, optimizer, hvd, rank):
     """Rank 0 reads and checks the checkpoint into model and optimizer (before the Horovod
     broadcast); every rank gets step, epoch, extra and RNG (see common.read_resume)."""
-    lbt_ckpt = import_mapped("largebatch.torch.checkpoint")
+    lbt_ckpt = importlib.import_module("largebatch.torch.checkpoint")
     info = read_resume(cfg, run_dir, hvd, rank, rng_state=lbt_ckpt.rng_state,
                        load=lambda path, cfg_hash: lbt_ckpt.load_checkpoint(path, model, optimizer, cfg_hash=cfg_hash))
     if info is not None and hvd.size() > 1:
@@ -120,7 +122,7 @@ def _from_layout(layout):
 def run(exp, loader, threads):
     import torch
     faults.horovod_timeouts()
-    hvd = import_mapped("largebatch.horovod_support").import_horovod("torch")
+    hvd = import_horovod("torch")
     hvd.init()
     t, i, _ = threads
     torch.set_num_threads(t)
@@ -148,7 +150,7 @@ def run(exp, loader, threads):
     o = cfg["optimizer"]
     track = cfg["output"]["trust_ratios"] and o["name"] != "sgd"
     optimizer = build_optimizer(cfg, model, schedule(0), track)
-    lbt = import_mapped("largebatch.torch")
+    lbt = importlib.import_module("largebatch.torch")
     # Horovod re-creates the optimizer (its state is not carried over): load into the wrapped one
     optimizer = lbt.distributed_optimizer(optimizer, model, backward_passes_per_step=acc, broadcast=False)
     resumed = _load_resume(cfg, run_dir, model, optimizer, hvd, rank)   # before anything is written
@@ -156,7 +158,7 @@ def run(exp, loader, threads):
         lbt.broadcast_state(model, optimizer)                           # rank 0's parameters and state
     log = RunLog(run_dir, exp, rank, append=resumed is not None)
     log.write_config()
-    guard = import_mapped("largebatch.torch.guard").NonFiniteGuard(model, optimizer, hvd=hvd)
+    guard = importlib.import_module("largebatch.torch.guard").NonFiniteGuard(model, optimizer, hvd=hvd)
     on_nonfinite = cfg["train"]["on_nonfinite"]
     fault = faults.from_env(rank)
     smoothing = cfg["train"]["label_smoothing"]
@@ -294,7 +296,7 @@ def run(exp, loader, threads):
                     out.status, out.stopped_by = "stopped", signal.Signals(stop).name
                     if rank == 0 and step < total:
                         out.checkpoint = save_run_checkpoint(
-                            log, exp, import_mapped("largebatch.torch.checkpoint").save_checkpoint, model,
+                            log, exp, importlib.import_module("largebatch.torch.checkpoint").save_checkpoint, model,
                             optimizer, step=step, epoch=epoch + 1,
                             extra=_extra(state))
                     progress.write(f"largebatch: {out.stopped_by}: stopped after step {step}"
@@ -310,7 +312,7 @@ def run(exp, loader, threads):
                 progress.write(f"epoch {epoch}: eval loss {out.eval_result['loss']:.4f}, "
                                f"accuracy {out.eval_result['accuracy']:.4f}")
             if ckpt_every and (epoch % ckpt_every == 0 or state.step >= total) and rank == 0:
-                save_run_checkpoint(log, exp, import_mapped("largebatch.torch.checkpoint").save_checkpoint, model,
+                save_run_checkpoint(log, exp, importlib.import_module("largebatch.torch.checkpoint").save_checkpoint, model,
                                     optimizer, step=state.step, epoch=epoch,
                                     extra=_extra(state))
             if elastic:
@@ -404,7 +406,7 @@ def _accumulation(derived, size, elastic):
     global batch with the launch's per-worker batch."""
     if not elastic:
         return derived["accumulation_steps"]
-    from ..config import elastic_accumulation
+    from largebatch.config import elastic_accumulation
     acc = elastic_accumulation(derived["global_batch"], derived["per_worker_batch"], size)
     if acc is None:
         raise ConfigError([f"launcher.elastic: world size {size} cannot keep the global batch "

@@ -14,14 +14,16 @@ saved step, inside the saved epoch if need be. NaN/Inf gradients (or trust ratio
 the optimizer's in-graph guard and reported by ``largebatch.keras.callbacks.NonFiniteGuard``
 (``train.on_nonfinite``).
 """
+import importlib
 import math
 import signal
 import time
 
 import numpy as np
 
-from ..config import ConfigError, import_mapped
-from ..policy import ParamPolicy
+from largebatch.config import ConfigError
+from largebatch.horovod_support import import_horovod
+from largebatch.policy import ParamPolicy
 from . import faults, lifeline
 from .common import (Progress, RunLog, Throughput, announce_resume, claim_run_dir, datasets_and_steps,
                      make_schedule, read_resume, save_run_checkpoint, summary_dict, versions, weights_digest,
@@ -34,7 +36,7 @@ __all__ = ["run", "build_model", "build_optimizer"]
 
 def build_model(cfg, derived):
     import keras
-    lbk_models = import_mapped("largebatch.keras.models")
+    lbk_models = importlib.import_module("largebatch.keras.models")
     name, classes = cfg["model"]["name"], derived["num_classes"]
     shape = (derived["image_size"], derived["image_size"], cfg["data"]["channels"])
     seed = cfg["train"]["seed"]
@@ -55,7 +57,7 @@ def build_optimizer(cfg, model, lr):
     if o["name"] == "sgd":
         return keras.optimizers.SGD(learning_rate=lr, momentum=o["momentum"], nesterov=o["nesterov"],
                                     weight_decay=o["weight_decay"] or None)
-    lbk = import_mapped("largebatch.keras")
+    lbk = importlib.import_module("largebatch.keras")
     if o["name"] == "lamb":
         return lbk.LAMB(learning_rate=lr, beta_1=o["betas"][0], beta_2=o["betas"][1], epsilon=o["eps"],
                         weight_decay=o["weight_decay"], exclude=o["exclude"])
@@ -104,7 +106,7 @@ def _load_resume(cfg, run_dir, model, optimizer, hvd, rank):
     """Rank 0 reads and checks the checkpoint into model and optimizer (the broadcast callback
     sends its variables to the others before the first step); every rank gets step, epoch, extra
     and RNG (see common.read_resume)."""
-    lbk_ckpt = import_mapped("largebatch.keras.checkpoint")
+    lbk_ckpt = importlib.import_module("largebatch.keras.checkpoint")
     info = read_resume(cfg, run_dir, hvd, rank, rng_state=lbk_ckpt.rng_state,
                        load=lambda path, cfg_hash: lbk_ckpt.load_checkpoint(path, model, optimizer, cfg_hash=cfg_hash))
     if info is not None and rank != 0:
@@ -122,13 +124,13 @@ def run(exp, loader, threads):
         pass
     import keras
     faults.horovod_timeouts()
-    hvd = import_mapped("largebatch.horovod_support").import_horovod("tensorflow")
+    hvd = import_horovod("tensorflow")
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     if exp.derived["np"] != size:
         exp = loader(size)
     cfg, derived = exp.cfg, exp.derived
-    lbk = import_mapped("largebatch.keras")
+    lbk = importlib.import_module("largebatch.keras")
     keras.utils.set_random_seed(cfg["train"]["seed"])
     train_set, val_set = datasets_and_steps(exp)
     gb, pw, acc = derived["global_batch"], derived["per_worker_batch"], derived["accumulation_steps"]
@@ -250,7 +252,7 @@ def run(exp, loader, threads):
                 state["status"], state["stopped_by"] = "stopped", signal.Signals(stop).name
                 if rank == 0 and step < total:
                     state["checkpoint"] = save_run_checkpoint(
-                        log, exp, import_mapped("largebatch.keras.checkpoint").save_checkpoint, model,
+                        log, exp, importlib.import_module("largebatch.keras.checkpoint").save_checkpoint, model,
                         self.model.optimizer, step=step, epoch=state["shard"].epoch + 1,
                         extra={"last_lr": lr_callback.last_lr, "skipped_steps": guard.skipped})
                 progress.write(f"largebatch: {state['stopped_by']}: stopped after step {step}"
@@ -270,7 +272,7 @@ def run(exp, loader, threads):
                 progress.write(f"epoch {epoch + 1}: eval loss {state['eval']['loss']:.4f}, "
                                f"accuracy {state['eval']['accuracy']:.4f}")
             if ckpt_every and ((epoch + 1) % ckpt_every == 0 or step >= total) and rank == 0:
-                save_run_checkpoint(log, exp, import_mapped("largebatch.keras.checkpoint").save_checkpoint, model,
+                save_run_checkpoint(log, exp, importlib.import_module("largebatch.keras.checkpoint").save_checkpoint, model,
                                     self.model.optimizer, step=step, epoch=epoch + 1,
                                     extra={"last_lr": lr_callback.last_lr, "skipped_steps": guard.skipped})
 
