@@ -15,13 +15,16 @@ there is one definition of each.
 """
 import numpy as np
 
-from . import trust
+from . import registry, trust
 from .policy import ParamPolicy
+from .registry import BETAS, MOMENTUM, TRUST_COEFFICIENT
 from .validation import check_choice, check_hyperparameters, check_number
 
 __all__ = ["ReferenceOptimizer", "ALGORITHMS"]
 
-ALGORITHMS = ("lars", "larc", "lamb", "clars")
+# the registry's entries this reference models, by the reference's algorithm name
+_ENTRIES = {info.reference: info for info in registry.OPTIMIZERS.values() if info.reference}
+ALGORITHMS = tuple(_ENTRIES)
 
 
 def _norm(x):
@@ -42,22 +45,23 @@ class ReferenceOptimizer:
     ``trust_ratios[name]`` = layer lr / global lr.
     """
 
-    def __init__(self, algorithm="lars", *, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
-                 eps=None, trust_denominator="sum_of_norms", clip=False, nesterov=False,
-                 betas=(0.9, 0.999), exclude=None):
+    def __init__(self, algorithm="lars", *, lr, momentum=MOMENTUM, weight_decay=0.0,
+                 trust_coefficient=TRUST_COEFFICIENT, eps=None, trust_denominator="sum_of_norms", clip=False,
+                 nesterov=False, betas=BETAS, exclude=None):
         self.algorithm = check_choice("algorithm", algorithm, ALGORITHMS)
+        entry = _ENTRIES[algorithm]
         lamb = algorithm == "lamb"
         if eps is None:
-            eps = 1e-6 if lamb else 0.0
+            eps = entry.default("eps")                  # 0 for the LARS family, 1e-6 for LAMB
         check_hyperparameters(lr=lr, momentum=None if lamb else momentum, weight_decay=weight_decay,
                               trust_coefficient=None if lamb else trust_coefficient, eps=eps,
                               trust_denominator=trust_denominator, betas=betas if lamb else None)
-        if algorithm == "clars" and trust_denominator != "sum_of_norms":
-            raise ValueError("trust_denominator: CLARS defines its own denominator, expected 'sum_of_norms', "
-                             f"got {trust_denominator!r}")
+        # the adapters' rules (nesterov needs momentum; CLARS's own denominator), with their messages
+        registry.check_constraints(entry.name, dict(momentum=momentum, nesterov=nesterov,
+                                                    trust_denominator=trust_denominator))
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.trust_coefficient, self.eps, self.trust_denominator = trust_coefficient, eps, trust_denominator
-        self.clip = bool(clip) or algorithm == "larc"
+        self.clip = bool(clip) or bool(entry.fixed.get("clip"))          # 'larc' fixes clip=True
         self.nesterov, self.betas = bool(nesterov), tuple(betas)
         self.policy = ParamPolicy.from_spec(exclude)
         self.state = {}
@@ -102,7 +106,7 @@ class ReferenceOptimizer:
         beta1, beta2 = self.betas
         m, v = trust.adam_moments(state["exp_avg"], state["exp_avg_sq"], g, beta1, beta2)
         state["exp_avg"][...], state["exp_avg_sq"][...] = m, v
-        u = trust.lamb_direction(np.sqrt, w, m, v, step=state["step"], beta1=beta1, beta2=beta2,
+        u = trust.lamb_direction(np, w, m, v, step=state["step"], beta1=beta1, beta2=beta2,
                                  eps=self.eps, weight_decay=beta)              # u = m̂/(√v̂+ε) + βw
         ratio = trust.lamb_trust_ratio(np, _norm(w), _norm(u)) if adapt else 1.0   # ‖w‖/‖u‖
         w[...] = trust.lamb_update(w, u, lr, ratio)                             # w ← w − γ·ratio·u

@@ -2,8 +2,8 @@
 
 Every function here is written once and runs unchanged on NumPy arrays, torch tensors and
 TensorFlow tensors. Functions that need more than arithmetic operators take ``xp``, the array
-namespace (``numpy``, ``torch`` or ``tensorflow``): only ``xp.where``, ``xp.minimum`` and
-``xp.ones_like`` are used, which the three share. Arguments may be scalars (one layer) or
+namespace (``numpy``, ``torch`` or ``tensorflow``): only ``xp.where``, ``xp.minimum``,
+``xp.ones_like`` and ``xp.sqrt`` are used, which the three share. Arguments may be scalars (one layer) or
 vectors holding one entry per layer (the adapters' batched paths).
 
 Terms, following You, Gitman, Ginsburg 2017, "Large Batch Training of Convolutional
@@ -127,21 +127,25 @@ def lamb_bias_corrections(step, beta1, beta2):
     return 1.0 - beta1 ** step, 1.0 - beta2 ** step
 
 
-def lamb_direction(xp_sqrt, w, m, v, *, step=None, beta1, beta2, eps, weight_decay, bias_corrections=None):
+def lamb_direction(xp, w, m, v, *, step=None, beta1, beta2, eps, weight_decay, bias_corrections=None):
     """LAMB's per-layer update direction (You et al. 2019, arXiv 1904.00962, Algorithm 2):
 
         u = m̂ / (√v̂ + ε) + β·w,   m̂ = m / (1 − β1^t),   v̂ = v / (1 − β2^t)
 
-    ``xp_sqrt`` is the framework's elementwise square root; ``step`` is t ≥ 1, or pass
-    ``bias_corrections`` = :func:`lamb_bias_corrections` computed beforehand (then ``step`` is
-    not used).
+    ``step`` is t ≥ 1, or pass ``bias_corrections`` = :func:`lamb_bias_corrections` computed
+    beforehand (then ``step`` is not used).
+
+    >>> import numpy as np
+    >>> lamb_direction(np, np.array([3.0]), np.array([0.1]), np.array([0.001]), step=1, beta1=0.9,
+    ...                beta2=0.999, eps=0.0, weight_decay=0.01)      # m̂/√v̂ = 1, + βw
+    array([1.03])
     """
     if bias_corrections is None:
         if step is None:
             raise ValueError("lamb_direction: expected step (t >= 1) or bias_corrections, got neither")
         bias_corrections = lamb_bias_corrections(step, beta1, beta2)
     c1, c2 = bias_corrections
-    return (m / c1) / (xp_sqrt(v / c2) + eps) + weight_decay * w
+    return (m / c1) / (xp.sqrt(v / c2) + eps) + weight_decay * w
 
 
 def lamb_trust_ratio(xp, w_norm, u_norm):

@@ -77,7 +77,7 @@ def test_lamb_pieces_by_hand():
     w = np.array([3.0, 4.0]); g = np.array([1.0, -1.0])
     m, v = trust.adam_moments(np.zeros(2), np.zeros(2), g, 0.9, 0.999)
     np.testing.assert_allclose(m, [0.1, -0.1]); np.testing.assert_allclose(v, [0.001, 0.001])
-    u = trust.lamb_direction(np.sqrt, w, m, v, step=1, beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.01)
+    u = trust.lamb_direction(np, w, m, v, step=1, beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.01)
     np.testing.assert_allclose(u, [1.03, -0.96])           # m̂/√v̂ = ±1, + βw
     ratio = trust.lamb_trust_ratio(np, 5.0, float(np.linalg.norm(u)))
     assert ratio == pytest.approx(5.0 / math.hypot(1.03, 0.96))

@@ -259,7 +259,7 @@ def _lamb_direction(w, m, v, step, beta_1, beta_2, epsilon, weight_decay):
     then cast to w's dtype (see trust.lamb_bias_corrections: in float32, 1 − 0.999^t would lose
     digits); the elementwise work stays in w's dtype."""
     c1, c2 = trust.lamb_bias_corrections(tf.cast(step, tf.float64), beta_1, beta_2)
-    return trust.lamb_direction(tf.sqrt, w, m, v, beta1=beta_1, beta2=beta_2, eps=epsilon,
+    return trust.lamb_direction(tf, w, m, v, beta1=beta_1, beta2=beta_2, eps=epsilon,
                                 weight_decay=weight_decay,
                                 bias_corrections=(tf.cast(c1, w.dtype), tf.cast(c2, w.dtype)))
 

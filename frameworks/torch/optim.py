@@ -445,7 +445,7 @@ def _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays,
         new_m, new_v = trust.adam_moments(m, v, g, beta1, beta2)
         m.copy_(new_m)
         v.copy_(new_v)
-        u = trust.lamb_direction(torch.sqrt, w, new_m, new_v, step=t, beta1=beta1, beta2=beta2, eps=eps,
+        u = trust.lamb_direction(torch, w, new_m, new_v, step=t, beta1=beta1, beta2=beta2, eps=eps,
                                  weight_decay=beta)
         if adapt:
             ratio = trust.lamb_trust_ratio(torch, torch.linalg.vector_norm(w), torch.linalg.vector_norm(u))
