@@ -19,7 +19,7 @@ import sys
 import time
 
 from largebatch import __version__
-from largebatch.config import dump_yaml
+from largebatch.config import dump_yaml, training_length
 from largebatch.schedules import build_schedule
 
 __all__ = ["RunLog", "make_schedule", "Progress", "Throughput", "versions", "holds_run", "choose_run_dir",
@@ -300,11 +300,7 @@ def datasets_and_steps(exp):
         raise ConfigError([f"data.path: expected at least the global batch ({gb}) images for one step, "
                            f"got {len(train_set)}"])
     derived["steps_per_epoch"] = spe
-    if cfg["train"]["steps"] is not None:
-        derived["total_steps"] = cfg["train"]["steps"]
-        derived["epochs"] = cfg["train"]["steps"] / spe
-    else:
-        derived["total_steps"] = max(1, round(cfg["train"]["epochs"] * spe))
+    derived.update(training_length(cfg["train"], spe))
     return train_set, val_set
 
 

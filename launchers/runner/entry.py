@@ -4,7 +4,7 @@ import os
 import sys
 
 from largebatch.config import ConfigError, load
-from largebatch.launchers import threads
+from largebatch.launchers import threads as thread_rules
 
 __all__ = ["main", "world_size_from_env", "world_rank_from_env", "run_dir_of"]
 
@@ -78,11 +78,11 @@ def main(argv=None):
 
     # threads before torch / TensorFlow are imported: OpenMP and MKL read the environment once
     la = exp.cfg["launcher"]
-    threads = threads.rank_threads(
+    threads = thread_rules.rank_threads(
         threads=la["threads_per_rank"], interop=la["interop_threads"], cores_per_host=la["cores_per_host"],
         binding=la["binding"])
     t, i, _ = threads
-    thread_env = threads.thread_env(t, i, la["binding"])
+    thread_env = thread_rules.thread_env(t, i, la["binding"])
     os.environ.update(thread_env)
     if os.environ.get("LARGEBATCH_TF_LOGS") != "1":     # TensorFlow's C++ log lines, unless asked for
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,197 @@
+"""The largebatch experiment schema: sections, keys, defaults, checks, and where each key applies.
+
+The optimizer section is built from :mod:`largebatch.registry` (its hyper-parameters, bounds and
+defaults, and which optimizer uses which key).
+"""
+from .. import registry
+from ..schedules import DECAYS, SCALING_RULES, WARMUPS
+from .fields import (F, When, args_list, auto_integer, betas, boolean, choice, env_mapping, exclude, hosts,
+                     integer, milestones, number, string, text)
+
+FRAMEWORKS = ("torch", "keras")
+MODELS = {"torch": ("small_cnn", "resnet18", "resnet50", "alexnet_bn"),
+          "keras": ("small_cnn", "small_resnet", "resnet50")}
+OPTIMIZERS = registry.names()
+FRAMEWORK_OPTIMIZERS = {fw: registry.for_framework(fw) for fw in FRAMEWORKS}
+OPTIMIZER_KEYS = {name: info.keys for name, info in registry.OPTIMIZERS.items()}
+LAUNCHERS = ("horovodrun", "mpirun", "srun")
+CONTROLLERS = ("mpi", "gloo")
+BINDINGS = ("none", "core", "socket", "numa")
+DATA_KINDS = ("synthetic", "folder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
+RECOMPUTED = ("derived", "source")      # sections of a resolved config.yaml, ignored on load
+SHORTHAND = {"model": "name", "optimizer": "name", "data": "kind", "launcher": "type"}
+ELASTIC_KEYS = ("min_np", "max_np", "host_discovery_script", "elastic_timeout", "reset_limit")
+ZERO_INIT_MODELS = ("resnet18", "resnet50")
+
+
+def _optimizer_field(key):
+    """optimizer.<key> from the registry: its check, default and the optimizers that use it."""
+    hp = registry.HYPERPARAMETERS[key]
+    check = {"number": lambda: number(**hp.bounds), "bool": lambda: boolean, "betas": lambda: betas,
+             "choice": lambda: choice(hp.choices), "exclude": lambda: exclude}[hp.kind]()
+    users = [n for n in OPTIMIZERS if key in OPTIMIZER_KEYS[n]]
+    when = When(lambda c: key in OPTIMIZER_KEYS[c["optimizer"]["name"]],
+                lambda c: f"not used by optimizer {c['optimizer']['name']!r} (used by: {', '.join(users)})")
+    nullable = hp.default is None
+    return F(check, hp.default, nullable=nullable, doc=hp.doc if hp.kind != "number" or nullable else "", when=when)
+
+
+def _multistep(c):
+    return c["schedule"]["decay"] == "multistep"
+
+
+def _elastic(c):
+    return c["launcher"]["elastic"]
+
+
+_ONLY_MULTISTEP = When(_multistep, lambda c: f"only used with schedule.decay 'multistep', got decay "
+                                             f"{c['schedule']['decay']!r}")
+_ONLY_ELASTIC = When(_elastic, lambda c: "only used with launcher.elastic: true")
+_ONLY_SYNTHETIC = When(lambda c: c["data"]["kind"] == "synthetic", lambda c: "only used with data.kind 'synthetic'")
+_ONLY_FOLDER = When(lambda c: c["data"]["kind"] != "synthetic",
+                    lambda c: "not used with data.kind 'synthetic' (set data.kind: folder)", drop=False)
+_NOT_SRUN = {
+    "network_interface": "not used with launcher.type 'srun' (set it in your Slurm/MPI configuration)",
+    "ssh_identity": "not used with launcher.type 'srun' (Slurm starts the ranks, not ssh)",
+    "ssh_port": "not used with launcher.type 'srun' (Slurm starts the ranks, not ssh)",
+}
+
+
+def _not_srun(key):
+    return When(lambda c: c["launcher"]["type"] != "srun", lambda c: _NOT_SRUN[key], drop=False)
+
+
+SCHEMA = {
+    "name": F(string, None, nullable=True, doc="run name (default: the YAML file's stem)"),
+    "description": F(text, ""),
+    "framework": F(choice(FRAMEWORKS), "torch"),
+    "model": {
+        "name": F(string, "small_cnn", doc="checked against the framework's models (MODELS)"),
+        "num_classes": F(integer(1), None, nullable=True, doc="default: from data"),
+        "batch_norm": F(boolean, True, doc="small_cnn: BatchNorm after each convolution",
+                        when=When(lambda c: c["model"]["name"] == "small_cnn",
+                                  lambda c: f"only used with model.name 'small_cnn', got {c['model']['name']!r}")),
+        "zero_init_residual": F(boolean, False, doc="torch ResNets: γ = 0 in each block's last BN (Goyal et al.)",
+                                when=When(lambda c: c["framework"] == "torch" and c["model"]["name"] in ZERO_INIT_MODELS,
+                                          lambda c: f"only used with torch models 'resnet18' and 'resnet50', got "
+                                                    f"{c['framework']} {c['model']['name']!r}")),
+    },
+    "data": {
+        "kind": F(choice(DATA_KINDS), "synthetic"),
+        "path": F(string, None, nullable=True, doc="folder: root with one subfolder of images per class",
+                  when=_ONLY_FOLDER),
+        "val_path": F(string, None, nullable=True, when=_ONLY_FOLDER),
+        "image_size": F(integer(1), None, nullable=True, doc="default 32 (synthetic), 224 (folder)"),
+        "resize": F(integer(1), None, nullable=True, doc="shorter side before cropping; default size×256/224"),
+        "channels": F(choice((1, 3)), 3),
+        "num_classes": F(integer(1), None, nullable=True, doc="default 10 (synthetic), subfolders (folder)"),
+        "samples": F(integer(1), 1024, doc="synthetic training images (all ranks together)", when=_ONLY_SYNTHETIC),
+        "val_samples": F(integer(0), 256, doc="synthetic validation images; 0 = none", when=_ONLY_SYNTHETIC),
+        "augment": F(boolean, True),
+        "loader_workers": F(integer(0), 2),
+    },
+    "batch": {
+        "per_worker": F(integer(1), None, nullable=True, doc="default 32, or global ÷ (np × accumulation)"),
+        "global": F(integer(1), None, nullable=True, doc="declared global batch; must divide exactly"),
+        "accumulation_steps": F(integer(1), 1),
+    },
+    "optimizer": {
+        "name": F(choice(OPTIMIZERS), "lars"),
+        **{key: _optimizer_field(key) for key in registry.HYPERPARAMETERS},
+    },
+    "schedule": {
+        "base_lr": F(number(0, low_open=True), 0.1),
+        "base_batch": F(integer(1), 256),
+        "scaling": F(choice(SCALING_RULES), "linear"),
+        "warmup": F(choice(WARMUPS), "gradual"),
+        "warmup_epochs": F(number(0), 0.0),
+        "warmup_start_lr": F(number(0), None, nullable=True, doc="default base_lr (Goyal et al.)",
+                             when=When(lambda c: c["schedule"]["warmup"] != "none" and c["schedule"]["warmup_epochs"] > 0,
+                                       lambda c: "not used without warmup (set schedule.warmup_epochs > 0 and "
+                                                 "schedule.warmup to gradual or constant)", drop=False)),
+        "decay": F(choice(DECAYS), "poly"),
+        "power": F(number(0, low_open=True), 2.0,
+                   when=When(lambda c: c["schedule"]["decay"] == "poly",
+                             lambda c: f"only used with schedule.decay 'poly', got decay {c['schedule']['decay']!r}")),
+        "end_lr": F(number(0), 0.0),
+        "milestones": F(milestones, [], when=_ONLY_MULTISTEP),
+        "factor": F(number(0, 1, low_open=True), 0.1, when=_ONLY_MULTISTEP),
+        "momentum_correction": F(boolean, True, doc="scale momentum buffers by new/old lr (Goyal et al. eq. 10)"),
+    },
+    "train": {
+        "epochs": F(number(0, low_open=True), 1.0),
+        "steps": F(integer(1), None, nullable=True, doc="total optimizer steps; replaces epochs"),
+        "seed": F(integer(0), 0),
+        "log_every": F(integer(1), 10),
+        "eval": F(boolean, True),
+        "label_smoothing": F(number(0, 1, high_open=True), 0.0,
+                             doc="ε of label smoothing in the training loss (Szegedy et al.); 0 = none"),
+        "resume": F(string, "none", doc="auto (newest checkpoint in the run dir, if any) | PATH | none"),
+        "on_nonfinite": F(choice(("stop", "skip")), "stop",
+                          doc="NaN/Inf gradient: stop the run (exit 1) or skip the step; always reported"),
+        "precision": F(choice(("fp32", "bf16", "fp16")), "fp32",
+                       doc="torch: autocast to bfloat16 or float16 (fp16 with a GradScaler); weights, optimizer "
+                           "state and trust ratios stay float32"),
+        "check_ranks_every": F(integer(0), 100, doc="steps between rank-consistency checks (one allgather of two "
+                                                   "float64 numbers per tensor); ranks whose weights differ stop the "
+                                                   "run, naming the tensor and the step; 0 = never"),
+        "commit_every": F(integer(1), 10, doc="launcher.elastic: steps between in-memory commits (work lost "
+                                             "on a failure is at most this many steps)", when=_ONLY_ELASTIC),
+    },
+    "output": {
+        "dir": F(string, "runs"),
+        "run_dir": F(string, None, nullable=True, doc="default: <dir>/<name>, made unique by `largebatch run`"),
+        "checkpoint_every": F(integer(0), 1, doc="epochs between checkpoints; 0 = none"),
+        "checkpoint_keep": F(integer(0), 5, doc="keep the newest K checkpoints; 0 = all"),
+        "tensorboard": F(boolean, True),
+        "trust_ratios": F(boolean, True),
+        "progress": F(boolean, True),
+    },
+    "launcher": {
+        "type": F(choice(LAUNCHERS), "horovodrun"),
+        "np": F(integer(1), None, nullable=True, doc="default: the slots in hosts, else 1"),
+        "hosts": F(hosts, None, nullable=True),
+        "hostfile": F(string, None, nullable=True),
+        "ranks_per_host": F(integer(1), None, nullable=True, doc="srun only",
+                            when=When(lambda c: c["launcher"]["type"] == "srun",
+                                      lambda c: f"only used with launcher.type 'srun' ({c['launcher']['type']} takes "
+                                                f"the slots from launcher.hosts)", drop=False)),
+        "controller": F(choice(CONTROLLERS), "mpi"),
+        "cores_per_host": F(auto_integer, None, nullable=True),
+        "threads_per_rank": F(auto_integer, None, nullable=True),
+        "interop_threads": F(auto_integer, None, nullable=True),
+        "binding": F(choice(BINDINGS), "none"),
+        "network_interface": F(string, None, nullable=True,
+                               doc="NIC for rank traffic: horovodrun --network-interfaces, Open MPI's "
+                                   "btl/oob_tcp_if_include, Gloo's HOROVOD_GLOO_IFACE", when=_not_srun("network_interface")),
+        "ssh_identity": F(string, None, nullable=True,
+                          doc="private key for ssh to the hosts (horovodrun --ssh-identity-file, mpirun's rsh agent)",
+                          when=_not_srun("ssh_identity")),
+        "ssh_port": F(integer(1, 65535), None, nullable=True, doc="sshd port on the hosts (default 22)",
+                      when=_not_srun("ssh_port")),
+        "host_timeout": F(integer(5), 30, doc="seconds after which a host that stopped answering ends the job"),
+        "preflight": F(boolean, True, doc="multi-host runs: check ssh, names, ports and versions on every "
+                                          "host before launching (largebatch doctor --hosts)"),
+        "env": F(env_mapping, {}),
+        "args": F(args_list, []),
+        "python": F(string, None, nullable=True),
+        "elastic": F(boolean, False, doc="Horovod Elastic (horovodrun --gloo, torch): ranks may leave and "
+                                         "join; the global batch is kept by changing accumulation steps"),
+        "min_np": F(integer(1), None, nullable=True, doc="elastic: fewest ranks to keep training (default 1)", when=_ONLY_ELASTIC),
+        "max_np": F(integer(1), None, nullable=True, doc="elastic: most ranks (default launcher.np)", when=_ONLY_ELASTIC),
+        "host_discovery_script": F(string, None, nullable=True,
+                                   doc="elastic: executable printing host:slots lines (default: launcher.hosts)", when=_ONLY_ELASTIC),
+        "elastic_timeout": F(integer(1), None, nullable=True, doc="elastic: seconds to wait for min_np (600)", when=_ONLY_ELASTIC),
+        "reset_limit": F(integer(1), None, nullable=True, doc="elastic: most world-size resets before failing", when=_ONLY_ELASTIC),
+    },
+}
+
+SECTION_DOC = {"model": "model settings", "data": "data settings", "batch": "batch settings",
+               "optimizer": "optimizer settings", "schedule": "learning-rate schedule settings",
+               "train": "training settings", "output": "output settings", "launcher": "launcher settings"}
+
+# keys users put in the wrong section, and where they live
+ELSEWHERE = {"lr": "schedule.base_lr", "learning_rate": "schedule.base_lr", "batch_size": "batch.per_worker",
+              "np": "launcher.np", "epochs": "train.epochs", "seed": "train.seed", "warmup": "schedule.warmup"}
+
