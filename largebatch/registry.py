@@ -13,8 +13,10 @@ checks YAML values against them and the adapters check constructor arguments aga
 
     >>> get("larc").fixed
     {'clip': True}
-    >>> [name for name, info in OPTIMIZERS.items() if info.lr_in_buffer]
+    >>> [name for name, info in OPTIMIZERS.items() if info.holds_lr("keras")]
     ['sgd', 'lars', 'larc', 'clars']
+    >>> [name for name, info in OPTIMIZERS.items() if info.holds_lr("torch")]    # torch's SGD keeps lr outside
+    ['lars', 'larc', 'clars']
     >>> get("lamb").default("eps"), get("lars").default("eps")
     (1e-06, 0.0)
 """
@@ -101,9 +103,14 @@ class OptimizerInfo:
     keras: str = None
     defaults: dict = field(default_factory=dict)      # per-optimizer defaults over HYPERPARAMETERS'
     fixed: dict = field(default_factory=dict)         # constructor options this name implies
-    lr_in_buffer: bool = False
+    lr_in_buffer: tuple = ()                           # frameworks whose momentum buffer holds γ_t
     reference: str = None
     constraints: tuple = ()
+
+    def holds_lr(self, framework):
+        """True when ``framework``'s momentum buffer for this optimizer holds the learning rate
+        (v ← m·v + γ·g): a changing lr then needs momentum correction (Goyal et al. eq. 10)."""
+        return framework in self.lr_in_buffer
 
     def default(self, key):
         return self.defaults[key] if key in self.defaults else HYPERPARAMETERS[key].default
@@ -119,25 +126,26 @@ class OptimizerInfo:
                 for c in self.constraints if c.violated(values)]
 
 
+_BOTH = ("torch", "keras")
 _LARS_KEYS = ("momentum", "weight_decay", "trust_coefficient", "eps", "trust_denominator", "nesterov", "exclude")
 
 OPTIMIZERS = {info.name: info for info in (
     OptimizerInfo("sgd", "SGD with momentum (the frameworks' own; weight decay off excluded tensors)",
                   ("momentum", "weight_decay", "nesterov", "exclude"),
-                  torch="torch.optim:SGD", keras="keras.optimizers:SGD", lr_in_buffer=True,
+                  torch="torch.optim:SGD", keras="keras.optimizers:SGD", lr_in_buffer=("keras",),
                   constraints=(_NESTEROV,)),
     OptimizerInfo("lars", "LARS, You, Gitman, Ginsburg 2017, Algorithm 1", _LARS_KEYS,
                   torch="largebatch.torch:LARS", keras="largebatch.keras:LARS", defaults={"eps": LARS_EPS},
-                  lr_in_buffer=True, reference="lars", constraints=(_NESTEROV,)),
+                  lr_in_buffer=_BOTH, reference="lars", constraints=(_NESTEROV,)),
     OptimizerInfo("larc", "LARC: LARS with the local lr clipped at the global one", _LARS_KEYS,
                   torch="largebatch.torch:LARS", keras="largebatch.keras:LARS", defaults={"eps": LARS_EPS},
-                  fixed={"clip": True}, lr_in_buffer=True, reference="larc", constraints=(_NESTEROV,)),
+                  fixed={"clip": True}, lr_in_buffer=_BOTH, reference="larc", constraints=(_NESTEROV,)),
     OptimizerInfo("lamb", "LAMB, You et al. 2019, Algorithm 2", ("weight_decay", "betas", "eps", "exclude"),
                   torch="largebatch.torch:LAMB", keras="largebatch.keras:LAMB", defaults={"eps": LAMB_EPS},
                   reference="lamb"),
     OptimizerInfo("clars", "CLARS: LARS over the mean per-example gradient norm, Huo, Gu, Huang 2020", _LARS_KEYS,
                   torch="largebatch.torch:CLARS", keras="largebatch.keras:CLARS", defaults={"eps": LARS_EPS},
-                  lr_in_buffer=True, reference="clars", constraints=(_NESTEROV, _CLARS_DENOMINATOR)),
+                  lr_in_buffer=_BOTH, reference="clars", constraints=(_NESTEROV, _CLARS_DENOMINATOR)),
 )}
 
 
@@ -163,7 +171,7 @@ def class_paths(framework, *, lr_in_buffer=None):
     ``lr_in_buffer`` True/False only those whose momentum buffer does/does not hold the lr.
     The caller (an adapter or a runner) imports them: the core imports no framework."""
     paths = [getattr(i, framework) for i in OPTIMIZERS.values()
-             if getattr(i, framework) and (lr_in_buffer is None or i.lr_in_buffer == lr_in_buffer)]
+             if getattr(i, framework) and (lr_in_buffer is None or i.holds_lr(framework) == lr_in_buffer)]
     return tuple(dict.fromkeys(paths))
 
 
