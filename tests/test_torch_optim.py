@@ -499,3 +499,57 @@ def test_policy_follows_each_parameter_when_a_group_is_narrowed():
     group["params"] = everything
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", [dict(foreach=True), dict(foreach=False),
+                                  pytest.param(dict(fused=True), marks=pytest.mark.slow)], ids=str)
+@pytest.mark.parametrize("algorithm", ["lars", "larc-norm_of_sum", "lamb"])
+def test_functional_api_matches_the_optimizer_step(algorithm, impl):
+    """largebatch.torch.functional.lars/lamb on plain lists give the optimizer's step bit for bit
+    (flags from the same exclusion policy, a float64 0-d parameter and a float32 one included).
+    fused: to rounding only, since past torch.compile's recompile limit (reached in a long test
+    session) a call runs the loop eagerly, which rounds differently from the compiled graph."""
+    from largebatch.policy import ParamPolicy
+    from largebatch.torch import functional
+    torch.manual_seed(0)
+    init = [torch.randn(4, 3), torch.randn(4), torch.randn((), dtype=torch.float64), torch.zeros(3, 3)]
+    grads = [[torch.randn_like(t) for t in init] for _ in range(3)]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    plain = [t.clone() for t in init]
+    policy = ParamPolicy()
+    decay = [policy.decays(None, t.shape) for t in init]
+    adapt = [policy.adapts(None, t.shape) for t in init]
+    if algorithm == "lamb":
+        options = dict(lr=0.05, betas=(0.85, 0.99), eps=1e-5, weight_decay=1e-2)
+        opt = LAMB(params, track_trust_ratios=True, **options, **impl)
+        state = [[torch.zeros_like(t) for t in init], [torch.zeros_like(t) for t in init],
+                 [torch.zeros((), dtype=torch.float64) for _ in init]]
+        call = functional.lamb
+    else:
+        options = dict(lr=0.5, momentum=0.8, weight_decay=1e-3, trust_coefficient=0.02, nesterov=True)
+        if algorithm == "larc-norm_of_sum":
+            options.update(clip=True, trust_denominator="norm_of_sum", nesterov=False)
+        opt = LARS(params, track_trust_ratios=True, **options, **impl)
+        state = [[torch.zeros_like(t) for t in init]]
+        call = functional.lars
+    ratios = [torch.ones((), dtype=t.dtype) for t in init]
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+        call(plain, [g.clone() for g in step_grads], *state, decay=decay, adapt=adapt, trust_ratios=ratios,
+             **options, **impl)
+    tol = dict(rtol=1e-6, atol=1e-7) if impl.get("fused") else dict(rtol=0, atol=0)
+    for p, t in zip(params, plain):
+        torch.testing.assert_close(p.detach(), t, **tol)
+    for r, (name, want) in zip(ratios, sorted(opt.trust_ratios().items())):
+        torch.testing.assert_close(r, want, **tol, msg=name)
+
+
+def test_functional_api_refuses_foreach_and_fused_together():
+    from largebatch.torch import functional
+    w = torch.ones(2, 2)
+    with pytest.raises(ValueError, match=r"^fused: expected fused=True or foreach=True, not both$"):
+        functional.lars([w], [w.clone()], [torch.zeros_like(w)], lr=0.1, foreach=True, fused=True)
+    with pytest.raises(ValueError, match=r"^trust_denominator: expected one of"):
+        functional.lars([w], [w.clone()], [torch.zeros_like(w)], lr=0.1, trust_denominator="max")

@@ -92,16 +92,3 @@ class NonFiniteGuard:
         if hit is None:      # only another rank saw it (unreduced gradients)
             return NonFinite(step, "<on another rank>", "gradient", "nan/inf")
         return NonFinite(step, hit[0], kind, hit[1])
-
-    def check_ratios(self, step):
-        """After ``step()``: NaN/Inf in the tracked trust ratios (one flag), else None."""
-        ratios = self._ratios()
-        if not ratios:
-            return None
-        f = nonfinite_flag([r for _, r in ratios])
-        if self.hvd is not None and self.hvd.size() > 1:
-            f = self.hvd.allreduce(f, op=self.hvd.Max, name="largebatch.nonfinite_ratio")
-        if float(f) == 0.0:
-            return None
-        hit = first_nonfinite(ratios) or ("<on another rank>", "nan/inf")
-        return NonFinite(step, hit[0], "trust ratio", hit[1])

@@ -1,36 +1,23 @@
 """LARS, LARC, LAMB and CLARS as ``torch.optim.Optimizer`` subclasses.
 
-Thin by design: the formulas are the core's (:mod:`largebatch.trust`). This module gathers
-tensors, computes norms, calls the core and writes results back, in three implementations
-chosen like ``torch.optim.SGD`` chooses its own:
-
-- ``foreach=False``: ``_single_tensor_*`` — a plain loop over parameters calling the core's
-  functional update per tensor. The readable path.
-- ``foreach=True`` (default): ``_multi_tensor_*`` — all layer norms in one ``_foreach_norm``,
-  the trust ratios for all layers in one vectorised call of the core formula, the update
-  with ``torch._foreach_*`` in-place ops.
-- ``fused=True``: the single-tensor path compiled with ``torch.compile`` (inductor), which
-  fuses each layer's update into one pass over w, g and v. Compiles once per parameter-shape
-  set (tens of seconds on CPU for ResNet-50), then is the fastest path.
-
-A group may mix devices and dtypes: the foreach and fused paths split its parameters by
-(device, dtype), as ``torch.optim`` does, and call their kernel once per part.
-
-Once its caches exist, no path synchronises with the host inside ``step`` (no ``.item()``,
-no Python branch on a tensor value, no ``torch.tensor(...)`` host-to-device copy), so steps
-queue asynchronously on GPUs. The small per-group tensors the kernels take (per-layer decay and adapt flags, the
-fused path's 0-d lr) are cached per group and (device, dtype): the first step after the
-parameter groups, their weight decay or the set of parameters with gradients change creates
-them (the flag tensors with one small host-to-device copy each), later steps reuse them, and
-the lr is written into its tensor in place with ``fill_``. ``fused=True`` may also synchronise
-while it compiles (its first steps per shape set).
+Thin by design: the formulas are the core's (:mod:`largebatch.trust`) and the per-step kernels
+are :mod:`largebatch.torch.functional`'s (:func:`~largebatch.torch.functional.lars`,
+:func:`~largebatch.torch.functional.lamb`: ``foreach``, ``fused`` or a per-tensor loop, per
+(device, dtype)). The optimizers hold the state, resolve the exclusion policy into per-tensor
+flags and keep, per param group, the :class:`~largebatch.torch.functional.TensorGroups` the
+kernels reuse between steps, so that once it exists no step synchronises with the host. It is
+remade when the parameter groups, their weight decay or the set of parameters with gradients
+change.
 """
 import torch
 from torch.optim.optimizer import Optimizer
 
-from largebatch import trust
+from largebatch import registry, trust
 from largebatch.policy import ParamPolicy
+from largebatch.registry import BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, TRUST_COEFFICIENT
 from largebatch.validation import check_hyperparameters
+
+from . import functional
 
 __all__ = ["LARS", "LAMB", "CLARS"]
 
@@ -45,14 +32,14 @@ def _policy_flags(group, policy, names_of):
 
 
 class _LayerwiseOptimizer(Optimizer):
-    """Shared plumbing: policy resolution, closures, telemetry and implementation choice."""
+    """Shared plumbing: policy resolution, closures, telemetry and the per-group kernel inputs."""
 
     _state_keys = ()
 
     def __init__(self, params, defaults):
         self._flag_cache = {}
         self._names_of = {}       # id(parameter) -> its name, from the groups' param_names
-        self._plans = {}          # group index -> _Plan of its last step (see _plan)
+        self._plans = {}          # group index -> (key, parameters, TensorGroups) of its last step
         super().__init__(params, defaults)      # checks each group through add_param_group
 
     def _check_group(self, group):
@@ -62,8 +49,7 @@ class _LayerwiseOptimizer(Optimizer):
         if uses_names and not group.get("param_names"):
             raise ValueError("exclude: a name regex needs parameter names; pass model.named_parameters() "
                              "or largebatch.torch.param_groups(model) as params")
-        if group.get("fused") and group.get("foreach"):
-            raise ValueError("fused: expected fused=True or foreach=True, not both")
+        functional._implementation(group.get("foreach"), group.get("fused"))     # raises on both set
         for p, name in zip(group["params"], group.get("param_names") or ()):
             self._names_of[id(p)] = name
 
@@ -94,25 +80,26 @@ class _LayerwiseOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            plan = self._plan(index, group)
-            if plan is not None:
-                self._step_group(group, plan)
+            params, groups = self._plan(index, group)
+            if params:
+                self._step_group(group, params, groups)
         return loss
 
     def _plan(self, index, group):
-        """The group's parameters with gradients, their flags and their (device, dtype) buckets;
+        """The group's parameters with gradients and their :class:`functional.TensorGroups`;
         reused while the same parameters (same devices, dtypes), policy and weight decay step."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
-            return None
+            return None, None
         key = (id(group["exclude"]), len(group["params"]), group["weight_decay"],
                tuple((id(p), p.device, p.dtype) for p in params))
         plan = self._plans.get(index)
-        if plan is None or plan.key != key:
-            flags = self._flags(index, group)
-            active = [f for p, f in zip(group["params"], flags) if p.grad is not None]
-            plan = self._plans[index] = _Plan(key, params, active, group["weight_decay"])
-        return plan
+        if plan is None or plan[0] != key:
+            active = [f for p, f in zip(group["params"], self._flags(index, group)) if p.grad is not None]
+            groups = functional.TensorGroups(params, group["weight_decay"], decay=[d for _, d in active],
+                                             adapt=[a for a, _ in active])
+            plan = self._plans[index] = (key, params, groups)
+        return plan[1], plan[2]
 
     def trust_ratios(self):
         """Per-parameter trust ratio (layer lr / global lr) of the last step, as 0-d tensors.
@@ -140,155 +127,8 @@ class _LayerwiseOptimizer(Optimizer):
             slots.append(state["trust_ratio"])
         return slots
 
-    @staticmethod
-    def _impl(group):
-        if group.get("fused"):
-            return "fused"
-        return "single" if group.get("foreach") is False else "foreach"
-
-
-class _Bucket:
-    """The parameters of one (device, dtype) within a group's plan, with the small tensors the
-    kernels take, created on first use and then kept: no host-to-device copy in later steps."""
-
-    __slots__ = ("device", "dtype", "index", "decays", "adapts", "_decay_t", "_adapt_t", "_lr_t")
-
-    def __init__(self, device, dtype, index, decays, adapts):
-        self.device, self.dtype = device, dtype
-        self.index = index                  # positions in the plan's lists; None: all of them
-        self.decays, self.adapts = decays, adapts
-        self._decay_t = self._adapt_t = self._lr_t = None
-
-    def pick(self, values):
-        """The bucket's entries of a list aligned with the plan's parameters."""
-        if values is None or self.index is None:
-            return values
-        return [values[i] for i in self.index]
-
-    def decay_tensor(self):
-        if self._decay_t is None:
-            self._decay_t = torch.tensor(self.decays, device=self.device, dtype=self.dtype)
-        return self._decay_t
-
-    def adapt_tensor(self):
-        if self._adapt_t is None:
-            self._adapt_t = torch.tensor(self.adapts, device=self.device)
-        return self._adapt_t
-
-    def lr_tensor(self, lr):
-        """lr as a 0-d tensor of the bucket's device and dtype, written in place (``fill_`` with
-        a Python number queues a kernel and does not wait for the device)."""
-        if self._lr_t is None:
-            self._lr_t = torch.empty((), device=self.device, dtype=self.dtype)
-        return self._lr_t.fill_(lr)
-
-
-class _Plan:
-    """One group's step layout: its parameters with gradients and their per-parameter flags
-    (decay value, adapt), and those split by (device, dtype), order kept within each part."""
-
-    __slots__ = ("key", "params", "decays", "adapts", "buckets")
-
-    def __init__(self, key, params, flags, weight_decay):
-        self.key, self.params = key, params
-        self.decays, self.adapts = _lars_scalars(weight_decay, flags)
-        parts = {}
-        for i, p in enumerate(params):
-            parts.setdefault((p.device, p.dtype), []).append(i)
-        if len(parts) == 1:
-            (device, dtype), = parts
-            self.buckets = [_Bucket(device, dtype, None, self.decays, self.adapts)]
-        else:
-            self.buckets = [_Bucket(device, dtype, index, [self.decays[i] for i in index],
-                                    [self.adapts[i] for i in index])
-                            for (device, dtype), index in parts.items()]
-
 
 # --------------------------------------------------------------------------------------- LARS
-
-def _lars_scalars(weight_decay, flags):
-    beta = weight_decay
-    return [beta if decay else 0.0 for _, decay in flags], [adapt for adapt, _ in flags]
-
-
-def _single_tensor_lars(params, grads, bufs, lr, decays, adapts, *, momentum, trust_coefficient, eps,
-                        norm_of_sum, clip, nesterov, ratios=None, grad_norms=None):
-    """Reference-shaped loop: per layer, norms -> core layer lr -> core momentum update.
-
-    ``grad_norms`` replaces ‖g‖ per layer (CLARS: the mean per-example gradient norm)."""
-    for i, (w, g, v, beta, adapt) in enumerate(zip(params, grads, bufs, decays, adapts)):
-        w_norm = torch.linalg.vector_norm(w)
-        g_norm = torch.linalg.vector_norm(g) if grad_norms is None else grad_norms[i].to(w.dtype)
-        update_norm = torch.linalg.vector_norm(g + beta * w) if norm_of_sum else None
-        rate = trust.lars_layer_lr(torch, w_norm, g_norm, lr, trust_coefficient=trust_coefficient,
-                                   weight_decay=beta, eps=eps, update_norm=update_norm, clip=clip, adapt=adapt)
-        new_w, new_v = trust.lars_momentum_update(w, g, v, rate, momentum=momentum, weight_decay=beta,
-                                                  nesterov=nesterov)
-        w.copy_(new_w)
-        v.copy_(new_v)
-        if ratios is not None:
-            ratios[i].copy_(rate / lr)
-
-
-def _multi_tensor_lars(params, grads, bufs, lr, decays, adapts, *, momentum, trust_coefficient, eps,
-                       norm_of_sum, clip, nesterov, ratios=None, decay_tensor=None, adapt_tensor=None):
-    """Batched: one norm call per list, the core's ratio formula once on per-layer vectors, then
-    ``_foreach`` in-place ops implementing :func:`largebatch.trust.lars_momentum_update`.
-
-    All tensors on one device, in one dtype. ``decay_tensor``/``adapt_tensor``: ``decays`` and
-    ``adapts`` as tensors on that device (the optimizer passes cached ones; made here if None,
-    a host-to-device copy)."""
-    device, dtype = params[0].device, params[0].dtype
-    if decay_tensor is None:
-        decay_tensor = torch.tensor(decays, device=device, dtype=dtype)
-    if adapt_tensor is None:
-        adapt_tensor = torch.tensor(adapts, device=device)
-    beta = max(decays)                      # a group's decays are its weight_decay or 0
-    decayed = [i for i, b in enumerate(decays) if b]
-    w_norms = torch.stack(torch._foreach_norm(params))
-    g_norms = torch.stack(torch._foreach_norm(grads))
-    # d = g + β·w as new tensors for decayed layers (grads stay untouched, as in torch.optim.SGD)
-    d_decayed = torch._foreach_add([grads[i] for i in decayed], [params[i] for i in decayed], alpha=beta) \
-        if decayed else []
-    d = list(grads)                                           # g for undecayed layers: no copy
-    for i, t in zip(decayed, d_decayed):
-        d[i] = t
-    update_norms = torch.stack(torch._foreach_norm(d)) if norm_of_sum else None
-    rates = trust.lars_layer_lr(torch, w_norms, g_norms, lr, trust_coefficient=trust_coefficient,
-                                weight_decay=decay_tensor, eps=eps, update_norm=update_norms, clip=clip,
-                                adapt=adapt_tensor)
-    rate_list = rates.unbind()
-    # v ← m·v + rate·d, with rate·d fused into one addcmul pass (13 tensor passes a step in all,
-    # torch.optim.SGD's foreach step makes 11)
-    torch._foreach_mul_(bufs, momentum)
-    torch._foreach_addcmul_(bufs, d, rate_list)
-    if nesterov:
-        torch._foreach_add_(params, bufs, alpha=-momentum)   # w ← w − (m·v + rate·d)
-        torch._foreach_addcmul_(params, d, (-rates).unbind())
-    else:
-        torch._foreach_sub_(params, bufs)                     # w ← w − v
-    if ratios is not None:
-        torch._foreach_copy_(ratios, (rates / lr).unbind())
-
-
-_compiled = {}
-
-
-def _fused(fn):
-    """torch.compile the single-tensor kernel once per kernel (recompiles per shape set)."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, fullgraph=False, dynamic=False)
-    return _compiled[fn]
-
-
-def _no_0d(tensors):
-    """0-d tensors as 1-element views of the same storage, for the compiled kernels: torch 2.13's
-    compiled functions drop in-place writes into 0-d CPU tensor arguments (seen with float64
-    parameters' momentum and Adam moments), while writes through a view of shape (1,) land."""
-    if tensors is None:
-        return None
-    return [t.view(1) if t.dim() == 0 else t for t in tensors]
-
 
 class LARS(_LayerwiseOptimizer):
     r"""SGD with Layer-wise Adaptive Rate Scaling (You, Gitman, Ginsburg 2017, Algorithm 1).
@@ -311,17 +151,19 @@ class LARS(_LayerwiseOptimizer):
         exclude: which tensors get neither adaptation nor decay (see
             :class:`largebatch.policy.ParamPolicy`; default: ndim <= 1, i.e. biases and BN).
             Name regexes need named parameters.
-        foreach, fused: implementation (see module docstring); default foreach.
+        foreach, fused: implementation (see :mod:`largebatch.torch.functional`); default foreach.
         track_trust_ratios: keep each layer's last trust ratio for :meth:`trust_ratios`.
     """
 
-    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=0.0,
-                 trust_denominator="sum_of_norms", clip=False, nesterov=False, exclude=None, foreach=None,
-                 fused=None, track_trust_ratios=False):
+    _registry_name = "lars"       # whose constraints (largebatch.registry) the arguments must meet
+
+    def __init__(self, params, lr=1.0, momentum=MOMENTUM, weight_decay=0.0, trust_coefficient=TRUST_COEFFICIENT,
+                 eps=LARS_EPS, trust_denominator="sum_of_norms", clip=False, nesterov=False, exclude=None,
+                 foreach=None, fused=None, track_trust_ratios=False):
         check_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay,
                               trust_coefficient=trust_coefficient, eps=eps, trust_denominator=trust_denominator)
-        if nesterov and momentum <= 0:
-            raise ValueError(f"nesterov: needs momentum > 0, got momentum={momentum}")
+        registry.check_constraints(self._registry_name, dict(momentum=momentum, nesterov=nesterov,
+                                                             trust_denominator=trust_denominator))
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         eps=eps, trust_denominator=trust_denominator, clip=bool(clip), nesterov=bool(nesterov),
                         exclude=exclude, foreach=foreach, fused=fused, track_trust_ratios=track_trust_ratios)
@@ -354,29 +196,15 @@ class LARS(_LayerwiseOptimizer):
         """Hook for CLARS: the per-layer norm that replaces ‖g‖ in the ratio (None: use ‖g‖)."""
         return None
 
-    def _step_group(self, group, plan):
-        params = plan.params
-        override = self._grad_norm_override(group, params)    # before buffers: CLARS asks if state is fresh
-        grads = [p.grad for p in params]
+    def _step_group(self, group, params, groups):
+        grad_norms = self._grad_norm_override(group, params)    # before buffers: CLARS asks if state is fresh
         bufs = self._buffers(params)
-        ratios = self._ratio_slots(group, params)
-        kwargs = dict(momentum=group["momentum"], trust_coefficient=group["trust_coefficient"], eps=group["eps"],
-                      norm_of_sum=group["trust_denominator"] == "norm_of_sum", clip=group["clip"],
-                      nesterov=group["nesterov"])
-        impl = self._impl(group)
-        if override is not None or impl == "single":
-            _single_tensor_lars(params, grads, bufs, group["lr"], plan.decays, plan.adapts, ratios=ratios,
-                                grad_norms=override, **kwargs)
-            return
-        for part in plan.buckets:         # _foreach ops and compiled graphs: one device and dtype each
-            w, g, v, r = part.pick(params), part.pick(grads), part.pick(bufs), part.pick(ratios)
-            if impl == "fused":
-                # lr as a 0-d tensor so a schedule does not trigger a recompile every step
-                _fused(_single_tensor_lars)(_no_0d(w), _no_0d(g), _no_0d(v), part.lr_tensor(group["lr"]),
-                                            part.decays, part.adapts, ratios=_no_0d(r), **kwargs)
-            else:
-                _multi_tensor_lars(w, g, v, group["lr"], part.decays, part.adapts, ratios=r,
-                                   decay_tensor=part.decay_tensor(), adapt_tensor=part.adapt_tensor(), **kwargs)
+        functional.lars(params, [p.grad for p in params], bufs, lr=group["lr"], momentum=group["momentum"],
+                        weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"],
+                        eps=group["eps"], trust_denominator=group["trust_denominator"], clip=group["clip"],
+                        nesterov=group["nesterov"], grad_norms=grad_norms,
+                        trust_ratios=self._ratio_slots(group, params), foreach=group.get("foreach"),
+                        fused=group.get("fused"), groups=groups)
 
 
 # --------------------------------------------------------------------------------------- CLARS
@@ -395,19 +223,13 @@ class CLARS(LARS):
     A step without norms raises, except on a fresh optimizer (empty state): that is
     ``hvd.broadcast_optimizer_state``'s zero-gradient state-initialisation step, which then
     takes ratio 1.
+
+    Same arguments as :class:`LARS`; ``trust_denominator`` must be 'sum_of_norms' (the registry's
+    CLARS constraint, checked by :class:`LARS`'s constructor).
     """
 
-    def __init__(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=0.0,
-                 trust_denominator="sum_of_norms", clip=False, nesterov=False, exclude=None, foreach=None,
-                 fused=None, track_trust_ratios=False):
-        if trust_denominator != "sum_of_norms":
-            raise ValueError("trust_denominator: CLARS defines its own denominator, expected 'sum_of_norms', "
-                             f"got {trust_denominator!r}")
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         trust_coefficient=trust_coefficient, eps=eps, trust_denominator=trust_denominator,
-                         clip=clip, nesterov=nesterov, exclude=exclude, foreach=foreach, fused=fused,
-                         track_trust_ratios=track_trust_ratios)
-        self._pending_norms = None
+    _registry_name = "clars"
+    _pending_norms = None             # Σ_i ‖∇_l f_i‖ / B per parameter, for the next step only
 
     def set_per_example_norms(self, norm_sums, global_batch_size):
         """Record Σ_i ‖∇_l f_i‖ per parameter for the next step: ``norm_sums`` maps each
@@ -438,59 +260,6 @@ class CLARS(LARS):
 
 # --------------------------------------------------------------------------------------- LAMB
 
-def _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays, adapts, *, beta1, beta2, eps,
-                        ratios=None):
-    for i, (w, g, m, v, t, beta, adapt) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps, decays,
-                                                         adapts)):
-        new_m, new_v = trust.adam_moments(m, v, g, beta1, beta2)
-        m.copy_(new_m)
-        v.copy_(new_v)
-        u = trust.lamb_direction(torch, w, new_m, new_v, step=t, beta1=beta1, beta2=beta2, eps=eps,
-                                 weight_decay=beta)
-        if adapt:
-            ratio = trust.lamb_trust_ratio(torch, torch.linalg.vector_norm(w), torch.linalg.vector_norm(u))
-        else:
-            ratio = torch.ones((), device=w.device, dtype=w.dtype)
-        w.copy_(trust.lamb_update(w, u, lr, ratio))
-        if ratios is not None:
-            ratios[i].copy_(ratio)
-
-
-def _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, lr, decays, adapts, *, beta1, beta2, eps,
-                       ratios=None, adapt_tensor=None):
-    """Batched: the core's bias corrections and ratio formula once on per-layer vectors, and
-    ``_foreach`` ops implementing :func:`largebatch.trust.adam_moments`,
-    :func:`~largebatch.trust.lamb_direction` and :func:`~largebatch.trust.lamb_update`.
-
-    All tensors on one device, in one dtype (the counters: float64). ``adapt_tensor``: ``adapts``
-    as a tensor on that device (cached by the optimizer; made here if None)."""
-    device, dtype = params[0].device, params[0].dtype
-    if adapt_tensor is None:
-        adapt_tensor = torch.tensor(adapts, device=device)
-    # per-layer 1 − β^t from the float64 counters, then rounded to the tensors' dtype
-    c1, c2 = trust.lamb_bias_corrections(torch.stack(steps), beta1, beta2)
-    c1, c2 = c1.to(dtype).unbind(), c2.to(dtype).unbind()
-    torch._foreach_mul_(exp_avgs, beta1)                               # m ← β1·m + (1−β1)·g
-    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)                            # v ← β2·v + (1−β2)·g²
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    denom = torch._foreach_div(exp_avg_sqs, c2)                        # √v̂ + ε
-    torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
-    u = torch._foreach_div(exp_avgs, c1)                               # u = m̂ / (√v̂ + ε) + β·w
-    torch._foreach_div_(u, denom)
-    del denom
-    decayed = [i for i, b in enumerate(decays) if b]
-    if decayed:
-        torch._foreach_add_([u[i] for i in decayed], [params[i] for i in decayed], alpha=max(decays))
-    ratio = trust.lamb_trust_ratio(torch, torch.stack(torch._foreach_norm(params)),
-                                   torch.stack(torch._foreach_norm(u)))
-    ratio = torch.where(adapt_tensor, ratio, torch.ones_like(ratio))
-    torch._foreach_addcmul_(params, u, (-lr * ratio).unbind())          # w ← w − γ·ratio·u
-    if ratios is not None:
-        torch._foreach_copy_(ratios, ratio.unbind())
-
-
 class LAMB(_LayerwiseOptimizer):
     r"""Layer-wise Adaptive Moments for Batch training (You et al. 2019, arXiv 1904.00962, Alg. 2).
 
@@ -503,7 +272,7 @@ class LAMB(_LayerwiseOptimizer):
     per-tensor step.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, exclude=None,
+    def __init__(self, params, lr=1e-3, betas=BETAS, eps=LAMB_EPS, weight_decay=0.0, exclude=None,
                  foreach=None, fused=None, track_trust_ratios=False):
         check_hyperparameters(lr=lr, weight_decay=weight_decay, eps=eps, betas=betas)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, exclude=exclude,
@@ -536,29 +305,12 @@ class LAMB(_LayerwiseOptimizer):
             steps.append(state["step"])
         return exp_avgs, exp_avg_sqs, steps
 
-    def _step_group(self, group, plan):
-        params = plan.params
-        grads = [p.grad for p in params]
+    def _step_group(self, group, params, groups):
         exp_avgs, exp_avg_sqs, steps = self._moments(params)
-        ratios = self._ratio_slots(group, params)
-        kwargs = dict(beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"])
-        impl = self._impl(group)
-        # counted outside the kernel: torch.compile does not write back in-place updates of these
-        # 0-d counters (the fused step then saw t = 0 and divided by 1 − β⁰ = 0)
-        for part in plan.buckets:
-            torch._foreach_add_(part.pick(steps), 1)
-        if impl == "single":
-            _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], plan.decays, plan.adapts,
-                                ratios=ratios, **kwargs)
-            return
-        for part in plan.buckets:         # _foreach ops and compiled graphs: one device and dtype each
-            w, g, m, v, t, r = map(part.pick, (params, grads, exp_avgs, exp_avg_sqs, steps, ratios))
-            if impl == "fused":
-                _fused(_single_tensor_lamb)(*map(_no_0d, (w, g, m, v)), t, part.lr_tensor(group["lr"]), part.decays,
-                                            part.adapts, ratios=_no_0d(r), **kwargs)
-            else:
-                _multi_tensor_lamb(w, g, m, v, t, group["lr"], part.decays, part.adapts, ratios=r,
-                                   adapt_tensor=part.adapt_tensor(), **kwargs)
+        functional.lamb(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps, lr=group["lr"],
+                        betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                        trust_ratios=self._ratio_slots(group, params), foreach=group.get("foreach"),
+                        fused=group.get("fused"), groups=groups)
 
     def load_state_dict(self, state_dict):
         """As ``torch.optim.Optimizer.load_state_dict``, then every step counter a 0-d float64 tensor
