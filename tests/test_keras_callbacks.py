@@ -266,3 +266,19 @@ def test_check_callbacks_names_the_replacement_also_for_subclasses():
     with pytest.raises(lbk.HorovodKerasError, match=r"^BroadcastGlobalVariablesCallback from horovod.*use "
                                                     r"largebatch\.keras\.callbacks\.BroadcastGlobalVariables"):
         lbk.check_callbacks([MyBroadcast(0)])
+
+
+def test_momentum_buffers_with_lr_follow_the_registry():
+    """The lr-in-buffer optimizers come from largebatch.registry (class paths imported by the
+    adapter): LARS, CLARS and Keras SGD with momentum; not LAMB, not SGD without momentum."""
+    from largebatch import registry
+    from largebatch.keras.callbacks import _classes_with_lr_in_buffer, _momentum_buffers_with_lr
+    assert set(_classes_with_lr_in_buffer()) == {keras.optimizers.SGD, lbk.LARS, lbk.CLARS}
+    assert len(registry.class_paths("keras", lr_in_buffer=True)) == 3
+    for opt, has_buffers in ((lbk.LARS(learning_rate=0.1), True), (lbk.CLARS(learning_rate=0.1), True),
+                             (keras.optimizers.SGD(0.1, momentum=0.9), True), (keras.optimizers.SGD(0.1), False),
+                             (lbk.LAMB(), False)):
+        opt.build([keras.Variable(np.ones((2, 2), "float32"))])
+        assert bool(_momentum_buffers_with_lr(opt)) == has_buffers, opt
+        wrapped = lbk.DistributedOptimizer(opt)
+        assert bool(_momentum_buffers_with_lr(wrapped)) == has_buffers, opt

@@ -255,6 +255,20 @@ def test_clars_arguments_and_config_round_trip():
         lbk.CLARS(gradient_accumulation_steps=2)
 
 
+def test_clars_has_lars_signature_and_its_own_name():
+    """CLARS repeats none of LARS's arguments: same signature, the registry's name as default
+    name, the unknown-argument hint listing LARS's names."""
+    import inspect
+    assert list(inspect.signature(lbk.CLARS).parameters) == list(inspect.signature(lbk.LARS).parameters)
+    assert lbk.CLARS().name == "clars" and lbk.LARS().name == "lars" and lbk.CLARS(name="c").name == "c"
+    assert lbk.CLARS().get_config()["name"] == "clars"
+    with pytest.raises(ValueError, match=r"^trust_coeficient: unknown argument for CLARS; did you mean "
+                                         r"trust_coefficient\?"):
+        lbk.CLARS(trust_coeficient=0.1)
+    with pytest.raises(ValueError, match=r"^nesterov: needs momentum > 0, got momentum=0.0$"):
+        lbk.CLARS(momentum=0.0, nesterov=True)
+
+
 def test_custom_loop_with_set_per_example_norms():
     x, y = kc.data(0)
     model = compiled(kc.tiny_model())

@@ -156,16 +156,18 @@ LAMB_CASES = {
     "weight_decay": dict(weight_decay=1e-2),
     "exclude_nothing": dict(weight_decay=1e-2, exclude=False),
     "exclude_regex": dict(weight_decay=1e-2, exclude=r"(bias|beta)$"),
-    "betas_eps": dict(weight_decay=1e-2, beta_1=0.8, beta_2=0.99, epsilon=1e-3),
+    "betas_eps": dict(weight_decay=1e-2, beta_1=0.8, beta_2=0.99, epsilon=1e-3),     # the former name
+    "betas_eps_torch_name": dict(weight_decay=1e-2, beta_1=0.8, beta_2=0.99, eps=1e-3),
 }
 
 
 def lamb_pair(options, fused, lr=0.05):
     options = dict(options)
     betas = (options.pop("beta_1", 0.9), options.pop("beta_2", 0.999))
-    eps = options.pop("epsilon", 1e-6)
+    eps_name = "eps" if "eps" in options else "epsilon"      # LAMB takes both (eps; epsilon, its former name)
+    eps = options.pop(eps_name, 1e-6)
     reference = ReferenceOptimizer("lamb", lr=lr, betas=betas, eps=eps, **options)
-    make = lambda: lbk.LAMB(learning_rate=lr, beta_1=betas[0], beta_2=betas[1], epsilon=eps,  # noqa: E731
+    make = lambda: lbk.LAMB(learning_rate=lr, beta_1=betas[0], beta_2=betas[1], **{eps_name: eps},  # noqa: E731
                             fused=fused, **options)
     return make, reference
 
@@ -238,6 +240,20 @@ def test_get_config_round_trip():
         assert type(again) is type(opt) and again.get_config() == config
 
 
+def test_lamb_eps_and_its_former_name_epsilon():
+    """LAMB takes eps (torch's name, as LARS does) and still epsilon; the config holds eps, and a
+    config written with 'epsilon' (before the rename) still loads."""
+    new, old = lbk.LAMB(eps=1e-4), lbk.LAMB(epsilon=1e-4)
+    assert new.eps == old.eps == old.epsilon == 1e-4
+    config = new.get_config()
+    assert config["eps"] == 1e-4 and "epsilon" not in config and old.get_config() == config
+    former = dict(config)
+    former["epsilon"] = former.pop("eps")
+    loaded = lbk.LAMB.from_config(former)
+    assert loaded.eps == 1e-4 and loaded.get_config() == config
+    assert lbk.LAMB().eps == 1e-6 and lbk.LARS().eps == 0.0
+
+
 def test_config_values():
     config = lbk.LARS(learning_rate=2, momentum=0.5, eps=1e-3, clip=True).get_config()
     assert config["learning_rate"] == 2.0 and config["momentum"] == 0.5 and config["eps"] == 1e-3
@@ -267,6 +283,8 @@ BAD_ARGUMENTS = [
     (lbk.LAMB, dict(beta_1=1.0), "beta_1"),
     (lbk.LAMB, dict(beta_2=-0.5), "beta_2"),
     (lbk.LAMB, dict(epsilon=-1.0), "epsilon"),
+    (lbk.LAMB, dict(eps=-1.0), "eps"),
+    (lbk.LAMB, dict(eps=1e-3, epsilon=1e-4), "epsilon"),
     (lbk.LAMB, dict(weight_decay=-1.0), "weight_decay"),
 ]
 
@@ -281,7 +299,7 @@ def test_bad_arguments(cls, kwargs, name):
 
 
 @pytest.mark.parametrize("cls,name,suggestion", [
-    (lbk.LARS, "lr", "learning_rate"), (lbk.LAMB, "lr", "learning_rate"), (lbk.LAMB, "eps", "epsilon"),
+    (lbk.LARS, "lr", "learning_rate"), (lbk.LAMB, "lr", "learning_rate"), (lbk.LAMB, "betas", "beta_1 and beta_2"),
     (lbk.LARS, "epsilon", "eps"), (lbk.LAMB, "beta1", "beta_1"), (lbk.LARS, "trust_coeficient", "trust_coefficient"),
     (lbk.LARS, "eeta", "trust_coefficient"),
 ])

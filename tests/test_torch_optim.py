@@ -553,3 +553,18 @@ def test_functional_api_refuses_foreach_and_fused_together():
         functional.lars([w], [w.clone()], [torch.zeros_like(w)], lr=0.1, foreach=True, fused=True)
     with pytest.raises(ValueError, match=r"^trust_denominator: expected one of"):
         functional.lars([w], [w.clone()], [torch.zeros_like(w)], lr=0.1, trust_denominator="max")
+
+
+def test_clars_takes_lars_arguments_and_refuses_another_denominator():
+    """CLARS has LARS's signature (no copy of it); the registry's CLARS rule is checked by LARS."""
+    import inspect
+    assert list(inspect.signature(CLARS).parameters) == list(inspect.signature(LARS).parameters)
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    with pytest.raises(ValueError) as err:
+        CLARS([w], lr=0.1, trust_denominator="norm_of_sum")
+    assert str(err.value) == ("trust_denominator: CLARS defines its own denominator, expected 'sum_of_norms', "
+                              "got 'norm_of_sum'")
+    LARS([w], lr=0.1, trust_denominator="norm_of_sum")
+    with pytest.raises(ValueError, match=r"^nesterov: needs momentum > 0, got momentum=0.0$"):
+        CLARS([w], lr=0.1, momentum=0.0, nesterov=True)
+    assert CLARS([w], lr=0.1)._pending_norms is None

@@ -16,6 +16,7 @@ Every callback refuses a ``horovod.tensorflow.keras.DistributedOptimizer`` (it d
 average under Keras 3) with :class:`largebatch.keras.HorovodKerasError`.
 """
 import csv
+import importlib
 import math
 import os
 
@@ -23,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from largebatch import registry
 from largebatch import schedules as _schedules
 from largebatch.consistency import RankDivergenceError, first_divergence  # noqa: F401 (re-exported)
 from largebatch.horovod_support import import_horovod
@@ -31,7 +33,6 @@ from largebatch.validation import check_positive_int
 
 from ._checks import HorovodKerasError, _inner_optimizers, check_optimizer, innermost
 from .distributed import is_distributed
-from .optimizers import LARS
 
 __all__ = ["BroadcastGlobalVariables", "MetricAverage", "LearningRateSchedule", "TrustRatioLogger",
            "RankConsistencyCheck", "RankDivergenceError", "NonFiniteGuard", "NonFinite"]
@@ -128,10 +129,26 @@ class MetricAverage(_Callback):
             logs[key] = float(averaged.numpy())
 
 
+_LR_IN_BUFFER = []          # the classes of registry.class_paths("keras", lr_in_buffer=True), once imported
+
+
+def _classes_with_lr_in_buffer():
+    """The Keras optimizer classes whose momentum buffer holds the lr (v ← m·v + γ·g; the registry's
+    lr_in_buffer: SGD, LARS/LARC, CLARS), imported from their 'module:attribute' paths on first use
+    (the core names them and imports no framework)."""
+    if not _LR_IN_BUFFER:
+        paths = [path.partition(":") for path in registry.class_paths("keras", lr_in_buffer=True)]
+        _LR_IN_BUFFER[:] = [getattr(importlib.import_module(module), name) for module, _, name in paths]
+    return tuple(_LR_IN_BUFFER)
+
+
 def _momentum_buffers_with_lr(optimizer):
-    """Momentum buffers that hold the learning rate inside (v ← m·v + γ·g): LARS and Keras SGD."""
+    """Momentum buffers that hold the learning rate inside: those of the registry's lr-in-buffer
+    optimizers, when they have momentum (Keras SGD with momentum 0 keeps no buffer to correct)."""
     optimizer = innermost(optimizer)
-    if isinstance(optimizer, LARS) or (isinstance(optimizer, keras.optimizers.SGD) and optimizer.momentum):
+    if isinstance(optimizer, keras.optimizers.SGD) and not optimizer.momentum:
+        return []
+    if isinstance(optimizer, _classes_with_lr_in_buffer()):
         return [m for m in getattr(optimizer, "momentums", []) if m is not None]
     return []
 

@@ -17,8 +17,9 @@ import inspect
 import keras
 import tensorflow as tf
 
-from largebatch import trust
+from largebatch import registry, trust
 from largebatch.policy import ParamPolicy
+from largebatch.registry import BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, TRUST_COEFFICIENT
 from largebatch.validation import check_hyperparameters, check_number
 
 from ._checks import HOROVOD_KERAS_MESSAGE, HorovodKerasError, guard_horovod_callbacks, is_horovod_keras_optimizer
@@ -33,7 +34,7 @@ _KERAS_KWARGS = ("clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_mom
 # Other libraries' names for our arguments (torch: lr; TF Model Garden: eeta; Adam: beta1).
 _ALIASES = {"lr": "learning_rate", "learningrate": "learning_rate", "beta1": "beta_1", "beta2": "beta_2",
             "betas": "beta_1 and beta_2", "wd": "weight_decay", "eeta": "trust_coefficient", "eta": "trust_coefficient",
-            "trust_coeff": "trust_coefficient", "epsilon": "eps", "eps": "epsilon"}
+            "trust_coeff": "trust_coefficient", "epsilon": "eps"}
 
 
 def _unknown_argument(cls, name):
@@ -254,18 +255,18 @@ def _lars_kernel(signature, momentum, weight_decay, nesterov, trust_coefficient,
     return _KERNELS[key]
 
 
-def _lamb_direction(w, m, v, step, beta_1, beta_2, epsilon, weight_decay):
+def _lamb_direction(w, m, v, step, beta_1, beta_2, eps, weight_decay):
     """trust.lamb_direction with its two bias corrections computed from the float64 ``step`` and
     then cast to w's dtype (see trust.lamb_bias_corrections: in float32, 1 − 0.999^t would lose
     digits); the elementwise work stays in w's dtype."""
     c1, c2 = trust.lamb_bias_corrections(tf.cast(step, tf.float64), beta_1, beta_2)
-    return trust.lamb_direction(tf, w, m, v, beta1=beta_1, beta2=beta_2, eps=epsilon,
+    return trust.lamb_direction(tf, w, m, v, beta1=beta_1, beta2=beta_2, eps=eps,
                                 weight_decay=weight_decay,
                                 bias_corrections=(tf.cast(c1, w.dtype), tf.cast(c2, w.dtype)))
 
 
-def _lamb_kernel(signature, beta_1, beta_2, epsilon, weight_decay):
-    key = ("lamb", signature, beta_1, beta_2, epsilon, weight_decay)
+def _lamb_kernel(signature, beta_1, beta_2, eps, weight_decay):
+    key = ("lamb", signature, beta_1, beta_2, eps, weight_decay)
     if key not in _KERNELS:
         shape, dtype = signature[0], tf.as_dtype(signature[1])
 
@@ -274,7 +275,7 @@ def _lamb_kernel(signature, beta_1, beta_2, epsilon, weight_decay):
             new_m, new_v = trust.adam_moments(m, v, g, beta_1, beta_2)
             _write(m_handle, new_m)
             _write(v_handle, new_v)
-            return _lamb_direction(w, new_m, new_v, step, beta_1, beta_2, epsilon, weight_decay)
+            return _lamb_direction(w, new_m, new_v, step, beta_1, beta_2, eps, weight_decay)
         _KERNELS[key] = tf.function(lamb_kernel, jit_compile=True, autograph=False)
     return _KERNELS[key]
 
@@ -298,26 +299,34 @@ class LARS(_LayerwiseOptimizer):
     ``weight_decay`` is the paper's (inside the trust ratio and the update); Keras' own
     decoupled decay is never applied on top. The momentum buffers are ``self.momentums`` and
     hold v as written above (γ_t inside, so schedules should use momentum correction:
-    :class:`largebatch.keras.callbacks.LearningRateSchedule` does).
+    :class:`largebatch.keras.callbacks.LearningRateSchedule` does). ``name`` defaults to the
+    registry's name of the class ('lars', 'clars').
     """
 
-    def __init__(self, learning_rate=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
-                 eps=0.0, trust_denominator="sum_of_norms", clip=False, nesterov=False, exclude=None,
-                 fused=None, name="lars", **kwargs):
+    _registry_name = "lars"       # whose constraints (largebatch.registry) the arguments must meet
+
+    def __init__(self, learning_rate=1.0, momentum=MOMENTUM, weight_decay=0.0, trust_coefficient=TRUST_COEFFICIENT,
+                 eps=LARS_EPS, trust_denominator="sum_of_norms", clip=False, nesterov=False, exclude=None,
+                 fused=None, name=None, **kwargs):
         check_hyperparameters(momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                               eps=eps, trust_denominator=trust_denominator)
         for flag, value in (("clip", clip), ("nesterov", nesterov)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag}: expected True or False, got {value!r}")
-        if nesterov and momentum <= 0:
-            raise ValueError(f"nesterov: needs momentum > 0, got momentum={momentum}")
-        super().__init__(learning_rate, weight_decay, exclude, fused, name, kwargs)
+        registry.check_constraints(self._registry_name, dict(momentum=momentum, nesterov=nesterov,
+                                                             trust_denominator=trust_denominator))
+        self._lb_check_kwargs(kwargs)
+        super().__init__(learning_rate, weight_decay, exclude, fused,
+                         self._registry_name if name is None else name, kwargs)
         self.momentum = float(momentum)
         self.trust_coefficient = float(trust_coefficient)
         self.eps = float(eps)
         self.trust_denominator = trust_denominator
         self.clip = clip
         self.nesterov = nesterov
+
+    def _lb_check_kwargs(self, kwargs):
+        """Hook for subclasses that refuse some of Keras' own arguments (CLARS)."""
 
     def build(self, variables):
         if self.built:
@@ -376,16 +385,28 @@ class LAMB(_LayerwiseOptimizer):
 
     Adam moments with bias correction, u = m̂/(√v̂ + ε) + βw, layer ratio ‖w‖/‖u‖ (1 when either
     norm is 0, and for excluded variables), w ← w − γ_t·ratio·u. Same ``exclude`` policy as
-    :class:`LARS` (excluded variables: ratio 1 and no weight decay).
+    :class:`LARS` (excluded variables: ratio 1 and no weight decay). ``eps`` is ε (torch's name,
+    as for :class:`LARS`); ``epsilon=``, its former name, is still accepted, so older ``get_config``
+    dicts load; the config holds ``eps``.
     """
 
-    def __init__(self, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-6, weight_decay=0.0,
+    def __init__(self, learning_rate=1e-3, beta_1=BETAS[0], beta_2=BETAS[1], eps=LAMB_EPS, weight_decay=0.0,
                  exclude=None, fused=None, name="lamb", **kwargs):
         beta_1 = check_number("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
         beta_2 = check_number("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
-        epsilon = check_number("epsilon", epsilon, low=0.0)
+        eps_name = "eps"
+        if "epsilon" in kwargs:
+            if eps != LAMB_EPS:
+                raise ValueError("epsilon: the former name of eps; pass eps only")
+            eps_name, eps = "epsilon", kwargs.pop("epsilon")
+        eps = check_number(eps_name, eps, **registry.HYPERPARAMETERS["eps"].bounds)
         super().__init__(learning_rate, weight_decay, exclude, fused, name, kwargs)
-        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+        self.beta_1, self.beta_2, self.eps = beta_1, beta_2, eps
+
+    @property
+    def epsilon(self):
+        """``eps`` under its former name."""
+        return self.eps
 
     def build(self, variables):
         if self.built:
@@ -404,12 +425,12 @@ class LAMB(_LayerwiseOptimizer):
         step = tf.cast(self._lb_update_count() + 1, tf.float64)
         beta = self.weight_decay if self._lb_decay[index] else 0.0
         if self._use_fused(w):
-            u = _lamb_kernel(_signature(w), self.beta_1, self.beta_2, self.epsilon, beta)(w.handle, g, m.handle, v.handle, step)
+            u = _lamb_kernel(_signature(w), self.beta_1, self.beta_2, self.eps, beta)(w.handle, g, m.handle, v.handle, step)
         else:
             new_m, new_v = trust.adam_moments(m, v, g, self.beta_1, self.beta_2)
             self.assign(m, new_m)
             self.assign(v, new_v)
-            u = _lamb_direction(w, new_m, new_v, step, self.beta_1, self.beta_2, self.epsilon, beta)
+            u = _lamb_direction(w, new_m, new_v, step, self.beta_1, self.beta_2, self.eps, beta)
         if self._lb_adapt[index]:
             ratio = tf.cast(trust.lamb_trust_ratio(tf, _norm(w), _norm(u)), dtype)
         else:
@@ -419,7 +440,7 @@ class LAMB(_LayerwiseOptimizer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon})
+        config.update({"beta_1": self.beta_1, "beta_2": self.beta_2, "eps": self.eps})
         return config
 
 
@@ -443,23 +464,16 @@ class CLARS(LARS):
     """
 
     _lb_clars = True
+    _registry_name = "clars"          # LARS's constructor checks CLARS's constraint (trust_denominator)
+    _lb_norm_source = None            # set by enable_clars' train step while it traces
+    _lb_explicit_norms = None         # set_per_example_norms (custom loops)
+    _lb_norm_means = None             # per variable index, while apply runs
 
-    def __init__(self, learning_rate=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001,
-                 eps=0.0, trust_denominator="sum_of_norms", clip=False, nesterov=False, exclude=None,
-                 fused=None, name="clars", **kwargs):
-        if trust_denominator != "sum_of_norms":
-            raise ValueError("trust_denominator: CLARS defines its own denominator, expected 'sum_of_norms', "
-                             f"got {trust_denominator!r}")
+    def _lb_check_kwargs(self, kwargs):
         if kwargs.get("gradient_accumulation_steps"):
             raise ValueError("gradient_accumulation_steps: Keras' own accumulation would give CLARS the norms of "
                              "the last micro-batch only; use largebatch.keras.DistributedOptimizer(opt, "
                              "accumulation_steps=k)")
-        super().__init__(learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
-                         trust_coefficient=trust_coefficient, eps=eps, trust_denominator=trust_denominator,
-                         clip=clip, nesterov=nesterov, exclude=exclude, fused=fused, name=name, **kwargs)
-        self._lb_norm_source = None       # set by enable_clars' train step while it traces
-        self._lb_explicit_norms = None    # set_per_example_norms (custom loops)
-        self._lb_norm_means = None        # per variable index, while apply runs
 
     def set_per_example_norms(self, norm_sums, global_batch_size):
         """Record Σ_i ‖∇_l f_i‖ for the next ``apply``: ``norm_sums`` maps each trainable variable's
