@@ -121,3 +121,19 @@ def test_core_imports_without_torch_or_tensorflow():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_reference_reads_the_registry():
+    """ALGORITHMS, the eps default, larc's clip and the constraints come from largebatch.registry."""
+    from largebatch import registry
+    from largebatch.reference import ALGORITHMS
+    assert ALGORITHMS == tuple(i.reference for i in registry.OPTIMIZERS.values() if i.reference)
+    assert ReferenceOptimizer("lamb", lr=0.1).eps == registry.LAMB_EPS
+    assert ReferenceOptimizer("lars", lr=0.1).eps == registry.LARS_EPS
+    assert ReferenceOptimizer("larc", lr=0.1).clip and not ReferenceOptimizer("lars", lr=0.1).clip
+    with pytest.raises(ValueError) as err:
+        ReferenceOptimizer("clars", lr=0.1, trust_denominator="norm_of_sum")
+    assert str(err.value) == registry.get("clars").violations(dict(trust_denominator="norm_of_sum",
+                                                                   nesterov=False, momentum=0.9))[0]
+    with pytest.raises(ValueError, match=r"^nesterov: needs momentum > 0, got momentum=0.0$"):
+        ReferenceOptimizer("lars", lr=0.1, momentum=0.0, nesterov=True)
