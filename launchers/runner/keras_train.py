@@ -16,20 +16,17 @@ the optimizer's in-graph guard and reported by ``largebatch.keras.callbacks.NonF
 """
 import importlib
 import math
-import signal
-import time
 
 import numpy as np
 
+from largebatch import registry
 from largebatch.config import ConfigError
 from largebatch.horovod_support import import_horovod
 from largebatch.policy import ParamPolicy
-from . import faults, lifeline
-from .common import (Progress, RunLog, Throughput, announce_resume, claim_run_dir, datasets_and_steps,
-                     make_schedule, read_resume, save_run_checkpoint, summary_dict, versions, weights_digest,
-                     world_record)
+from . import faults
+from .common import optimizer_class, read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
-from .entry import run_dir_of
+from .loop import Hooks, TrainingLoop, prepare
 
 __all__ = ["run", "build_model", "build_optimizer"]
 
@@ -51,23 +48,23 @@ def build_model(cfg, derived):
     raise ConfigError([f"model.name: {name!r} is not available for framework 'keras'"])
 
 
+# YAML key -> the Keras constructor's arguments, where they differ
+_KERAS_ARGS = {"betas": lambda v: {"beta_1": v[0], "beta_2": v[1]}}
+
+
 def build_optimizer(cfg, model, lr):
-    import keras
+    """The configured optimizer: the registry's Keras class with the YAML's hyper-parameters and
+    the options the name fixes (larc: clip=True)."""
     o = cfg["optimizer"]
-    if o["name"] == "sgd":
-        return keras.optimizers.SGD(learning_rate=lr, momentum=o["momentum"], nesterov=o["nesterov"],
-                                    weight_decay=o["weight_decay"] or None)
-    lbk = importlib.import_module("largebatch.keras")
-    if o["name"] == "lamb":
-        return lbk.LAMB(learning_rate=lr, beta_1=o["betas"][0], beta_2=o["betas"][1], epsilon=o["eps"],
-                        weight_decay=o["weight_decay"], exclude=o["exclude"])
-    if o["name"] == "clars":
-        return lbk.CLARS(learning_rate=lr, momentum=o["momentum"], weight_decay=o["weight_decay"],
-                         trust_coefficient=o["trust_coefficient"], eps=o["eps"], nesterov=o["nesterov"],
-                         exclude=o["exclude"])
-    return lbk.LARS(learning_rate=lr, momentum=o["momentum"], weight_decay=o["weight_decay"],
-                    trust_coefficient=o["trust_coefficient"], eps=o["eps"], trust_denominator=o["trust_denominator"],
-                    clip=o["name"] == "larc", nesterov=o["nesterov"], exclude=o["exclude"])
+    info = registry.get(o["name"])
+    cls = optimizer_class(info, "keras")
+    if o["name"] == "sgd":          # Keras's own SGD; exclude_from_decay keeps decay off excluded tensors
+        return cls(learning_rate=lr, momentum=o["momentum"], nesterov=o["nesterov"],
+                   weight_decay=o["weight_decay"] or None)
+    kwargs = {}
+    for key in info.keys:
+        kwargs.update(_KERAS_ARGS[key](o[key]) if key in _KERAS_ARGS else {key: o[key]})
+    return cls(learning_rate=lr, **kwargs, **info.fixed)
 
 
 def exclude_from_decay(optimizer, cfg, model):
@@ -126,19 +123,15 @@ def run(exp, loader, threads):
     faults.horovod_timeouts()
     hvd = import_horovod("tensorflow")
     hvd.init()
-    rank, size = hvd.rank(), hvd.size()
-    if exp.derived["np"] != size:
-        exp = loader(size)
+    keras.utils.set_random_seed(exp.cfg["train"]["seed"])
+    exp, train_set, val_set, schedule, run_dir = prepare(exp, loader, hvd)
     cfg, derived = exp.cfg, exp.derived
+    rank, size = hvd.rank(), hvd.size()
     lbk = importlib.import_module("largebatch.keras")
-    keras.utils.set_random_seed(cfg["train"]["seed"])
-    train_set, val_set = datasets_and_steps(exp)
-    gb, pw, acc = derived["global_batch"], derived["per_worker_batch"], derived["accumulation_steps"]
-    spe = derived["steps_per_epoch"]
-    schedule = make_schedule(exp)
-    total = derived["total_steps"]
+    lbk_ckpt = importlib.import_module("largebatch.keras.checkpoint")
+    pw, acc = derived["per_worker_batch"], derived["accumulation_steps"]
+    spe, total = derived["steps_per_epoch"], derived["total_steps"]
 
-    run_dir = claim_run_dir(exp, run_dir_of(exp), hvd, rank)     # never over another run's files
     model = build_model(cfg, derived)
     optimizer = lbk.DistributedOptimizer(build_optimizer(cfg, model, schedule(0)), accumulation_steps=acc,
                                          nonfinite_guard=True)
@@ -152,10 +145,35 @@ def run(exp, loader, threads):
         lbk.enable_clars(model)                    # the train step hands CLARS its per-example norms
     optimizer.build(model.trainable_variables)     # its variables exist before a checkpoint is loaded
     resumed = _load_resume(cfg, run_dir, model, optimizer, hvd, rank)   # before anything is written
-    log = RunLog(run_dir, exp, rank, append=resumed is not None)
-    log.write_config()
-
+    rank_check = lbk.callbacks.RankConsistencyCheck(every_n_steps=1)     # called by the loop
+    rank_check.set_model(model)
     workers = cfg["data"]["loader_workers"]
+
+    def evaluate():
+        loss_sum = correct = count = 0.0
+        batches = eval_batches(len(val_set), rank=rank, size=size, batch=pw)
+        for x, y in Prefetcher(val_set, batches, train=False, workers=workers):
+            logits = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+            logp = _log_softmax(logits)
+            loss_sum += float(-logp[np.arange(len(y)), y].sum())
+            correct += float((logits.argmax(1) == y).sum())
+            count += len(y)
+        totals = hvd.allreduce(tf.constant([loss_sum, correct, count], tf.float64), op=hvd.Sum,
+                               name="largebatch.eval").numpy()
+        return {"loss": totals[0] / max(totals[2], 1), "accuracy": totals[1] / max(totals[2], 1)}
+
+    def reduce(op, name):
+        return lambda x: float(hvd.allreduce(tf.constant(x, tf.float64), op=op, name=name).numpy())
+
+    track = cfg["output"]["trust_ratios"] and hasattr(optimizer, "trust_ratios")
+    loop = TrainingLoop(
+        exp, Hooks(mean=reduce(hvd.Average, "largebatch.loss"), maximum=reduce(hvd.Max, "largebatch.stop"),
+                   allgather_object=hvd.allgather_object, save=lbk_ckpt.save_checkpoint, model=model,
+                   optimizer=lambda: model.optimizer, weights=lambda: (v.numpy() for v in model.weights),
+                   evaluate=evaluate if val_set is not None else None, check_ranks=rank_check.check,
+                   trust_ratios=(lambda: model.optimizer.trust_ratios()) if track else None),
+        run_dir=run_dir, rank=rank, size=size, threads=threads, resumed=resumed, schedule=schedule,
+        track_trust_ratios=track, check_ranks=size > 1)
 
     class Shard(keras.utils.PyDataset):
         """This rank's micro-batches of one training epoch (``set_epoch`` by the runner's callback
@@ -179,33 +197,17 @@ def run(exp, loader, threads):
         def __getitem__(self, index):
             return train_set.batch(self._batches[index], self.epoch, True)
 
-    track = cfg["output"]["trust_ratios"] and hasattr(optimizer, "trust_ratios")
-    progress = Progress(total, cfg["output"]["progress"], cfg["name"], rank)
-    rate = Throughput()
-    state = {"loss": float("nan"), "eval": None, "status": "completed", "step": 0, "logged": 0, "shard": None}
-    ckpt_every = cfg["output"]["checkpoint_every"]
-    if resumed is not None:
-        state["step"] = state["logged"] = int(resumed["step"])
-        announce_resume(resumed, rank, spe)
-        progress.update(state["step"])
+    shard = {}
 
-    def evaluate():
-        loss_sum = correct = count = 0.0
-        batches = eval_batches(len(val_set), rank=rank, size=size, batch=pw)
-        for x, y in Prefetcher(val_set, batches, train=False, workers=workers):
-            logits = np.asarray(model.predict_on_batch(x), dtype=np.float64)
-            logp = _log_softmax(logits)
-            loss_sum += float(-logp[np.arange(len(y)), y].sum())
-            correct += float((logits.argmax(1) == y).sum())
-            count += len(y)
-        totals = hvd.allreduce(tf.constant([loss_sum, correct, count], tf.float64), op=hvd.Sum,
-                               name="largebatch.eval").numpy()
-        return {"loss": totals[0] / max(totals[2], 1), "accuracy": totals[1] / max(totals[2], 1)}
+    def extra():
+        return {"last_lr": lr_callback.last_lr, "skipped_steps": guard.skipped}
 
     class RunnerCallback(keras.callbacks.Callback):
+        """The loop's hooks at Keras's update and epoch boundaries (an update is ``acc`` batches)."""
+
         def on_epoch_begin(self, epoch, logs=None):
             self.sum_seen, self.n_seen = 0.0, 0
-            state["shard"].set_epoch(epoch)          # data order: a function of (seed, epoch)
+            shard["now"].set_epoch(epoch)          # data order: a function of (seed, epoch)
 
         def on_train_batch_begin(self, batch, logs=None):
             if fault is not None and batch % acc == 0:
@@ -214,130 +216,44 @@ def run(exp, loader, threads):
         def on_train_batch_end(self, batch, logs=None):
             if (batch + 1) % acc:
                 return
-            step = int(self.model.optimizer.iterations.numpy())
-            state["step"] = step
-            progress.update(1)
-            if step % cfg["train"]["log_every"] == 0 or step >= total:
-                running = float(logs["loss"])
-                epoch_sum, n = running * (batch + 1), batch + 1
-                local = (epoch_sum - self.sum_seen) / max(n - self.n_seen, 1)
+
+            def local_loss():
+                # Keras's logs hold the epoch's running mean: this rank's mean since the last log
+                epoch_sum, n = float(logs["loss"]) * (batch + 1), batch + 1
+                mean = (epoch_sum - self.sum_seen) / max(n - self.n_seen, 1)
                 self.sum_seen, self.n_seen = epoch_sum, n
-                loss = float(hvd.allreduce(tf.constant(local, tf.float64), op=hvd.Average,
-                                           name="largebatch.loss").numpy())
-                state["loss"] = loss
-                lr = float(schedule(step - 1))
-                ips = rate.tick(gb * (step - state["logged"]))
-                state["logged"] = step
-                log.metrics("train", step, step / spe, lr=lr, loss=loss, images_per_sec=ips)
-                if track and rank == 0:
-                    log.trust_ratios(step, {k: float(v) for k, v in self.model.optimizer.trust_ratios().items()})
-                progress.update(0, step=step, loss=loss, lr=lr, img_s=round(ips, 1))
-                if not math.isfinite(loss):
-                    state["status"] = "diverged"
-                    progress.write(f"step {step}: loss is {loss}; stopping (diverged)")
-                    self.model.stop_training = True
-            if step >= total:
-                self.model.stop_training = True
-            if check_every and step % check_every == 0 and state["status"] == "completed":
-                try:
-                    rank_check.check(f"step {step}")
-                except lbk.callbacks.RankDivergenceError as err:
-                    state["status"] = "ranks_diverged"
-                    progress.write(f"largebatch: {err}; stopping")
-                    self.model.stop_training = True
-            # a stop signal on any rank: every rank stops after this same update (one small allreduce)
-            stop = int(hvd.allreduce(tf.constant(float(lifeline.stop_requested()), tf.float64), op=hvd.Max,
-                                     name="largebatch.stop").numpy())
-            if stop and state["status"] == "completed":
-                state["status"], state["stopped_by"] = "stopped", signal.Signals(stop).name
-                if rank == 0 and step < total:
-                    state["checkpoint"] = save_run_checkpoint(
-                        log, exp, importlib.import_module("largebatch.keras.checkpoint").save_checkpoint, model,
-                        self.model.optimizer, step=step, epoch=state["shard"].epoch + 1,
-                        extra={"last_lr": lr_callback.last_lr, "skipped_steps": guard.skipped})
-                progress.write(f"largebatch: {state['stopped_by']}: stopped after step {step}"
-                               + (f", checkpoint {state['checkpoint']}" if state.get("checkpoint") else ""))
+                return mean
+            step = int(self.model.optimizer.iterations.numpy())
+            if not loop.after_step(step, shard["now"].epoch, local_loss, extra) or step >= total:
                 self.model.stop_training = True
 
         def on_epoch_end(self, epoch, logs=None):
-            step = state["step"]
             if guard.stopped is not None:
-                state["status"] = "nonfinite"
-            if state["status"] != "completed":
-                return
-            if val_set is not None and cfg["train"]["eval"]:
-                state["eval"] = evaluate()
-                log.metrics("eval", step, step / spe, loss=state["eval"]["loss"],
-                            accuracy=state["eval"]["accuracy"])
-                progress.write(f"epoch {epoch + 1}: eval loss {state['eval']['loss']:.4f}, "
-                               f"accuracy {state['eval']['accuracy']:.4f}")
-            if ckpt_every and ((epoch + 1) % ckpt_every == 0 or step >= total) and rank == 0:
-                save_run_checkpoint(log, exp, importlib.import_module("largebatch.keras.checkpoint").save_checkpoint, model,
-                                    self.model.optimizer, step=step, epoch=epoch + 1,
-                                    extra={"last_lr": lr_callback.last_lr, "skipped_steps": guard.skipped})
+                loop.status = "nonfinite"
+            loop.end_epoch(epoch + 1, extra)
 
-    def report(line):
-        progress.write(f"largebatch: {line}")
-
-    guard = lbk.callbacks.NonFiniteGuard(cfg["train"]["on_nonfinite"], log=report)
+    guard = lbk.callbacks.NonFiniteGuard(cfg["train"]["on_nonfinite"], log=lambda line: loop.say(f"largebatch: {line}"))
     lr_callback = lbk.callbacks.LearningRateSchedule(schedule,
                                                      momentum_correction=cfg["schedule"]["momentum_correction"])
     callbacks = [lbk.callbacks.BroadcastGlobalVariables(0), lr_callback, guard, RunnerCallback()]
-    check_every = cfg["train"]["check_ranks_every"] if size > 1 else 0
-    rank_check = lbk.callbacks.RankConsistencyCheck(every_n_steps=1)     # called by RunnerCallback
-    rank_check.set_model(model)
     epochs = math.ceil(total / spe)
-    epoch, first_in_epoch = divmod(state["step"], spe)
-    started = time.perf_counter()
-
-    def on_signal(name):
-        """Rank 0's summary when a signal stops the run (called on the signal thread)."""
-        if log.active:
-            summary = summary_dict(exp, status="stopped", steps=state["step"], epochs_done=state["step"] / spe,
-                                   final_loss=state["loss"], eval_result=state["eval"], throughput=rate.steady(),
-                                   wall=time.perf_counter() - started, threads=threads,
-                                   framework_versions=versions("keras"), size=size)
-            summary["stopped_by"] = name
-            log.summary(summary)
-
-    lifeline.set_on_signal(on_signal)
-    lifeline.set_graceful()
+    epoch, first_in_epoch = divmod(loop.step, spe)
     try:
-        if first_in_epoch and state["step"] < total:
+        if first_in_epoch and loop.step < total:
             # a checkpoint that ends inside an epoch: the rest of that epoch, then the others
-            state["shard"] = Shard(epoch, skip=first_in_epoch * acc)
-            model.fit(state["shard"], initial_epoch=epoch, epochs=epoch + 1, shuffle=False,
+            shard["now"] = Shard(epoch, skip=first_in_epoch * acc)
+            model.fit(shard["now"], initial_epoch=epoch, epochs=epoch + 1, shuffle=False,
                       steps_per_epoch=(spe - first_in_epoch) * acc, verbose=0, callbacks=callbacks)
             epoch += 1
-        if epoch < epochs and state["step"] < total and state["status"] == "completed" and guard.stopped is None:
-            state["shard"] = Shard(epoch)
+        if epoch < epochs and loop.step < total and loop.status == "completed" and guard.stopped is None:
+            shard["now"] = Shard(epoch)
             # shuffle=False: the order is epoch_batches' (Keras would shuffle the PyDataset's
             # indices with Python's random, mixing micro-batches across updates)
-            model.fit(state["shard"], initial_epoch=epoch, epochs=epochs, steps_per_epoch=spe * acc, shuffle=False,
+            model.fit(shard["now"], initial_epoch=epoch, epochs=epochs, steps_per_epoch=spe * acc, shuffle=False,
                       verbose=0, callbacks=callbacks)
     finally:
-        progress.close()
+        loop.progress.close()
     if guard.stopped is not None:
-        state["status"] = "nonfinite"
-    step = state["step"]
-    summary = summary_dict(exp, status=state["status"], steps=step, epochs_done=step / spe,
-                           final_loss=state["loss"], eval_result=state["eval"], throughput=rate.steady(),
-                           wall=time.perf_counter() - started, threads=threads,
-                           framework_versions=versions("keras"), size=size)
+        loop.status = "nonfinite"
     # the update that stopped the run was not applied either, but is not counted as skipped (as torch)
-    summary["skipped_steps"] = guard.skipped - (guard.stopped is not None)
-    summary["resumed_from"] = resumed["path"] if resumed else None
-    if state["status"] == "stopped":
-        summary.update(stopped_by=state["stopped_by"], checkpoint=state.get("checkpoint"))
-    if state["status"] == "completed":
-        summary.update(world_record(hvd.allgather_object, weights_digest(v.numpy() for v in model.weights)))
-    log.summary(summary)
-    log.close()
-    if rank == 0:
-        ev = state["eval"]
-        print(f"run dir: {run_dir} ({state['status']}, {step} steps, loss {state['loss']:.4g}"
-              + (f", eval accuracy {ev['accuracy']:.4f}" if ev else "") + ")", flush=True)
-    if state["status"] == "stopped":
-        return lifeline.stop_exit_code(signal.Signals[state["stopped_by"]])
-    return 0 if state["status"] == "completed" else 1
-
+    return loop.finish(guard.skipped - (guard.stopped is not None))

@@ -1,0 +1,210 @@
+"""The training loop's skeleton, shared by the torch and Keras runners.
+
+A framework's runner builds its model, optimizer and data and drives its own steps (a Python
+loop for torch, ``model.fit`` for Keras). Everything around a step is here, once:
+
+- after every optimizer update (:meth:`TrainingLoop.after_step`): the loss averaged over ranks,
+  images/s, metrics and trust ratios every ``train.log_every`` steps, progress, the divergence
+  stop, the rank-consistency check every ``train.check_ranks_every`` steps, and the agreed stop
+  (a signal on any rank: every rank stops after the same step, rank 0 checkpoints);
+- at the end of an epoch (:meth:`TrainingLoop.end_epoch`): evaluation and the checkpoint;
+- at the end (:meth:`TrainingLoop.finish`): summary.json, the world record (hosts, identical
+  weights), the closing line and the exit code; and the summary when a signal ends the run.
+
+The runner hands over what differs in a :class:`Hooks`: its collectives, evaluation,
+checkpoint writer, trust ratios, rank check and weights.
+"""
+import math
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from largebatch.consistency import RankDivergenceError
+
+from . import lifeline
+from .common import (Progress, RunLog, Throughput, announce_resume, claim_run_dir, datasets_and_steps, make_schedule,
+                     save_run_checkpoint, summary_dict, versions, weights_digest, world_record)
+from .entry import run_dir_of
+
+__all__ = ["Hooks", "TrainingLoop", "prepare"]
+
+
+def prepare(exp, loader, hvd, *, elastic=False):
+    """After ``hvd.init()``: the experiment for the real world size (``loader(size)``, unless an
+    elastic job, whose size changes), this rank's data, the schedule and the claimed run
+    directory. Returns (exp, train_set, val_set, schedule, run_dir)."""
+    if not elastic and exp.derived["np"] != hvd.size():
+        exp = loader(hvd.size())
+    train_set, val_set = datasets_and_steps(exp)
+    schedule = make_schedule(exp)
+    run_dir = claim_run_dir(exp, run_dir_of(exp), hvd, hvd.rank(), elastic)    # never over another run's files
+    return exp, train_set, val_set, schedule, run_dir
+
+
+@dataclass
+class Hooks:
+    """What a framework gives the loop. ``mean``/``maximum``: a float averaged / maximised over
+    ranks (one small allreduce); ``evaluate()``: {'loss', 'accuracy'} over the validation set
+    (every rank; None when there is none); ``save(path, model, optimizer, **kw)``: the adapter's
+    save_checkpoint; ``weights()``: the parameters as NumPy arrays, in order; ``check_ranks(label)``
+    raises RankDivergenceError; ``trust_ratios()``: {layer: ratio}."""
+    mean: Callable
+    maximum: Callable
+    allgather_object: Callable
+    save: Callable
+    model: object
+    optimizer: Callable                  # () -> the optimizer to checkpoint (Keras wraps it late)
+    weights: Callable
+    evaluate: Optional[Callable] = None
+    check_ranks: Optional[Callable] = None
+    trust_ratios: Optional[Callable] = None
+
+
+class TrainingLoop:
+    """The shared part of one rank's run (see the module docstring). ``step`` is the optimizer
+    updates done; ``status`` is 'completed' until something stops the run ('diverged',
+    'nonfinite', 'ranks_diverged', 'stopped')."""
+
+    def __init__(self, exp, hooks, *, run_dir, rank, size, threads, resumed, schedule, track_trust_ratios,
+                 check_ranks=True):
+        cfg, d = exp.cfg, exp.derived
+        self.exp, self.hooks, self.run_dir, self.threads, self.schedule = exp, hooks, run_dir, threads, schedule
+        self.rank, self.size = rank, size
+        self.total, self.steps_per_epoch, self.global_batch = d["total_steps"], d["steps_per_epoch"], d["global_batch"]
+        self.log_every, self.checkpoint_every = cfg["train"]["log_every"], cfg["output"]["checkpoint_every"]
+        self.check_every = cfg["train"]["check_ranks_every"] if check_ranks and hooks.check_ranks else 0
+        self.track = track_trust_ratios and hooks.trust_ratios is not None
+        self.resumed = resumed
+        self.status, self.stopped_by, self.checkpoint = "completed", None, None
+        self.final_loss, self.eval_result = float("nan"), None
+        self.step = self.logged = int(resumed["step"]) if resumed else 0
+        self.log = RunLog(run_dir, exp, rank, append=resumed is not None)
+        self.log.write_config()
+        self.progress = Progress(self.total, cfg["output"]["progress"], cfg["name"], rank)
+        self.rate = Throughput()
+        self.started = time.perf_counter()
+        if resumed is not None:
+            announce_resume(resumed, rank, self.steps_per_epoch)
+            self.progress.update(self.step)
+        lifeline.set_on_signal(self._on_signal)
+        lifeline.set_graceful()
+
+    # -- during training ------------------------------------------------------------------
+    def say(self, text):
+        self.progress.write(text)
+
+    def seek(self, step):
+        """Training goes on from ``step`` (a resumed run, an elastic restart from its commit)."""
+        self.step = self.logged = step
+        self.progress.seek(step)
+
+    def after_step(self, step, epoch, local_loss, extra):
+        """Update ``step`` (1-based) of epoch ``epoch`` (0-based) is done. ``local_loss()``: this
+        rank's mean training loss since the last logged step; ``extra()``: what a checkpoint
+        written now carries. Returns False when the run must stop (``status`` says why)."""
+        self.step = step
+        self.progress.update(1)
+        if step % self.log_every == 0 or step >= self.total:
+            if not self._log_step(step, local_loss()):
+                return False
+        if self.check_every and step % self.check_every == 0:
+            try:
+                self.hooks.check_ranks(f"step {step}")
+            except RankDivergenceError as err:
+                return self._stop("ranks_diverged", f"largebatch: {err}; stopping")
+        # a stop signal on any rank: every rank stops after this same step (one small allreduce)
+        stop = int(self.hooks.maximum(float(lifeline.stop_requested())))
+        if stop:
+            self.stopped_by = signal.Signals(stop).name
+            if self.rank == 0 and step < self.total:
+                self.checkpoint = self._save(step, epoch + 1, extra())
+            return self._stop("stopped", f"largebatch: {self.stopped_by}: stopped after step {step}"
+                              + (f", checkpoint {self.checkpoint}" if self.checkpoint else ""))
+        return True
+
+    def _log_step(self, step, local_loss):
+        self.final_loss = loss = float(self.hooks.mean(local_loss))
+        lr = float(self.schedule(step - 1))              # the rate this update used
+        ips = self.rate.tick(self.global_batch * max(step - self.logged, 0))
+        self.logged = step
+        self.log.metrics("train", step, step / self.steps_per_epoch, lr=lr, loss=loss, images_per_sec=ips)
+        if self.track and self.log.active:
+            self.log.trust_ratios(step, {k: float(v) for k, v in self.hooks.trust_ratios().items()})
+        self.progress.update(0, step=step, loss=loss, lr=lr, img_s=round(ips, 1))
+        if not math.isfinite(loss):
+            return self._stop("diverged", f"step {step}: loss is {loss}; stopping (diverged)")
+        return True
+
+    def _stop(self, status, line):
+        self.status = status
+        self.say(line)
+        return False
+
+    def stop_nonfinite(self, line):
+        """A NaN/Inf step with ``train.on_nonfinite: stop``."""
+        return self._stop("nonfinite", line)
+
+    def end_epoch(self, epochs_done, extra):
+        """Epoch ``epochs_done`` (1-based) ended: evaluate, then checkpoint (every
+        ``output.checkpoint_every`` epochs and at the end), on a run still going."""
+        if self.status != "completed":
+            return
+        step = self.step
+        if self.hooks.evaluate is not None and self.exp.cfg["train"]["eval"]:
+            self.eval_result = ev = self.hooks.evaluate()
+            self.log.metrics("eval", step, step / self.steps_per_epoch, loss=ev["loss"], accuracy=ev["accuracy"])
+            self.say(f"epoch {epochs_done}: eval loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}")
+        every = self.checkpoint_every
+        if every and (epochs_done % every == 0 or step >= self.total) and self.rank == 0:
+            self._save(step, epochs_done, extra())
+
+    def _save(self, step, epoch, extra):
+        return save_run_checkpoint(self.log, self.exp, self.hooks.save, self.hooks.model, self.hooks.optimizer(),
+                                   step=step, epoch=epoch, extra=extra)
+
+    def rebind(self, rank, size):
+        """An elastic reset: this process is now ``rank`` of ``size`` (it logs if it became rank 0)."""
+        cfg = self.exp.cfg
+        if (rank == 0) != self.log.active:
+            self.log.close()
+            self.log = RunLog(self.run_dir, self.exp, rank, append=True)
+            self.progress.close()
+            self.progress = Progress(self.total, cfg["output"]["progress"], cfg["name"], rank)
+        self.rank, self.size = rank, size
+
+    # -- the end ----------------------------------------------------------------------------
+    def _summary(self, status):
+        return summary_dict(self.exp, status=status, steps=self.step, epochs_done=self.step / self.steps_per_epoch,
+                            final_loss=self.final_loss, eval_result=self.eval_result, throughput=self.rate.steady(),
+                            wall=time.perf_counter() - self.started, threads=self.threads,
+                            framework_versions=versions(self.exp.cfg["framework"]), size=self.size)
+
+    def _on_signal(self, name):
+        """Rank 0's summary when a signal stops the run (called on the signal thread)."""
+        if self.log.active:
+            summary = self._summary("stopped")
+            summary["stopped_by"] = name
+            self.log.summary(summary)
+
+    def finish(self, skipped_steps, **fields):
+        """Write summary.json (``fields`` added), close the run directory, print the closing line
+        on rank 0; return the exit code (0 completed, 128+signal stopped, 1 otherwise)."""
+        self.progress.close()
+        summary = self._summary(self.status)
+        summary["skipped_steps"] = skipped_steps
+        summary["resumed_from"] = self.resumed["path"] if self.resumed else None
+        if self.status == "stopped":
+            summary.update(stopped_by=self.stopped_by, checkpoint=self.checkpoint)
+        if self.status == "completed":
+            summary.update(world_record(self.hooks.allgather_object, weights_digest(self.hooks.weights())))
+        summary.update(fields)
+        self.log.summary(summary)
+        self.log.close()
+        if self.rank == 0:
+            ev = self.eval_result
+            print(f"run dir: {self.run_dir} ({self.status}, {self.step} steps, loss {self.final_loss:.4g}"
+                  + (f", eval accuracy {ev['accuracy']:.4f}" if ev else "") + ")", flush=True)
+        if self.status == "stopped":
+            return lifeline.stop_exit_code(signal.Signals[self.stopped_by])
+        return 0 if self.status == "completed" else 1
