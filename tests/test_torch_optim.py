@@ -568,3 +568,15 @@ def test_clars_takes_lars_arguments_and_refuses_another_denominator():
     with pytest.raises(ValueError, match=r"^nesterov: needs momentum > 0, got momentum=0.0$"):
         CLARS([w], lr=0.1, momentum=0.0, nesterov=True)
     assert CLARS([w], lr=0.1)._pending_norms is None
+
+
+def test_clars_refuses_another_denominator_in_a_param_group():
+    """The CLARS rule holds for every group, not only the constructor's defaults (a group with
+    norm_of_sum would ignore its per-example norms without a word)."""
+    a, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=r"^trust_denominator: CLARS defines its own denominator"):
+        CLARS([{"params": [a]}, {"params": [b], "trust_denominator": "norm_of_sum"}], lr=0.1)
+    opt = CLARS([a], lr=0.1)
+    with pytest.raises(ValueError, match=r"^nesterov: needs momentum > 0"):
+        opt.add_param_group({"params": [b], "momentum": 0.0, "nesterov": True})
+    LARS([{"params": [a]}, {"params": [b], "trust_denominator": "norm_of_sum"}], lr=0.1)

@@ -162,8 +162,6 @@ class LARS(_LayerwiseOptimizer):
                  foreach=None, fused=None, track_trust_ratios=False):
         check_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay,
                               trust_coefficient=trust_coefficient, eps=eps, trust_denominator=trust_denominator)
-        registry.check_constraints(self._registry_name, dict(momentum=momentum, nesterov=nesterov,
-                                                             trust_denominator=trust_denominator))
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         eps=eps, trust_denominator=trust_denominator, clip=bool(clip), nesterov=bool(nesterov),
                         exclude=exclude, foreach=foreach, fused=fused, track_trust_ratios=track_trust_ratios)
@@ -174,6 +172,9 @@ class LARS(_LayerwiseOptimizer):
         check_hyperparameters(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
                               trust_coefficient=group["trust_coefficient"], eps=group["eps"],
                               trust_denominator=group["trust_denominator"])
+        # every group, not only the constructor's defaults: a CLARS group with another
+        # denominator would silently ignore its per-example norms
+        registry.check_constraints(self._registry_name, group)
 
     def init_state(self):
         """Create every trainable parameter's momentum buffer (zeros) and tracked trust-ratio slot now
