@@ -328,3 +328,9 @@ def _has_key(section, key):
 
 def test_largebatch_on_path():
     assert shutil.which("largebatch", path=str(BIN)), "the venv has no largebatch entry point (pip install -e .)"
+
+
+def test_every_doc_page_is_linked_from_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    unlinked = [p.name for p in DOCS[1:] if f"(docs/{p.name})" not in readme]
+    assert unlinked == []

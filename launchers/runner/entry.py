@@ -91,7 +91,7 @@ def main(argv=None):
     try:
         return module.run(exp, loader, threads)
     except ConfigError as err:          # found at run time (data folder contents, world size)
-        if _is_rank0(rank):
+        if rank == 0:
             for line in err.problems:
                 print(line, file=sys.stderr)
         return 2
@@ -108,6 +108,3 @@ def main(argv=None):
             os._exit(1)
         return 1
 
-
-def _is_rank0(env_rank):
-    return env_rank == 0
