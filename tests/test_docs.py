@@ -334,3 +334,18 @@ def test_every_doc_page_is_linked_from_the_readme():
     readme = (ROOT / "README.md").read_text()
     unlinked = [p.name for p in DOCS[1:] if f"(docs/{p.name})" not in readme]
     assert unlinked == []
+
+
+def test_the_optimizer_key_table_is_the_registry():
+    """docs/experiments.md's optimizer table: each key's 'used by' column and the name list are
+    what largebatch.registry says."""
+    from largebatch import registry
+    text = (ROOT / "docs" / "experiments.md").read_text()
+    table = text[text.index("### optimizer"):text.index("### schedule")]
+    rows = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `(\w+)` \[[^\]]*\]+ \| ([^|]*) \|", table, re.M)}
+    names = registry.names()
+    for key in registry.HYPERPARAMETERS:
+        users = [n for n in names if key in registry.get(n).keys]
+        written = names if rows[key] == "all" else tuple(u.strip() for u in rows[key].split(","))
+        assert sorted(written) == sorted(users), key
+    assert all(f"`{n}`" in table.split("\n")[3] for n in names)
