@@ -6,7 +6,7 @@ setup(
     description="Layer-wise adaptive rate scaling (LARS, LARC, LAMB, CLARS) and the large-batch "
                 "recipe for PyTorch and Keras 3 on Horovod",
     python_requires=">=3.9",
-    packages=["largebatch", "largebatch.torch", "largebatch.keras", "largebatch.launchers", "largebatch.runner"],
+    packages=["largebatch", "largebatch.config", "largebatch.torch", "largebatch.keras", "largebatch.launchers", "largebatch.runner"],
     package_dir={
         "largebatch": "largebatch",
         "largebatch.torch": "frameworks/torch",

@@ -106,6 +106,8 @@ class OptimizerInfo:
     lr_in_buffer: tuple = ()                           # frameworks whose momentum buffer holds γ_t
     reference: str = None
     constraints: tuple = ()
+    layerwise: bool = True                            # a trust ratio per layer (False: the frameworks' SGD)
+    per_example_norms: bool = False                   # needs Σ_i ‖∇_l f_i‖ over the global batch (CLARS)
 
     def holds_lr(self, framework):
         """True when ``framework``'s momentum buffer for this optimizer holds the learning rate
@@ -133,7 +135,7 @@ OPTIMIZERS = {info.name: info for info in (
     OptimizerInfo("sgd", "SGD with momentum (the frameworks' own; weight decay off excluded tensors)",
                   ("momentum", "weight_decay", "nesterov", "exclude"),
                   torch="torch.optim:SGD", keras="keras.optimizers:SGD", lr_in_buffer=("keras",),
-                  constraints=(_NESTEROV,)),
+                  constraints=(_NESTEROV,), layerwise=False),
     OptimizerInfo("lars", "LARS, You, Gitman, Ginsburg 2017, Algorithm 1", _LARS_KEYS,
                   torch="largebatch.torch:LARS", keras="largebatch.keras:LARS", defaults={"eps": LARS_EPS},
                   lr_in_buffer=_BOTH, reference="lars", constraints=(_NESTEROV,)),
@@ -145,7 +147,8 @@ OPTIMIZERS = {info.name: info for info in (
                   reference="lamb"),
     OptimizerInfo("clars", "CLARS: LARS over the mean per-example gradient norm, Huo, Gu, Huang 2020", _LARS_KEYS,
                   torch="largebatch.torch:CLARS", keras="largebatch.keras:CLARS", defaults={"eps": LARS_EPS},
-                  lr_in_buffer=_BOTH, reference="clars", constraints=(_NESTEROV, _CLARS_DENOMINATOR)),
+                  lr_in_buffer=_BOTH, reference="clars", constraints=(_NESTEROV, _CLARS_DENOMINATOR),
+                  per_example_norms=True),
 )}
 
 

@@ -58,7 +58,7 @@ def build_optimizer(cfg, model, lr):
     o = cfg["optimizer"]
     info = registry.get(o["name"])
     cls = optimizer_class(info, "keras")
-    if o["name"] == "sgd":          # Keras's own SGD; exclude_from_decay keeps decay off excluded tensors
+    if not info.layerwise:          # Keras's own SGD; exclude_from_decay keeps decay off excluded tensors
         return cls(learning_rate=lr, momentum=o["momentum"], nesterov=o["nesterov"],
                    weight_decay=o["weight_decay"] or None)
     kwargs = {}
@@ -71,7 +71,7 @@ def exclude_from_decay(optimizer, cfg, model):
     """Keras SGD: keep weight decay off the tensors the policy excludes (default: ndim <= 1).
     Called on the final (wrapped) optimizer: the exclusion list is not part of get_config()."""
     o = cfg["optimizer"]
-    if o["name"] == "sgd" and o["weight_decay"]:
+    if not registry.get(o["name"]).layerwise and o["weight_decay"]:
         policy = ParamPolicy.from_spec(o["exclude"])
         excluded = [v for v in model.trainable_variables if not policy.decays(v.path, tuple(v.shape))]
         if excluded:
@@ -141,7 +141,7 @@ def run(exp, loader, threads):
         fault.arm_keras(model, optimizer)          # before the train function is traced
     model.compile(optimizer=optimizer, loss=training_loss(cfg, derived["num_classes"]),
                   metrics=["accuracy"], jit_compile=False)
-    if cfg["optimizer"]["name"] == "clars":
+    if registry.get(cfg["optimizer"]["name"]).per_example_norms:
         lbk.enable_clars(model)                    # the train step hands CLARS its per-example norms
     optimizer.build(model.trainable_variables)     # its variables exist before a checkpoint is loaded
     resumed = _load_resume(cfg, run_dir, model, optimizer, hvd, rank)   # before anything is written

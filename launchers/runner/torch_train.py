@@ -38,7 +38,7 @@ def build_optimizer(cfg, model, lr, track_trust_ratios):
     o = cfg["optimizer"]
     info = registry.get(o["name"])
     cls = optimizer_class(info, "torch")
-    if o["name"] == "sgd":          # torch's own SGD: weight decay only on the tensors the policy decays
+    if not info.layerwise:          # torch's own SGD: weight decay only on the tensors the policy decays
         policy = ParamPolicy.from_spec(o["exclude"])
         decay, no_decay = [], []
         for n, p in model.named_parameters():
@@ -130,7 +130,8 @@ def run(exp, loader, threads):
     model = build_model(cfg, derived)
     model.train()
     o = cfg["optimizer"]
-    track = cfg["output"]["trust_ratios"] and o["name"] != "sgd"
+    info = registry.get(o["name"])
+    track = cfg["output"]["trust_ratios"] and info.layerwise
     optimizer = build_optimizer(cfg, model, schedule(0), track)
     lbt = importlib.import_module("largebatch.torch")
     lbt_ckpt = importlib.import_module("largebatch.torch.checkpoint")
@@ -157,8 +158,8 @@ def run(exp, loader, threads):
     fault = faults.from_env(rank)
     smoothing = cfg["train"]["label_smoothing"]
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=smoothing) if smoothing else torch.nn.CrossEntropyLoss()
-    clars = o["name"] == "clars"
-    correct_momentum = cfg["schedule"]["momentum_correction"] and registry.get(o["name"]).holds_lr("torch")
+    clars = info.per_example_norms
+    correct_momentum = cfg["schedule"]["momentum_correction"] and info.holds_lr("torch")
     autocast, scaler = _precision(cfg["train"]["precision"], torch, next(model.parameters()).device.type)
     if scaler is not None and resumed is not None and resumed["extra"].get("grad_scaler"):
         scaler.load_state_dict(resumed["extra"]["grad_scaler"])          # the fp16 loss scale goes on
