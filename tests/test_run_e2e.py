@@ -259,3 +259,56 @@ def test_runner_reports_data_problems_as_one_line(tmp_path):
         f"data.path: no images (.jpg, .jpeg, .png, .bmp, .ppm, .pgm, .webp, .tif, .tiff) under "
         f"'{tmp_path / 'train'}'")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_runner_trains_with_the_frameworks_own_sgd(framework, tmp_path):
+    """optimizer: sgd is the framework's SGD (registry: not layer-wise): it trains, records no
+    trust ratios."""
+    exp = tmp_path / "sgd.yaml"
+    exp.write_text(f"""
+framework: {framework}
+optimizer: {{name: sgd, momentum: 0.9, weight_decay: 0.0005}}
+data: {{samples: 64, val_samples: 0}}
+batch: {{per_worker: 16}}
+schedule: {{base_lr: 0.1, base_batch: 16, warmup_epochs: 1}}
+train: {{steps: 6, log_every: 2}}
+output: {{dir: {tmp_path / 'runs'}, progress: false, checkpoint_every: 0}}
+""")
+    proc = subprocess.run([sys.executable, "-m", "largebatch.runner", str(exp)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run_dir = tmp_path / "runs" / "sgd"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["optimizer"] == "sgd" and summary["steps_done"] == 6 and summary["status"] == "completed"
+    assert np.isfinite(summary["final_train_loss"])
+    assert not (run_dir / "trust_ratios.csv").exists() or (run_dir / "trust_ratios.csv").read_text().count("\n") <= 1
+
+
+def test_torch_sgd_from_the_registry_decays_only_what_the_policy_decays():
+    import torch
+    from largebatch.config import load_dict
+    from largebatch.runner.torch_train import build_model, build_optimizer
+    exp = load_dict({"optimizer": {"name": "sgd", "weight_decay": 5e-4, "nesterov": True}})
+    model = build_model(exp.cfg, exp.derived)
+    opt = build_optimizer(exp.cfg, model, 0.1, track_trust_ratios=False)
+    assert type(opt) is torch.optim.SGD and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 5e-4 for p in g["params"]}
+    assert decayed and decayed == {id(p) for p in model.parameters() if p.ndim > 1}
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups if id(g["params"][0]) not in decayed)
+
+
+@pytest.mark.parametrize("name, cls, fixed", [("larc", "LARS", {"clip": True}), ("lars", "LARS", {"clip": False}),
+                                              ("clars", "CLARS", {}), ("lamb", "LAMB", {"betas": (0.8, 0.9)})])
+def test_torch_runner_builds_the_registry_class_with_the_yaml_values(name, cls, fixed):
+    import largebatch.torch as lbt
+    from largebatch.config import load_dict
+    from largebatch.runner.torch_train import build_model, build_optimizer
+    extra = {"betas": [0.8, 0.9]} if name == "lamb" else {"trust_coefficient": 0.02}
+    exp = load_dict({"optimizer": {"name": name, "weight_decay": 1e-4, **extra}})
+    opt = build_optimizer(exp.cfg, build_model(exp.cfg, exp.derived), 0.1, track_trust_ratios=True)
+    assert type(opt) is getattr(lbt, cls)
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 1e-4 and all(group[k] == v for k, v in fixed.items())
+    if name != "lamb":
+        assert group["trust_coefficient"] == 0.02
