@@ -20,7 +20,20 @@ were the previous update's per-layer rates (trust ratios) finite? If not, the up
 (1 NaN gradient, 2 Inf gradient, 4 non-finite trust ratio). The host reads one scalar per update:
 :class:`largebatch.keras.callbacks.NonFiniteGuard` reports every skip (naming the first offending
 variable and the step) and stops training or goes on (``on_nonfinite``).
+
+Mixed precision with float16 (``keras.mixed_precision.set_global_policy("mixed_float16")``):
+wrap the loss-scale optimizer, ``DistributedOptimizer(keras.optimizers.LossScaleOptimizer(opt))``.
+The scaled gradients are averaged first, then unscaled and checked for inf/NaN, so every rank
+makes the same skip-or-apply decision; the inner optimizer (LARS, LAMB, ...) gets unscaled float32
+gradients and float32 weights, so its trust ratios are those of full precision. A skipped update
+still advances ``iterations`` (the lr schedule keeps its steps, as a torch GradScaler skip does in
+the runner) and is counted (:func:`loss_scale_skips`). The other order, a LossScaleOptimizer
+around this one (also what ``compile`` does by itself under mixed_float16 when the optimizer is not
+one), checks each rank's own gradients before the allreduce: ranks could disagree and hang, so it
+is refused when the train step is traced.
 """
+import sys
+
 import keras
 import tensorflow as tf
 
@@ -29,7 +42,7 @@ from largebatch.validation import check_positive_int
 
 from ._checks import check_optimizer, find_inner, guard_horovod_callbacks
 
-__all__ = ["DistributedOptimizer", "is_distributed"]
+__all__ = ["DistributedOptimizer", "is_distributed", "loss_scale_skips"]
 
 
 def _hvd():
@@ -63,6 +76,7 @@ class _DistributedMixin:
     _lb_compression = None
     _lb_accumulation_steps = 1
     _lb_guard = False
+    _lb_elastic = False              # keep the accumulators whatever k (set_accumulation_steps)
     _lb_inject_nan = None            # (update step, variable path): testing only, see largebatch.runner.faults
 
     def _lb_average(self, grads):
@@ -87,10 +101,11 @@ class _DistributedMixin:
 
     def build(self, variables):
         guard_horovod_callbacks()
+        _refuse_outer_loss_scale(self)             # fit builds the optimizer before tracing: fail there
         if self.built:
             return
         super().build(variables)
-        if self._lb_accumulation_steps > 1:
+        if self._lb_accumulation_steps > 1 or self._lb_elastic:
             self._lb_accumulators = self.add_optimizer_variables(variables, "lb_gradient_accumulator")
             self._lb_micro_step = self.add_variable(shape=(), dtype="int64", name="lb_micro_step")
             # each rank's own partial sums: legitimately different across ranks
@@ -105,6 +120,23 @@ class _DistributedMixin:
     def _lb_build_guard(self, variables):
         self._lb_skipped = self.add_variable(shape=(), dtype="int64", name="lb_skipped_steps")
         self._lb_codes = self.add_variable(shape=(len(variables),), dtype="int32", name="lb_nonfinite_codes")
+
+    def set_accumulation_steps(self, k):
+        """Use ``k`` accumulation steps from the next update on (Horovod Elastic: the world size
+        changed and the global batch is kept). Needs ``DistributedOptimizer(..., elastic=True)``;
+        call between updates, outside the train function, then have Keras trace it again
+        (``model.make_train_function(force=True)``): ``k`` is part of the traced step."""
+        k = check_positive_int("accumulation_steps", k)
+        if not self._lb_elastic:
+            raise ValueError("set_accumulation_steps: needs largebatch.keras.DistributedOptimizer(..., elastic=True)")
+        self._lb_accumulation_steps = k
+        if self.built:                     # a fresh count of micro-batches, nothing accumulated
+            self._lb_micro_step.assign(0)
+            for a in self._lb_accumulators:
+                if a is not None:
+                    a.assign(tf.zeros_like(a.value))
+            if getattr(self, "_lb_norm_accumulator", None) is not None:
+                self._lb_norm_accumulator.assign(tf.zeros_like(self._lb_norm_accumulator.value))
 
     # ---- non-finite guard --------------------------------------------------------------
     def _lb_nonfinite_codes(self, grads, trainable_variables):
@@ -164,6 +196,7 @@ class _DistributedMixin:
 
     def apply(self, grads, trainable_variables=None):
         guard_horovod_callbacks()                  # runs while Keras traces the train step (once)
+        _refuse_outer_loss_scale(self)
         grads = list(grads)
         if not grads:
             return
@@ -238,12 +271,68 @@ class _DistributedMixin:
         micro.assign_add(1)
 
 
+class _CountedLossScale(keras.optimizers.LossScaleOptimizer):
+    """Keras's dynamic loss scaling whose skipped updates still count: ``iterations`` advances and
+    ``lb_loss_scale_skips`` is incremented (see the module docstring)."""
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._lb_build_skip_counter()
+
+    def _lb_build_skip_counter(self):
+        self._lb_scale_skips = self.add_variable(shape=(), dtype="int64", name="lb_loss_scale_skips")
+
+    def _stateful_handle_non_finite_grads(self):
+        super()._stateful_handle_non_finite_grads()
+        self.inner_optimizer.iterations.assign_add(1)
+        self._lb_scale_skips.assign_add(1)
+
+
+def _counted(optimizer):
+    """A Keras LossScaleOptimizer as a :class:`_CountedLossScale` (in place when it is built)."""
+    if isinstance(optimizer, _CountedLossScale):
+        return optimizer
+    if getattr(type(optimizer.inner_optimizer), "_lb_clars", False):
+        raise ValueError("optimizer: CLARS inside a LossScaleOptimizer under DistributedOptimizer is not supported "
+                         "(its per-example norms would not be added over ranks); use float32 or mixed_bfloat16")
+    if optimizer.built:
+        optimizer.__class__ = _CountedLossScale
+        optimizer._lb_build_skip_counter()
+        return optimizer
+    return _CountedLossScale(optimizer.inner_optimizer, initial_scale=optimizer.initial_scale,
+                             dynamic_growth_steps=optimizer.dynamic_growth_steps, name=optimizer.name)
+
+
+def loss_scale_skips(optimizer):
+    """Updates skipped for an inf/NaN of the loss scale so far (0 without loss scaling)."""
+    found = find_inner(optimizer, "_lb_build_skip_counter")
+    counter = getattr(found, "_lb_scale_skips", None)
+    return 0 if counter is None else int(counter.numpy())
+
+
+def _refuse_outer_loss_scale(optimizer):
+    """Called while the train step is traced: is a LossScaleOptimizer applying ``optimizer``
+    from outside (it decided skip-or-apply on this rank's own gradients)?"""
+    frame = sys._getframe(2)
+    for _ in range(80):                # TF's cond adds a dozen frames between the two applies
+        if frame is None:
+            return
+        outer = frame.f_locals.get("self")
+        if isinstance(outer, keras.optimizers.LossScaleOptimizer) and outer.inner_optimizer is optimizer:
+            raise ValueError("optimizer: a LossScaleOptimizer around largebatch.keras.DistributedOptimizer checks "
+                             "each rank's gradients for inf before the allreduce (ranks could disagree and hang); "
+                             "put it inside: DistributedOptimizer(keras.optimizers.LossScaleOptimizer(opt))")
+        frame = frame.f_back
+
+
 def is_distributed(optimizer):
     """True if ``optimizer`` came from :func:`DistributedOptimizer` (or is a LossScaleOptimizer around one)."""
     return find_inner(optimizer, "_lb_distributed") is not None
 
 
-def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonfinite_guard=False):
+def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonfinite_guard=False, elastic=False):
     """Return a copy of the Keras 3 ``optimizer`` that averages gradients over Horovod ranks.
 
     ``compression``: None or 'fp16' (gradients are sent as float16, averaged, cast back).
@@ -252,6 +341,9 @@ def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonf
     ``nonfinite_guard``: skip an update whose averaged gradients (or the previous update's trust
     ratios) hold NaN/Inf, decided by one in-graph flag that is the same on every rank; put
     :class:`largebatch.keras.callbacks.NonFiniteGuard` in the callbacks to report (and stop).
+    ``elastic``: Horovod Elastic; the accumulation variables exist whatever ``accumulation_steps``,
+    so ``set_accumulation_steps`` can change it when the world size changes (every rank then holds
+    the same variables, which ``largebatch.keras.elastic_state`` commits and broadcasts).
 
     Works with any Keras 3 optimizer (LARS, LAMB, SGD, Adam ...); then
     ``model.compile(optimizer=..., jit_compile=False)``. An optimizer that is not built yet is
@@ -266,15 +358,18 @@ def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonf
         raise ValueError("optimizer: already a largebatch.keras.DistributedOptimizer")
     _compression(compression)
     accumulation_steps = check_positive_int("accumulation_steps", accumulation_steps)
-    if nonfinite_guard not in (True, False):
-        raise ValueError(f"nonfinite_guard: expected True or False, got {nonfinite_guard!r}")
+    for flag, value in (("nonfinite_guard", nonfinite_guard), ("elastic", elastic)):
+        if value not in (True, False):
+            raise ValueError(f"{flag}: expected True or False, got {value!r}")
     built = getattr(optimizer, "built", False)
-    if built and accumulation_steps > 1:
+    if built and (accumulation_steps > 1 or elastic):
         raise ValueError("accumulation_steps: an optimizer that is already built (e.g. loaded with a model) "
                          "can only be wrapped with accumulation_steps=1")
     if accumulation_steps > 1 and getattr(optimizer, "gradient_accumulation_steps", None):
         raise ValueError("accumulation_steps: the optimizer already has gradient_accumulation_steps="
                          f"{optimizer.gradient_accumulation_steps}; use one or the other")
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = _counted(optimizer)            # averaged first, then unscaled and checked: one decision
     base = type(optimizer)
     cls = type(base.__name__, (_DistributedMixin, base),
                {"__module__": base.__module__, "__qualname__": base.__qualname__,
@@ -288,6 +383,7 @@ def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonf
     wrapped._lb_compression = compression
     wrapped._lb_accumulation_steps = accumulation_steps
     wrapped._lb_guard = bool(nonfinite_guard)
+    wrapped._lb_elastic = bool(elastic)
     if built and nonfinite_guard:
         wrapped._lb_build_guard(wrapped._trainable_variables)
     return wrapped

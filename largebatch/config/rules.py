@@ -84,9 +84,11 @@ def model_and_optimizer(cfg, explicit):
 
 
 def precision(cfg):
-    if cfg["train"]["precision"] != "fp32" and cfg["framework"] != "torch":
-        return [f"train.precision: {cfg['train']['precision']!r} is not supported for framework 'keras' yet "
-                f"(Keras's loss-scale optimizer checks for inf before our allreduce); expected 'fp32'"]
+    if cfg["train"]["precision"] == "fp16" and cfg["framework"] == "keras" \
+            and registry.get(cfg["optimizer"]["name"]).per_example_norms:
+        return [f"train.precision: 'fp16' is not supported with optimizer {cfg['optimizer']['name']!r} for "
+                f"framework 'keras' (its per-example norms would not be added over ranks under a loss-scale "
+                f"optimizer); expected 'fp32' or 'bf16'"]
     return []
 
 
@@ -134,16 +136,13 @@ def batch(cfg, derived):
 
 
 def elastic(cfg, explicit, derived, host_list, check_paths, batch_ok):
-    """launcher.elastic: Horovod Elastic under horovodrun --gloo, torch only; every world size in
+    """launcher.elastic: Horovod Elastic under horovodrun --gloo (torch and Keras); every world size in
     [min_np, max_np] must keep the global batch with a whole number of accumulation steps."""
     la, np_ = cfg["launcher"], derived["np"]
     if not la["elastic"]:
         return inapplicable("launcher", cfg, explicit, keys=ELASTIC_KEYS) + inapplicable(
             "train", cfg, explicit, keys=("commit_every",))
     out = []
-    if cfg["framework"] != "torch":
-        out.append(f"launcher.elastic: needs framework 'torch', got {cfg['framework']!r} (Horovod 0.28.1's "
-                   f"elastic Keras state calls optimizer.variables(), a list under Keras 3)")
     if la["type"] != "horovodrun":
         out.append(f"launcher.elastic: needs launcher.type 'horovodrun' (Horovod Elastic is started by "
                    f"horovodrun), got {la['type']!r}")

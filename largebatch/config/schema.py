@@ -131,8 +131,9 @@ SCHEMA = {
         "on_nonfinite": F(choice(("stop", "skip")), "stop",
                           doc="NaN/Inf gradient: stop the run (exit 1) or skip the step; always reported"),
         "precision": F(choice(("fp32", "bf16", "fp16")), "fp32",
-                       doc="torch: autocast to bfloat16 or float16 (fp16 with a GradScaler); weights, optimizer "
-                           "state and trust ratios stay float32"),
+                       doc="compute in bfloat16 or float16 (torch autocast, Keras mixed_* policies); fp16 with "
+                           "dynamic loss scaling (GradScaler, LossScaleOptimizer); weights, optimizer state and "
+                           "trust ratios stay float32"),
         "check_ranks_every": F(integer(0), 100, doc="steps between rank-consistency checks (one allgather of two "
                                                    "float64 numbers per tensor); ranks whose weights differ stop the "
                                                    "run, naming the tensor and the step; 0 = never"),
@@ -176,7 +177,7 @@ SCHEMA = {
         "env": F(env_mapping, {}),
         "args": F(args_list, []),
         "python": F(string, None, nullable=True),
-        "elastic": F(boolean, False, doc="Horovod Elastic (horovodrun --gloo, torch): ranks may leave and "
+        "elastic": F(boolean, False, doc="Horovod Elastic (horovodrun --gloo): ranks may leave and "
                                          "join; the global batch is kept by changing accumulation steps"),
         "min_np": F(integer(1), None, nullable=True, doc="elastic: fewest ranks to keep training (default 1)", when=_ONLY_ELASTIC),
         "max_np": F(integer(1), None, nullable=True, doc="elastic: most ranks (default launcher.np)", when=_ONLY_ELASTIC),

@@ -16,6 +16,7 @@ the optimizer's in-graph guard and reported by ``largebatch.keras.callbacks.NonF
 """
 import importlib
 import math
+import os
 
 import numpy as np
 
@@ -26,9 +27,11 @@ from largebatch.policy import ParamPolicy
 from . import faults
 from .common import optimizer_class, read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
-from .loop import Hooks, TrainingLoop, prepare
+from .loop import Hooks, TrainingLoop, accumulation_for, prepare
 
 __all__ = ["run", "build_model", "build_optimizer"]
+
+KERAS_POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
 def build_model(cfg, derived):
@@ -75,7 +78,7 @@ def exclude_from_decay(optimizer, cfg, model):
         policy = ParamPolicy.from_spec(o["exclude"])
         excluded = [v for v in model.trainable_variables if not policy.decays(v.path, tuple(v.shape))]
         if excluded:
-            optimizer.exclude_from_weight_decay(var_list=excluded)
+            importlib.import_module("largebatch.keras").innermost(optimizer).exclude_from_weight_decay(var_list=excluded)
 
 
 def training_loss(cfg, num_classes):
@@ -123,18 +126,27 @@ def run(exp, loader, threads):
     faults.horovod_timeouts()
     hvd = import_horovod("tensorflow")
     hvd.init()
+    # elastic only when horovodrun started an elastic job (a plain launch of the YAML trains as usual)
+    elastic = exp.cfg["launcher"]["elastic"] and os.environ.get("HOROVOD_ELASTIC") == "1"
     keras.utils.set_random_seed(exp.cfg["train"]["seed"])
-    exp, train_set, val_set, schedule, run_dir = prepare(exp, loader, hvd)
+    exp, train_set, val_set, schedule, run_dir = prepare(exp, loader, hvd, elastic=elastic)
     cfg, derived = exp.cfg, exp.derived
     rank, size = hvd.rank(), hvd.size()
     lbk = importlib.import_module("largebatch.keras")
     lbk_ckpt = importlib.import_module("largebatch.keras.checkpoint")
-    pw, acc = derived["per_worker_batch"], derived["accumulation_steps"]
-    spe, total = derived["steps_per_epoch"], derived["total_steps"]
+    pw, spe, total = derived["per_worker_batch"], derived["steps_per_epoch"], derived["total_steps"]
+    acc = accumulation_for(derived, size, elastic)
 
+    precision = cfg["train"]["precision"]
+    if precision != "fp32":            # float32 variables (and trust ratios), bf16/fp16 compute
+        keras.mixed_precision.set_global_policy(KERAS_POLICIES[precision])
     model = build_model(cfg, derived)
-    optimizer = lbk.DistributedOptimizer(build_optimizer(cfg, model, schedule(0)), accumulation_steps=acc,
-                                         nonfinite_guard=True)
+    inner = build_optimizer(cfg, model, schedule(0))
+    if precision == "fp16":            # averaged, then unscaled and checked: one skip decision on every rank
+        inner = keras.optimizers.LossScaleOptimizer(inner)
+    # fp16: an inf from the loss scale skips the update (not divergence), as torch's GradScaler
+    optimizer = lbk.DistributedOptimizer(inner, accumulation_steps=acc, nonfinite_guard=precision != "fp16",
+                                         elastic=elastic)
     exclude_from_decay(optimizer, cfg, model)
     fault = faults.from_env(rank)
     if fault is not None:
@@ -151,7 +163,7 @@ def run(exp, loader, threads):
 
     def evaluate():
         loss_sum = correct = count = 0.0
-        batches = eval_batches(len(val_set), rank=rank, size=size, batch=pw)
+        batches = eval_batches(len(val_set), rank=loop.rank, size=loop.size, batch=pw)
         for x, y in Prefetcher(val_set, batches, train=False, workers=workers):
             logits = np.asarray(model.predict_on_batch(x), dtype=np.float64)
             logp = _log_softmax(logits)
@@ -165,15 +177,15 @@ def run(exp, loader, threads):
     def reduce(op, name):
         return lambda x: float(hvd.allreduce(tf.constant(x, tf.float64), op=op, name=name).numpy())
 
-    track = cfg["output"]["trust_ratios"] and hasattr(optimizer, "trust_ratios")
+    track = cfg["output"]["trust_ratios"] and hasattr(lbk.innermost(optimizer), "trust_ratios")
     loop = TrainingLoop(
         exp, Hooks(mean=reduce(hvd.Average, "largebatch.loss"), maximum=reduce(hvd.Max, "largebatch.stop"),
                    allgather_object=hvd.allgather_object, save=lbk_ckpt.save_checkpoint, model=model,
                    optimizer=lambda: model.optimizer, weights=lambda: (v.numpy() for v in model.weights),
                    evaluate=evaluate if val_set is not None else None, check_ranks=rank_check.check,
-                   trust_ratios=(lambda: model.optimizer.trust_ratios()) if track else None),
+                   trust_ratios=(lambda: lbk.innermost(model.optimizer).trust_ratios()) if track else None),
         run_dir=run_dir, rank=rank, size=size, threads=threads, resumed=resumed, schedule=schedule,
-        track_trust_ratios=track, check_ranks=size > 1)
+        track_trust_ratios=track, check_ranks=size > 1 or elastic, elastic=elastic)
 
     class Shard(keras.utils.PyDataset):
         """This rank's micro-batches of one training epoch (``set_epoch`` by the runner's callback
@@ -183,21 +195,21 @@ def run(exp, loader, threads):
 
         def __init__(self, epoch, skip=0):
             super().__init__(workers=max(1, workers), use_multiprocessing=False)
-            self.skip = skip
+            self.skip, self.rank, self.size, self.acc = skip, loop.rank, loop.size, loop.accumulation
             self.set_epoch(epoch)
 
         def set_epoch(self, epoch):
             self.epoch = epoch
-            self._batches = epoch_batches(len(train_set), epoch, seed=cfg["train"]["seed"], rank=rank, size=size,
-                                          per_worker=pw, accumulation=acc, steps=spe)[self.skip:]
+            self._batches = epoch_batches(len(train_set), epoch, seed=cfg["train"]["seed"], rank=self.rank,
+                                          size=self.size, per_worker=pw, accumulation=self.acc, steps=spe)[self.skip:]
 
         def __len__(self):
-            return spe * acc - self.skip
+            return spe * self.acc - self.skip
 
         def __getitem__(self, index):
             return train_set.batch(self._batches[index], self.epoch, True)
 
-    shard = {}
+    shard, current = {}, {}              # the epoch's data; the counters (an elastic state or _Counters)
 
     def extra():
         return {"last_lr": lr_callback.last_lr, "skipped_steps": guard.skipped}
@@ -210,11 +222,11 @@ def run(exp, loader, threads):
             shard["now"].set_epoch(epoch)          # data order: a function of (seed, epoch)
 
         def on_train_batch_begin(self, batch, logs=None):
-            if fault is not None and batch % acc == 0:
+            if fault is not None and batch % loop.accumulation == 0:
                 fault.before_step(int(self.model.optimizer.iterations.numpy()) + 1, self.model)
 
         def on_train_batch_end(self, batch, logs=None):
-            if (batch + 1) % acc:
+            if (batch + 1) % loop.accumulation:
                 return
 
             def local_loss():
@@ -223,37 +235,89 @@ def run(exp, loader, threads):
                 mean = (epoch_sum - self.sum_seen) / max(n - self.n_seen, 1)
                 self.sum_seen, self.n_seen = epoch_sum, n
                 return mean
-            step = int(self.model.optimizer.iterations.numpy())
+            step = current["state"].step = int(self.model.optimizer.iterations.numpy())
             if not loop.after_step(step, shard["now"].epoch, local_loss, extra) or step >= total:
                 self.model.stop_training = True
+            elif elastic and step % cfg["train"]["commit_every"] == 0 and step % spe:
+                current["state"].commit()        # epoch ends commit after their evaluation and checkpoint
 
         def on_epoch_end(self, epoch, logs=None):
             if guard.stopped is not None:
                 loop.status = "nonfinite"
             loop.end_epoch(epoch + 1, extra)
+            if elastic and loop.status == "completed" and loop.step < total:
+                current["state"].commit()
 
-    guard = lbk.callbacks.NonFiniteGuard(cfg["train"]["on_nonfinite"], log=lambda line: loop.say(f"largebatch: {line}"))
     lr_callback = lbk.callbacks.LearningRateSchedule(schedule,
                                                      momentum_correction=cfg["schedule"]["momentum_correction"])
-    callbacks = [lbk.callbacks.BroadcastGlobalVariables(0), lr_callback, guard, RunnerCallback()]
+    # elastic: the state's sync broadcasts rank 0's variables (when the job starts and after a reset)
+    callbacks = ([] if elastic else [lbk.callbacks.BroadcastGlobalVariables(0)]) + [lr_callback, RunnerCallback()]
+    if precision == "fp16":
+        guard = _NoGuard()             # the loss scale handles inf/NaN updates
+    else:
+        guard = lbk.callbacks.NonFiniteGuard(cfg["train"]["on_nonfinite"], log=lambda line: loop.say(f"largebatch: {line}"))
+        callbacks.insert(-1, guard)
     epochs = math.ceil(total / spe)
-    epoch, first_in_epoch = divmod(loop.step, spe)
+
+    def train(state):
+        """Updates from ``state.step`` to the end; an elastic restart calls it again after a reset
+        (``on_reset`` has set the new rank, world size and accumulation steps; model and optimizer
+        variables are restored from the last commit)."""
+        current["state"] = state
+        loop.seek(state.step)
+        k = loop.accumulation
+        epoch, first_in_epoch = divmod(state.step, spe)
+        try:
+            if first_in_epoch and state.step < total:
+                # a checkpoint (or commit) inside an epoch: the rest of that epoch, then the others
+                shard["now"] = Shard(epoch, skip=first_in_epoch * k)
+                model.fit(shard["now"], initial_epoch=epoch, epochs=epoch + 1, shuffle=False,
+                          steps_per_epoch=(spe - first_in_epoch) * k, verbose=0, callbacks=callbacks)
+                epoch += 1
+            if epoch < epochs and loop.step < total and loop.status == "completed" and guard.stopped is None:
+                shard["now"] = Shard(epoch)
+                # shuffle=False: the order is epoch_batches' (Keras would shuffle the PyDataset's
+                # indices with Python's random, mixing micro-batches across updates)
+                model.fit(shard["now"], initial_epoch=epoch, epochs=epochs, steps_per_epoch=spe * k, shuffle=False,
+                          verbose=0, callbacks=callbacks)
+        except tf.errors.OpError as err:
+            # a peer lost inside the compiled step: Horovod Elastic restores the last commit
+            if elastic and "horovod" in str(err).lower():
+                raise importlib.import_module("horovod.common.exceptions").HorovodInternalError(err) from err
+            raise
+
     try:
-        if first_in_epoch and loop.step < total:
-            # a checkpoint that ends inside an epoch: the rest of that epoch, then the others
-            shard["now"] = Shard(epoch, skip=first_in_epoch * acc)
-            model.fit(shard["now"], initial_epoch=epoch, epochs=epoch + 1, shuffle=False,
-                      steps_per_epoch=(spe - first_in_epoch) * acc, verbose=0, callbacks=callbacks)
-            epoch += 1
-        if epoch < epochs and loop.step < total and loop.status == "completed" and guard.stopped is None:
-            shard["now"] = Shard(epoch)
-            # shuffle=False: the order is epoch_batches' (Keras would shuffle the PyDataset's
-            # indices with Python's random, mixing micro-batches across updates)
-            model.fit(shard["now"], initial_epoch=epoch, epochs=epochs, steps_per_epoch=spe * acc, shuffle=False,
-                      verbose=0, callbacks=callbacks)
+        if elastic:
+            state = lbk.elastic_state(model, optimizer, step=loop.step)
+
+            def on_reset():
+                """After Horovod re-formed the ring: new rank, world size and accumulation steps,
+                and a train function traced again for them."""
+                size = hvd.size()
+                loop.rebind(hvd.rank(), size, accumulation_for(derived, size, elastic), state.step)
+                optimizer.set_accumulation_steps(loop.accumulation)
+                model.make_train_function(force=True)
+
+            state.register_reset_callbacks([on_reset])
+            hvd.elastic.run(train)(state)
+        else:
+            train(_Counters(loop.step))
     finally:
         loop.progress.close()
     if guard.stopped is not None:
         loop.status = "nonfinite"
     # the update that stopped the run was not applied either, but is not counted as skipped (as torch)
-    return loop.finish(guard.skipped - (guard.stopped is not None))
+    fields = {"loss_scale_skips": lbk.loss_scale_skips(optimizer)} if precision == "fp16" else {}
+    return loop.finish(guard.skipped - (guard.stopped is not None), **fields)
+
+
+class _Counters:
+    """What a plain (non-elastic) run carries between updates: the step."""
+
+    def __init__(self, step):
+        self.step = step
+
+
+class _NoGuard:
+    """Stands in for NonFiniteGuard under fp16 loss scaling: nothing skipped, nothing stopped."""
+    skipped, stopped = 0, None
