@@ -16,10 +16,12 @@ checkpoint writer, trust ratios, rank check and weights.
 """
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from largebatch.config import ConfigError, elastic_accumulation
 from largebatch.consistency import RankDivergenceError
 
 from . import lifeline
@@ -27,7 +29,19 @@ from .common import (Progress, RunLog, Throughput, announce_resume, claim_run_di
                      save_run_checkpoint, summary_dict, versions, weights_digest, world_record)
 from .entry import run_dir_of
 
-__all__ = ["Hooks", "TrainingLoop", "prepare"]
+__all__ = ["Hooks", "TrainingLoop", "prepare", "accumulation_for"]
+
+
+def accumulation_for(derived, size, elastic):
+    """Accumulation steps on ``size`` ranks: the configured ones, or (elastic) those that keep the
+    global batch with the launch's per-worker batch."""
+    if not elastic:
+        return derived["accumulation_steps"]
+    acc = elastic_accumulation(derived["global_batch"], derived["per_worker_batch"], size)
+    if acc is None:
+        raise ConfigError([f"launcher.elastic: world size {size} cannot keep the global batch "
+                           f"{derived['global_batch']} with {derived['per_worker_batch']} samples per rank"])
+    return acc
 
 
 def prepare(exp, loader, hvd, *, elastic=False):
@@ -67,7 +81,7 @@ class TrainingLoop:
     'nonfinite', 'ranks_diverged', 'stopped')."""
 
     def __init__(self, exp, hooks, *, run_dir, rank, size, threads, resumed, schedule, track_trust_ratios,
-                 check_ranks=True):
+                 check_ranks=True, elastic=False):
         cfg, d = exp.cfg, exp.derived
         self.exp, self.hooks, self.run_dir, self.threads, self.schedule = exp, hooks, run_dir, threads, schedule
         self.rank, self.size = rank, size
@@ -76,6 +90,8 @@ class TrainingLoop:
         self.check_every = cfg["train"]["check_ranks_every"] if check_ranks and hooks.check_ranks else 0
         self.track = track_trust_ratios and hooks.trust_ratios is not None
         self.resumed = resumed
+        self.elastic, self.resets = elastic, []
+        self.accumulation = accumulation_for(d, size, elastic)
         self.status, self.stopped_by, self.checkpoint = "completed", None, None
         self.final_loss, self.eval_result = float("nan"), None
         self.step = self.logged = int(resumed["step"]) if resumed else 0
@@ -163,15 +179,22 @@ class TrainingLoop:
         return save_run_checkpoint(self.log, self.exp, self.hooks.save, self.hooks.model, self.hooks.optimizer(),
                                    step=step, epoch=epoch, extra=extra)
 
-    def rebind(self, rank, size):
-        """An elastic reset: this process is now ``rank`` of ``size`` (it logs if it became rank 0)."""
-        cfg = self.exp.cfg
-        if (rank == 0) != self.log.active:
+    def rebind(self, rank, size, accumulation, step):
+        """An elastic reset: this process is now ``rank`` of ``size``, with ``accumulation`` steps
+        per update, going on from ``step`` (it logs if it became rank 0; the reset is recorded in
+        summary.json's ``elastic.resets``)."""
+        cfg, d = self.exp.cfg, self.exp.derived
+        if (rank == 0) != self.log.active:      # the former rank 0 left: this process logs now
             self.log.close()
             self.log = RunLog(self.run_dir, self.exp, rank, append=True)
             self.progress.close()
             self.progress = Progress(self.total, cfg["output"]["progress"], cfg["name"], rank)
-        self.rank, self.size = rank, size
+        self.rank, self.size, self.accumulation = rank, size, accumulation
+        self.resets.append({"step": step, "world_size": size})
+        if rank == 0:
+            print(f"largebatch: world size is now {size}; global batch {d['global_batch']} kept as "
+                  f"{d['per_worker_batch']} per rank × {size} ranks × {accumulation} accumulation steps; "
+                  f"continuing from step {step}", file=sys.stderr, flush=True)
 
     # -- the end ----------------------------------------------------------------------------
     def _summary(self, status):
@@ -198,6 +221,10 @@ class TrainingLoop:
             summary.update(stopped_by=self.stopped_by, checkpoint=self.checkpoint)
         if self.status == "completed":
             summary.update(world_record(self.hooks.allgather_object, weights_digest(self.hooks.weights())))
+        if self.elastic:
+            d = self.exp.derived
+            fields = dict(fields, accumulation_steps=self.accumulation,
+                          elastic={"min_np": d["min_np"], "max_np": d["max_np"], "resets": self.resets})
         summary.update(fields)
         self.log.summary(summary)
         self.log.close()

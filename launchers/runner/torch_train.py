@@ -1,19 +1,17 @@
 """The PyTorch training loop each rank runs (Horovod, largebatch.torch optimizers)."""
 import importlib
 import os
-import sys
 
 import numpy as np
 
 from largebatch import registry
-from largebatch.config import ConfigError, elastic_accumulation
 from largebatch.horovod_support import import_horovod
 from largebatch.policy import ParamPolicy
 from largebatch.schedules import momentum_correction
 from . import faults
 from .common import optimizer_class, read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
-from .loop import Hooks, TrainingLoop, prepare
+from .loop import Hooks, TrainingLoop, accumulation_for, prepare
 
 __all__ = ["run", "build_model", "build_optimizer"]
 
@@ -135,7 +133,7 @@ def run(exp, loader, threads):
     optimizer = build_optimizer(cfg, model, schedule(0), track)
     lbt = importlib.import_module("largebatch.torch")
     lbt_ckpt = importlib.import_module("largebatch.torch.checkpoint")
-    acc = _accumulation(derived, size, elastic)
+    acc = accumulation_for(derived, size, elastic)
     # Horovod re-creates the optimizer (its state is not carried over): load into the wrapped one
     optimizer = lbt.distributed_optimizer(optimizer, model, backward_passes_per_step=acc, broadcast=False)
     resumed = _load_resume(cfg, run_dir, model, optimizer, hvd, rank)   # before anything is written
@@ -151,7 +149,7 @@ def run(exp, loader, threads):
                    if val_set is not None else None,
                    check_ranks=rank_check.check, trust_ratios=optimizer.trust_ratios if track else None),
         run_dir=run_dir, rank=rank, size=size, threads=threads, resumed=resumed, schedule=schedule,
-        track_trust_ratios=track, check_ranks=size > 1 or elastic)
+        track_trust_ratios=track, check_ranks=size > 1 or elastic, elastic=elastic)
 
     guard = importlib.import_module("largebatch.torch.guard").NonFiniteGuard(model, optimizer, hvd=hvd)
     on_nonfinite = cfg["train"]["on_nonfinite"]
@@ -164,7 +162,7 @@ def run(exp, loader, threads):
     if scaler is not None and resumed is not None and resumed["extra"].get("grad_scaler"):
         scaler.load_state_dict(resumed["extra"]["grad_scaler"])          # the fp16 loss scale goes on
     workers, commit_every = cfg["data"]["loader_workers"], cfg["train"]["commit_every"]
-    world = {"acc": acc, "resets": [], "scaler_skips": 0}
+    world = {"scaler_skips": 0}
 
     def extra(state):
         out = {"last_lr": state.last_lr, "skipped_steps": state.skipped}
@@ -211,7 +209,7 @@ def run(exp, loader, threads):
         """Steps from ``state.step`` to the end; an elastic restart calls it again after a reset
         (``on_reset`` has set the new rank, world size and accumulation steps; model, optimizer
         and counters are restored)."""
-        rank, size, acc = loop.rank, loop.size, world["acc"]
+        rank, size, acc = loop.rank, loop.size, loop.accumulation
         loop.seek(state.step)
         window = [0.0, 0]                            # this rank's loss sum and micro-batches since the last log
         while state.step < total:
@@ -267,14 +265,9 @@ def run(exp, loader, threads):
 
             def on_reset():
                 """After Horovod re-formed the ring: new rank, world size and accumulation steps."""
-                loop.rebind(hvd.rank(), hvd.size())
-                world["acc"] = _accumulation(derived, loop.size, elastic)
-                optimizer.set_backward_passes_per_step(world["acc"])
-                world["resets"].append({"step": state.step, "world_size": loop.size})
-                if loop.rank == 0:
-                    print(f"largebatch: world size is now {loop.size}; global batch {derived['global_batch']} kept "
-                          f"as {pw} per rank × {loop.size} ranks × {world['acc']} accumulation steps; continuing "
-                          f"from step {state.step}", file=sys.stderr, flush=True)
+                size = hvd.size()
+                loop.rebind(hvd.rank(), size, accumulation_for(derived, size, elastic), state.step)
+                optimizer.set_backward_passes_per_step(loop.accumulation)
 
             state.register_reset_callbacks([on_reset])
             hvd.elastic.run(train)(state)
@@ -287,9 +280,6 @@ def run(exp, loader, threads):
     fields = {}
     if scaler is not None:
         fields["loss_scale_skips"] = world["scaler_skips"]     # fp16 steps skipped for an inf from the scale
-    if elastic:
-        fields["accumulation_steps"] = world["acc"]
-        fields["elastic"] = {"min_np": derived["min_np"], "max_np": derived["max_np"], "resets": world["resets"]}
     return loop.finish(state.skipped, **fields)
 
 
@@ -311,16 +301,3 @@ def _precision(precision, torch, device):
     def autocast():
         return torch.autocast(device, dtype=dtype)
     return autocast, (torch.amp.GradScaler(device) if precision == "fp16" else None)
-
-
-def _accumulation(derived, size, elastic):
-    """Accumulation steps on ``size`` ranks: the configured ones, or (elastic) those that keep the
-    global batch with the launch's per-worker batch."""
-    if not elastic:
-        return derived["accumulation_steps"]
-    acc = elastic_accumulation(derived["global_batch"], derived["per_worker_batch"], size)
-    if acc is None:
-        raise ConfigError([f"launcher.elastic: world size {size} cannot keep the global batch "
-                           f"{derived['global_batch']} with {derived['per_worker_batch']} samples per rank"])
-    return acc
-
