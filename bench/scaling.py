@@ -94,7 +94,7 @@ def keras_setups(a):
     y = rng.integers(0, 10, a.batch)
     steps = {}
     for opt_name in a.optimizers.split(","):
-        model = small_cnn((32, 32, 3), 10, width=a.width, batch_norm=True, seed=0)
+        model = small_cnn((32, 32, 3), 10, width=a.keras_width or a.width, batch_norm=True, seed=0)
         if opt_name == "sgd":
             base = keras.optimizers.SGD(learning_rate=0.1 * hvd.size(), momentum=0.9, weight_decay=5e-4)
         else:
@@ -173,6 +173,12 @@ def main(argv=None):
                     help="total cores shared by all ranks (with hosts: cores per host)")
     ap.add_argument("--batch", type=int, default=64, help="per-rank batch")
     ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--keras-width", type=int,
+                    help="Keras's network width (default --width): a wider Keras net takes as long per step as "
+                         "torch's, to compare efficiencies at equal compute per step")
+    ap.add_argument("--mpi-yield", choices=["auto", "on", "off"], default="auto",
+                    help="Open MPI's mpi_yield_when_idle: auto = as largebatch run (on when the ranks' threads "
+                         "take every core)")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, help="interleaved timing rounds; the median is reported")
@@ -201,8 +207,9 @@ def main(argv=None):
     steps = a.steps or (4 if a.quick else 10)
     repeats = a.repeats or (1 if a.quick else 5)
     settings = dict(mode="quick" if a.quick else "full", np=a.np, controllers=controllers, frameworks=frameworks,
-                    optimizers=a.optimizers,
-                    cores=a.cores, per_rank_batch=a.batch, model=f"SmallCNN(width={a.width}, BN) 3x32x32 (torch and Keras: the same layers)",
+                    optimizers=a.optimizers, mpi_yield_when_idle=a.mpi_yield,
+                    cores=a.cores, per_rank_batch=a.batch, model=f"SmallCNN(width={a.width}, BN) 3x32x32 (torch and Keras: the same layers)"
+                    + (f"; Keras width {a.keras_width}" if a.keras_width else ""),
                     steps=steps, warmup=a.warmup, repeats=repeats, threads_per_rank={n: threads_for(n) for n in a.np},
                     hosts=hf.hosts_arg(hosts and [(h.name, h.slots) for h in hosts]) if hosts else None,
                     network_interface=a.network_interface)
@@ -228,12 +235,14 @@ def main(argv=None):
         tmp = Path(tempfile.mkdtemp(prefix="lb-scaling-")) / "rank0.json"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                    OMPI_MCA_btl_vader_single_copy_mechanism="none")
+        if ctl == "mpi" and a.mpi_yield == "on" or (a.mpi_yield == "auto" and ctl == "mpi" and n * threads >= a.cores):
+            env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")     # as `largebatch run` launches (launchers/command.py)
         if hosts:
             env.update(host_env(a, ctl, min(a.timeout, 60)))
         where = horovodrun_host_args(a, placement(n)) if hosts else ["-H", f"localhost:{n}"]
         cmd = [hvdrun, "-np", str(n), *where, f"--{ctl}", sys.executable,
                str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--batch", str(a.batch),
-               "--width", str(a.width), "--steps", str(steps), "--warmup", str(a.warmup), "--repeats", str(repeats),
+               "--width", str(a.width), *(["--keras-width", str(a.keras_width)] if a.keras_width else []), "--steps", str(steps), "--warmup", str(a.warmup), "--repeats", str(repeats),
                "--optimizers", a.optimizers, "--framework", fw, "--worker-out", str(tmp)]
         rc, out = run_bounded(cmd, env, a.timeout)
         got = [line.split(RESULT_MARK, 1)[1] for line in out.splitlines() if RESULT_MARK in line]
@@ -255,18 +264,25 @@ def main(argv=None):
         r["efficiency"] = r["total_images_s"] / (r["np"] * single[0]["total_images_s"]) if single else None
         # same total cores: N ranks x cores/N threads against one rank with all the cores
         r["speedup_same_cores"] = r["total_images_s"] / full[0]["total_images_s"] if full else None
+        # the time of one update (the slowest rank's), and what N ranks add to it: communication,
+        # Horovod's background thread and the ranks sharing the machine (efficiency = 1 / (1 + added/step))
+        r["step_ms"] = 1000.0 * r["np"] * a.batch / r["total_images_s"]
+        r["added_ms"] = r["step_ms"] - 1000.0 * a.batch / single[0]["total_images_s"] if single else None
     meta["total_cores_note"] = "every row uses the same total cores; np x threads_per_rank = cores"
     out = Path(a.out)
     csv_path, json_path = write_outputs(out, "scaling", rows, meta)
     plot(rows, out / "scaling.png")
     print()
     print_table(rows, ["framework", "controller", "optimizer", "np", "threads_per_rank", "total_images_s", "total_images_s_min",
-                       "total_images_s_max", "rank0_images_s", "efficiency", "speedup_same_cores"],
+                       "total_images_s_max", "rank0_images_s", "efficiency", "speedup_same_cores", "step_ms", "added_ms"],
                 {"total_images_s": "{:.1f}", "total_images_s_min": "{:.1f}", "total_images_s_max": "{:.1f}",
-                 "rank0_images_s": "{:.1f}", "efficiency": "{:.3f}", "speedup_same_cores": "{:.3f}"})
+                 "rank0_images_s": "{:.1f}", "efficiency": "{:.3f}", "speedup_same_cores": "{:.3f}",
+                 "step_ms": "{:.1f}", "added_ms": "{:.1f}"})
     print("   efficiency = total(N) / (N x total(np=1 at the same threads/rank)); speedup_same_cores = "
           "total(N) / total(np=1 with all cores)")
     print("   total = median over interleaved repeats of sum(images)/max(rank wall); min/max show the noise")
+    print("   step_ms = one update (the slowest rank); added_ms = step_ms - step_ms(np=1, same threads/rank): "
+          "what N ranks add per update")
     if meta.get("note"):
         print(f"   NOTE: {meta['note']}")
     print(f"   wrote {csv_path}, {json_path}, {out / 'scaling.png'}")

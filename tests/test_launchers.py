@@ -168,8 +168,8 @@ def test_place_ranks_fills_hosts_in_order():
 PROGRAM = ["/venv/bin/python", "-m", "largebatch.runner", "/exp.yaml", "output.run_dir=/runs/x"]
 
 
-def plan(placed, cores=16, binding="none"):
-    return threads.plan_threads(placed, cores_per_host=cores, binding=binding)
+def plan(placed, cores=16, binding="none", per_rank=None):
+    return threads.plan_threads(placed, cores_per_host=cores, binding=binding, threads=per_rank)
 
 
 def test_horovodrun_command():
@@ -180,7 +180,9 @@ def test_horovodrun_command():
     assert cmd.env["OMP_NUM_THREADS"] == "8" and cmd.env["TF_NUM_INTEROP_THREADS"] == "2"
     line = cmd.shell()
     assert line.startswith("OMP_NUM_THREADS=8 MKL_NUM_THREADS=8 ")
-    assert shlex.split(line)[5:] == cmd.argv
+    # 2 ranks x 8 threads take the 16 cores: Open MPI is told to yield when idle
+    assert "OMPI_MCA_mpi_yield_when_idle=1" in shlex.split(line)[:6]
+    assert shlex.split(line)[6:] == cmd.argv
 
 
 def test_horovodrun_gloo_binding_nic_and_extra_args():
@@ -202,6 +204,7 @@ def test_mpirun_command_is_what_horovodrun_builds():
         "--allow-run-as-root", "--tag-output", "-np", "4", "-H", "a:2,b:2",
         "-bind-to", "none", "-map-by", "slot",
         "-mca", "pml", "ob1", "-mca", "btl", "^openib",
+        "-mca", "mpi_yield_when_idle", "1",          # ours: 2 ranks x 8 threads take the 16 cores
         "-x", "PATH", "-x", "LD_LIBRARY_PATH",
         "-x", "OMP_NUM_THREADS=8", "-x", "MKL_NUM_THREADS=8", "-x", "OPENBLAS_NUM_THREADS=8",
         "-x", "TF_NUM_INTRAOP_THREADS=8", "-x", "TF_NUM_INTEROP_THREADS=2", *PROGRAM]
@@ -253,3 +256,21 @@ def test_build_command_from_a_launcher_section():
     cmd = command.build_command(la, {"np": 8, "placement": [["localhost", 8]]}, PROGRAM,
                                 environ={"SLURM_JOB_NUM_NODES": "2"})
     assert cmd.threads.per_host == [("node0", 4, 2), ("node1", 4, 2)]
+
+
+def test_open_mpi_yields_when_the_ranks_take_every_core():
+    """mpi_yield_when_idle=1 exactly when ranks x threads fill the cores, for the MPI controller
+    (horovodrun --mpi: the environment; mpirun: -mca), unless the user set it."""
+    full, spare = [("localhost", 2)], [("localhost", 1)]
+    key = "OMPI_MCA_mpi_yield_when_idle"
+    assert command.horovodrun_command(PROGRAM, np=2, placed=full, plan=plan(full, 2)).env[key] == "1"
+    assert key not in command.horovodrun_command(PROGRAM, np=2, placed=full, plan=plan(full, 2), controller="gloo").env
+    assert key not in command.horovodrun_command(PROGRAM, np=1, placed=spare, plan=plan(spare, 2, per_rank=1)).env
+    assert command.horovodrun_command(PROGRAM, np=2, placed=full, plan=plan(full, 2), env={key: "0"}).env[key] == "0"
+    argv = command.mpirun_command(PROGRAM, np=2, placed=full, plan=plan(full, 2), environ={}).argv
+    assert argv[argv.index("mpi_yield_when_idle") - 1:argv.index("mpi_yield_when_idle") + 2] == [
+        "-mca", "mpi_yield_when_idle", "1"]
+    assert "mpi_yield_when_idle" not in command.mpirun_command(PROGRAM, np=2, placed=full, plan=plan(full, 2),
+                                                                environ={key: "0"}).argv
+    assert "mpi_yield_when_idle" not in command.mpirun_command(PROGRAM, np=1, placed=spare,
+                                                                plan=plan(spare, 2, per_rank=1), environ={}).argv
