@@ -217,6 +217,22 @@ def _fixed_size_reference(tmp_path, np_, acc):
     return _final(run_dir)
 
 
+def _assert_finished_alone(proc, run_dir, killed):
+    """The job lost rank ``killed`` at update 5, rolled back to update 4, and finished the 16
+    updates on one rank with 4 accumulation steps (the global batch kept), every update logged."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert f"injected fault 'kill' on rank {killed} at step 5" in out
+    assert ("largebatch: world size is now 1; global batch 64 kept as 16 per rank × 1 ranks × 4 accumulation "
+            "steps; continuing from step 4") in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_done"] == summary["total_steps"] == 16
+    assert summary["ranks"] == 1 and summary["accumulation_steps"] == 4 and summary["global_batch"] == 64
+    assert summary["elastic"]["resets"] == [{"step": 4, "world_size": 1}]
+    steps_logged = [line.split(",")[1] for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert sorted(set(map(int, steps_logged))) == list(range(1, 17))
+
+
 needs_horovodrun = pytest.mark.skipif(horovodrun_path() is None, reason="horovodrun not installed (make setup)")
 
 
@@ -233,17 +249,7 @@ def test_elastic_job_loses_a_worker_and_finishes_on_the_same_trajectory(tmp_path
     # other; when rank 0 dies, the survivor becomes rank 0 and takes over the run directory
     proc, run_dir, secs = _run(tmp_path, _doc(train={"commit_every": 2}), "elastic",
                                env=_env(LARGEBATCH_FAULT=f"kill:{killed}:5"))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert f"injected fault 'kill' on rank {killed} at step 5" in out
-    assert ("largebatch: world size is now 1; global batch 64 kept as 16 per rank × 1 ranks × 4 accumulation "
-            "steps; continuing from step 4") in out
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps_done"] == summary["total_steps"] == 16
-    assert summary["ranks"] == 1 and summary["accumulation_steps"] == 4 and summary["global_batch"] == 64
-    assert summary["elastic"]["resets"] == [{"step": 4, "world_size": 1}]
-    steps_logged = [line.split(",")[1] for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
-    assert sorted(set(map(int, steps_logged))) == list(range(1, 17))
+    _assert_finished_alone(proc, run_dir, killed)
     params, momentum = _max_diff(_final(run_dir), fixed_two_rank_run)
     assert params < 1e-6 and momentum < 1e-6, (params, momentum)
     print(f"\nelastic, rank {killed} killed at step 5: finished in {secs:.1f} s; vs fixed np=2: "
@@ -275,12 +281,14 @@ def grow_hosts_when_training(hosts, run_dir, hosts_text, limit=120):
     threading.Thread(target=add_host, daemon=True).start()
 
 
-@needs_horovodrun
-@pytest.mark.multirank
-def test_elastic_job_gains_a_worker_that_receives_the_state(tmp_path):
+def _join_run(tmp_path, framework):
+    """An elastic job started on one host that gains a second from the discovery script once it
+    is training; it finishes the 128 updates on 2 ranks (1 accumulation step instead of 2).
+    Returns (run dir, resets, seconds)."""
     script, hosts = discovery_script(tmp_path, "localhost:1\n")
     # one host at the start: Horovod needs the interface named (else it waits for a second host)
-    doc = _doc(launcher={"np": 1, "hosts": None, "host_discovery_script": str(script), "network_interface": "lo"},
+    doc = _doc(framework=framework, launcher={"np": 1, "hosts": None, "host_discovery_script": str(script),
+                                              "network_interface": "lo"},
                data={"samples": 1024}, train={"commit_every": 1})
     grow_hosts_when_training(hosts, tmp_path / "join", "localhost:1\n127.0.0.1:1\n")
     # 50 ms per update on rank 0: the job cannot finish before Horovod (polling the script every
@@ -292,7 +300,14 @@ def test_elastic_job_gains_a_worker_that_receives_the_state(tmp_path):
     assert summary["status"] == "completed" and summary["steps_done"] == summary["total_steps"] == 128
     resets = summary["elastic"]["resets"]
     assert len(resets) == 1 and resets[0]["world_size"] == 2 and 3 <= resets[0]["step"] < 128, (resets, out[-3000:])
-    assert summary["ranks"] == 2 and summary["accumulation_steps"] == 1
+    assert summary["ranks"] == 2 and summary["accumulation_steps"] == 1 and summary["ranks_agree"] is True
+    return run_dir, resets, secs
+
+
+@needs_horovodrun
+@pytest.mark.multirank
+def test_elastic_job_gains_a_worker_that_receives_the_state(tmp_path):
+    run_dir, resets, secs = _join_run(tmp_path, "torch")
     reference = _fixed_size_reference_join(tmp_path)
     params, momentum = _max_diff(_final(run_dir), reference)
     # float32 sums taken in another order (2 ranks × 1 pass vs 1 rank × 2 passes) for ~100 steps
@@ -352,17 +367,7 @@ def fixed_two_rank_keras_run(tmp_path_factory):
 def test_keras_elastic_job_loses_a_worker_and_finishes_on_the_same_trajectory(tmp_path, fixed_two_rank_keras_run):
     proc, run_dir, secs = _run(tmp_path, _doc(framework="keras", train={"commit_every": 2}), "elastic",
                                env=_env(LARGEBATCH_FAULT="kill:1:5"))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "injected fault 'kill' on rank 1 at step 5" in out
-    assert ("largebatch: world size is now 1; global batch 64 kept as 16 per rank × 1 ranks × 4 accumulation "
-            "steps; continuing from step 4") in out
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps_done"] == summary["total_steps"] == 16
-    assert summary["ranks"] == 1 and summary["accumulation_steps"] == 4 and summary["global_batch"] == 64
-    assert summary["elastic"]["resets"] == [{"step": 4, "world_size": 1}]
-    steps_logged = [line.split(",")[1] for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
-    assert sorted(set(map(int, steps_logged))) == list(range(1, 17))
+    _assert_finished_alone(proc, run_dir, 1)
     params, momentum = _max_diff_keras(_final_keras(run_dir), fixed_two_rank_keras_run)
     assert params < 1e-6 and momentum < 1e-6, (params, momentum)
     print(f"\nkeras elastic, rank 1 killed at step 5: finished in {secs:.1f} s; vs fixed np=2: "
@@ -372,19 +377,7 @@ def test_keras_elastic_job_loses_a_worker_and_finishes_on_the_same_trajectory(tm
 @needs_horovodrun
 @pytest.mark.multirank
 def test_keras_elastic_job_gains_a_worker_that_receives_the_state(tmp_path):
-    script, hosts = discovery_script(tmp_path, "localhost:1\n")
-    doc = _doc(framework="keras", launcher={"np": 1, "hosts": None, "host_discovery_script": str(script),
-                                            "network_interface": "lo"},
-               data={"samples": 1024}, train={"commit_every": 1})
-    grow_hosts_when_training(hosts, tmp_path / "join", "localhost:1\n127.0.0.1:1\n")
-    proc, run_dir, secs = _run(tmp_path, doc, "join", env=_env(LARGEBATCH_FAULT="slow:0:1:0.05"))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps_done"] == summary["total_steps"] == 128
-    resets = summary["elastic"]["resets"]
-    assert len(resets) == 1 and resets[0]["world_size"] == 2 and 3 <= resets[0]["step"] < 128, (resets, out[-3000:])
-    assert summary["ranks"] == 2 and summary["accumulation_steps"] == 1 and summary["ranks_agree"] is True
+    run_dir, resets, secs = _join_run(tmp_path, "keras")
     fixed = {}
     for np_, acc in ((1, 2), (2, 1)):
         doc = _doc(framework="keras", launcher={"np": np_, "elastic": False, "controller": "gloo",
