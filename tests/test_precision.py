@@ -74,6 +74,16 @@ def test_keras_mixed_precision_two_ranks_equal_one_process_and_skip_together():
         assert (r["iterations"], r["skips"], r["scale"]) == (6, 1, 2.0 ** 9)     # 2^10 halved once
         assert all(np.isfinite(r[f"w{i}"]).all() for i in range(4))
     assert all(np.array_equal(nan[0][f"w{i}"], nan[1][f"w{i}"]) for i in range(4))
+    assert [r["applied"] for r in nan] == [5, 5]
+
+
+@pytest.mark.multirank
+def test_keras_lamb_bias_correction_counts_only_applied_updates_under_loss_scaling():
+    """A loss-scale skip advances iterations (the schedule's step) but applies nothing: LAMB's
+    bias correction then counts 5 of the 6 updates, as torch's LAMB does under a GradScaler."""
+    for r in run_ranks("ranks/keras_mixed.py", "mixed_float16", "2", np=2, env={"LB_TEST_OPTIMIZER": "lamb"}):
+        assert (r["iterations"], r["skips"], r["applied"]) == (6, 1, 5)
+        assert all(np.isfinite(r[f"w{i}"]).all() for i in range(4))
 
 
 @pytest.mark.multirank

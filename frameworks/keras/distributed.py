@@ -283,6 +283,8 @@ class _CountedLossScale(keras.optimizers.LossScaleOptimizer):
 
     def _lb_build_skip_counter(self):
         self._lb_scale_skips = self.add_variable(shape=(), dtype="int64", name="lb_loss_scale_skips")
+        if hasattr(self.inner_optimizer, "_lb_update_count"):      # LARS/LAMB: count applied updates
+            self.inner_optimizer._lb_outer_skips = self._lb_scale_skips
 
     def _stateful_handle_non_finite_grads(self):
         super()._stateful_handle_non_finite_grads()

@@ -179,9 +179,14 @@ class _LayerwiseOptimizer(keras.optimizers.Optimizer):
             self._layer_lrs.assign(new)
             self._last_lr.assign(tf.cast(learning_rate, tf.float32))
 
+    _lb_outer_skips = None            # a loss-scale optimizer's skip counter, when one wraps this
+
     def _lb_update_count(self):
-        """Updates applied so far (DistributedOptimizer's non-finite guard subtracts skipped ones)."""
-        return self.iterations
+        """Updates applied so far: ``iterations`` less the updates a loss-scale optimizer around
+        this one skipped (they advance ``iterations`` but apply nothing; LAMB's bias correction
+        counts applied updates). DistributedOptimizer's non-finite guard subtracts its own skips."""
+        skips = self._lb_outer_skips
+        return self.iterations if skips is None else self.iterations - skips
 
     def _record(self, index, layer_lr):
         if self._lb_collector is not None:

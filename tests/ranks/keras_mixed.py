@@ -41,7 +41,9 @@ keras.mixed_precision.set_global_policy(policy)
 x_all, y_all = kc.data(0)
 x, y = kc.shard(x_all, rank, size), kc.shard(y_all, rank, size)
 model = kc.tiny_model()
-inner = lbk.LARS(learning_rate=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02)
+lamb = os.environ.get("LB_TEST_OPTIMIZER") == "lamb"
+inner = (lbk.LAMB(learning_rate=0.01, weight_decay=1e-3) if lamb
+         else lbk.LARS(learning_rate=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02))
 if policy == "mixed_float16":
     inner = keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0 ** 10)
 optimizer = lbk.DistributedOptimizer(inner)
@@ -57,4 +59,5 @@ out["iterations"] = int(optimizer.iterations.numpy())
 out["skips"] = lbk.loss_scale_skips(optimizer)
 out["scale"] = float(optimizer.dynamic_scale.numpy()) if policy == "mixed_float16" else 0.0
 out["ratios"] = np.array([float(v) for v in lbk.innermost(optimizer).trust_ratios().values()])
+out["applied"] = int(lbk.innermost(optimizer)._lb_update_count().numpy())      # LAMB's bias-correction count
 report(rank, **out)
