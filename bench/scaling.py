@@ -194,6 +194,8 @@ def main(argv=None):
     import horovod  # noqa: F401  (version in the header)
     import torch  # noqa: F401
     from largebatch import hostfile as hf
+    from largebatch.launchers.command import mpi_yield_when_idle
+    from largebatch.launchers.threads import plan_threads
     hosts = hosts_from_args(a)
 
     def placement(n):
@@ -235,8 +237,9 @@ def main(argv=None):
         tmp = Path(tempfile.mkdtemp(prefix="lb-scaling-")) / "rank0.json"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                    OMPI_MCA_btl_vader_single_copy_mechanism="none")
-        if ctl == "mpi" and a.mpi_yield == "on" or (a.mpi_yield == "auto" and ctl == "mpi" and n * threads >= a.cores):
-            env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")     # as `largebatch run` launches (launchers/command.py)
+        if ctl == "mpi" and (a.mpi_yield == "on" or a.mpi_yield == "auto" and mpi_yield_when_idle(
+                plan_threads(placement(n), cores_per_host=a.cores, threads=threads))):
+            env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")     # the rule `largebatch run` launches with
         if hosts:
             env.update(host_env(a, ctl, min(a.timeout, 60)))
         where = horovodrun_host_args(a, placement(n)) if hosts else ["-H", f"localhost:{n}"]

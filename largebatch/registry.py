@@ -39,8 +39,8 @@ class Hyperparameter:
     """One hyper-parameter: its kind, default and accepted interval (or choices).
 
     ``kind``: 'number' (bounds apply), 'bool', 'choice', 'betas' (a pair in [0, 1)) or 'exclude'
-    (a :class:`largebatch.policy.ParamPolicy` spec). ``default`` None with ``per_optimizer`` True
-    means each optimizer entry supplies it (eps)."""
+    (a :class:`largebatch.policy.ParamPolicy` spec). ``default`` None: each optimizer entry
+    supplies it (eps), or null is a value of its own (exclude)."""
     name: str
     kind: str
     default: object = None

@@ -10,7 +10,7 @@ import yaml
 from . import rules
 from .derive import derive
 from .fields import ConfigError, _Bad
-from .schema import ELASTIC_KEYS, RECOMPUTED, SCHEMA, SECTION_DOC, SHORTHAND, ELSEWHERE
+from .schema import RECOMPUTED, SCHEMA, SECTION_DOC, SHORTHAND, ELSEWHERE
 from .. import registry
 
 __all__ = ["Experiment", "load", "load_dict", "parse_override", "apply_overrides"]

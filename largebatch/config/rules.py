@@ -6,7 +6,7 @@ none changes what it checks. "Only used with" rules come from the schema's :clas
 import difflib
 import os
 
-from .. import registry
+from .. import hostfile, registry
 from .derive import elastic_accumulation
 from .schema import ELASTIC_KEYS, FRAMEWORK_OPTIMIZERS, MODELS, SCHEMA
 
@@ -26,7 +26,6 @@ def inapplicable(section, cfg, explicit, keys=None):
 
 def read_hosts(la, check_paths):
     """(hosts listed in launcher.hosts or launcher.hostfile or None, problems reading them)."""
-    from .. import hostfile
     if la["hosts"] is not None and la["hostfile"] is not None:
         return None, ["launcher.hostfile: set either launcher.hosts or launcher.hostfile, not both"]
     if la["hosts"] is not None:
@@ -93,7 +92,6 @@ def precision(cfg):
 
 
 def launcher(cfg, explicit, derived, host_list, host_problems, check_paths):
-    from .. import hostfile
     la, np_, placed = cfg["launcher"], derived["np"], derived["placement"]
     out = list(host_problems)
     if host_list is not None and la["np"] is not None and la["np"] > np_:

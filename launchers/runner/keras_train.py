@@ -17,6 +17,7 @@ the optimizer's in-graph guard and reported by ``largebatch.keras.callbacks.NonF
 import importlib
 import math
 import os
+import types
 
 import numpy as np
 
@@ -184,8 +185,8 @@ def run(exp, loader, threads):
                    optimizer=lambda: model.optimizer, weights=lambda: (v.numpy() for v in model.weights),
                    evaluate=evaluate if val_set is not None else None, check_ranks=rank_check.check,
                    trust_ratios=(lambda: lbk.innermost(model.optimizer).trust_ratios()) if track else None),
-        run_dir=run_dir, rank=rank, size=size, threads=threads, resumed=resumed, schedule=schedule,
-        track_trust_ratios=track, check_ranks=size > 1 or elastic, elastic=elastic)
+        run_dir=run_dir, rank=rank, size=size, accumulation=acc, threads=threads, resumed=resumed,
+        schedule=schedule, track_trust_ratios=track, check_ranks=size > 1 or elastic, elastic=elastic)
 
     class Shard(keras.utils.PyDataset):
         """This rank's micro-batches of one training epoch (``set_epoch`` by the runner's callback
@@ -209,7 +210,7 @@ def run(exp, loader, threads):
         def __getitem__(self, index):
             return train_set.batch(self._batches[index], self.epoch, True)
 
-    shard, current = {}, {}              # the epoch's data; the counters (an elastic state or _Counters)
+    shard, current = {}, {}              # the epoch's data; the counters (an elastic state or a namespace)
 
     def extra():
         return {"last_lr": lr_callback.last_lr, "skipped_steps": guard.skipped}
@@ -238,8 +239,8 @@ def run(exp, loader, threads):
             step = current["state"].step = int(self.model.optimizer.iterations.numpy())
             if not loop.after_step(step, shard["now"].epoch, local_loss, extra) or step >= total:
                 self.model.stop_training = True
-            elif elastic and step % cfg["train"]["commit_every"] == 0 and step % spe:
-                current["state"].commit()        # epoch ends commit after their evaluation and checkpoint
+            elif loop.commit_due(step):
+                current["state"].commit()
 
         def on_epoch_end(self, epoch, logs=None):
             if guard.stopped is not None:
@@ -293,15 +294,14 @@ def run(exp, loader, threads):
             def on_reset():
                 """After Horovod re-formed the ring: new rank, world size and accumulation steps,
                 and a train function traced again for them."""
-                size = hvd.size()
-                loop.rebind(hvd.rank(), size, accumulation_for(derived, size, elastic), state.step)
+                loop.rebind(hvd.rank(), hvd.size(), state.step)
                 optimizer.set_accumulation_steps(loop.accumulation)
                 model.make_train_function(force=True)
 
             state.register_reset_callbacks([on_reset])
             hvd.elastic.run(train)(state)
         else:
-            train(_Counters(loop.step))
+            train(types.SimpleNamespace(step=loop.step))     # the counter an elastic state would carry
     finally:
         loop.progress.close()
     if guard.stopped is not None:
@@ -309,13 +309,6 @@ def run(exp, loader, threads):
     # the update that stopped the run was not applied either, but is not counted as skipped (as torch)
     fields = {"loss_scale_skips": lbk.loss_scale_skips(optimizer)} if precision == "fp16" else {}
     return loop.finish(guard.skipped - (guard.stopped is not None), **fields)
-
-
-class _Counters:
-    """What a plain (non-elastic) run carries between updates: the step."""
-
-    def __init__(self, step):
-        self.step = step
 
 
 class _NoGuard:

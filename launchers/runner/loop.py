@@ -80,8 +80,8 @@ class TrainingLoop:
     updates done; ``status`` is 'completed' until something stops the run ('diverged',
     'nonfinite', 'ranks_diverged', 'stopped')."""
 
-    def __init__(self, exp, hooks, *, run_dir, rank, size, threads, resumed, schedule, track_trust_ratios,
-                 check_ranks=True, elastic=False):
+    def __init__(self, exp, hooks, *, run_dir, rank, size, accumulation, threads, resumed, schedule,
+                 track_trust_ratios, check_ranks=True, elastic=False):
         cfg, d = exp.cfg, exp.derived
         self.exp, self.hooks, self.run_dir, self.threads, self.schedule = exp, hooks, run_dir, threads, schedule
         self.rank, self.size = rank, size
@@ -90,8 +90,8 @@ class TrainingLoop:
         self.check_every = cfg["train"]["check_ranks_every"] if check_ranks and hooks.check_ranks else 0
         self.track = track_trust_ratios and hooks.trust_ratios is not None
         self.resumed = resumed
-        self.elastic, self.resets = elastic, []
-        self.accumulation = accumulation_for(d, size, elastic)
+        self.elastic, self.resets, self.accumulation = elastic, [], accumulation
+        self.commit_every = cfg["train"]["commit_every"]
         self.status, self.stopped_by, self.checkpoint = "completed", None, None
         self.final_loss, self.eval_result = float("nan"), None
         self.step = self.logged = int(resumed["step"]) if resumed else 0
@@ -179,11 +179,17 @@ class TrainingLoop:
         return save_run_checkpoint(self.log, self.exp, self.hooks.save, self.hooks.model, self.hooks.optimizer(),
                                    step=step, epoch=epoch, extra=extra)
 
-    def rebind(self, rank, size, accumulation, step):
-        """An elastic reset: this process is now ``rank`` of ``size``, with ``accumulation`` steps
-        per update, going on from ``step`` (it logs if it became rank 0; the reset is recorded in
-        summary.json's ``elastic.resets``)."""
+    def commit_due(self, step):
+        """Elastic: commit after update ``step`` (every ``train.commit_every`` updates; an epoch's
+        last update commits after its evaluation and checkpoint instead, the last one not at all)."""
+        return self.elastic and step % self.commit_every == 0 and step % self.steps_per_epoch and step < self.total
+
+    def rebind(self, rank, size, step):
+        """An elastic reset: this process is now ``rank`` of ``size``, with the accumulation steps
+        that keep the global batch (``self.accumulation``), going on from ``step`` (it logs if it
+        became rank 0; the reset is recorded in summary.json's ``elastic.resets``)."""
         cfg, d = self.exp.cfg, self.exp.derived
+        accumulation = accumulation_for(d, size, self.elastic)
         if (rank == 0) != self.log.active:      # the former rank 0 left: this process logs now
             self.log.close()
             self.log = RunLog(self.run_dir, self.exp, rank, append=True)

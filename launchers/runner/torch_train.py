@@ -1,6 +1,7 @@
 """The PyTorch training loop each rank runs (Horovod, largebatch.torch optimizers)."""
 import importlib
 import os
+import types
 
 import numpy as np
 
@@ -148,8 +149,8 @@ def run(exp, loader, threads):
                    evaluate=(lambda: _evaluate(model, val_set, cfg, derived, hvd, torch, loop.rank, loop.size))
                    if val_set is not None else None,
                    check_ranks=rank_check.check, trust_ratios=optimizer.trust_ratios if track else None),
-        run_dir=run_dir, rank=rank, size=size, threads=threads, resumed=resumed, schedule=schedule,
-        track_trust_ratios=track, check_ranks=size > 1 or elastic, elastic=elastic)
+        run_dir=run_dir, rank=rank, size=size, accumulation=acc, threads=threads, resumed=resumed,
+        schedule=schedule, track_trust_ratios=track, check_ranks=size > 1 or elastic, elastic=elastic)
 
     guard = importlib.import_module("largebatch.torch.guard").NonFiniteGuard(model, optimizer, hvd=hvd)
     on_nonfinite = cfg["train"]["on_nonfinite"]
@@ -161,7 +162,7 @@ def run(exp, loader, threads):
     autocast, scaler = _precision(cfg["train"]["precision"], torch, next(model.parameters()).device.type)
     if scaler is not None and resumed is not None and resumed["extra"].get("grad_scaler"):
         scaler.load_state_dict(resumed["extra"]["grad_scaler"])          # the fp16 loss scale goes on
-    workers, commit_every = cfg["data"]["loader_workers"], cfg["train"]["commit_every"]
+    workers = cfg["data"]["loader_workers"]
     world = {"scaler_skips": 0}
 
     def extra(state):
@@ -212,6 +213,11 @@ def run(exp, loader, threads):
         rank, size, acc = loop.rank, loop.size, loop.accumulation
         loop.seek(state.step)
         window = [0.0, 0]                            # this rank's loss sum and micro-batches since the last log
+
+        def local_loss():
+            mean = window[0] / max(window[1], 1)
+            window[:] = [0.0, 0]
+            return mean
         while state.step < total:
             epoch, first_in_epoch = divmod(state.step, spe)
             batches = epoch_batches(len(train_set), epoch, seed=cfg["train"]["seed"], rank=rank, size=size,
@@ -242,15 +248,10 @@ def run(exp, loader, threads):
                 loop.step = state.step
                 if not apply_update(state, state.step):
                     return
-
-                def local_loss():
-                    mean = window[0] / max(window[1], 1)
-                    window[:] = [0.0, 0]
-                    return mean
                 if not loop.after_step(state.step, epoch, local_loss, lambda: extra(state)):
                     return
-                if elastic and state.step % commit_every == 0 and state.step % spe and state.step < total:
-                    state.commit()        # epoch ends commit after their evaluation and checkpoint
+                if loop.commit_due(state.step):
+                    state.commit()
             loop.end_epoch(epoch + 1, lambda: extra(state))
             if elastic:
                 state.commit()
@@ -265,14 +266,13 @@ def run(exp, loader, threads):
 
             def on_reset():
                 """After Horovod re-formed the ring: new rank, world size and accumulation steps."""
-                size = hvd.size()
-                loop.rebind(hvd.rank(), size, accumulation_for(derived, size, elastic), state.step)
+                loop.rebind(hvd.rank(), hvd.size(), state.step)
                 optimizer.set_backward_passes_per_step(loop.accumulation)
 
             state.register_reset_callbacks([on_reset])
             hvd.elastic.run(train)(state)
         else:
-            state = _State(**start)
+            state = types.SimpleNamespace(**start)       # the counters an elastic state would carry
             train(state)
     finally:
         loop.progress.close()
@@ -281,13 +281,6 @@ def run(exp, loader, threads):
     if scaler is not None:
         fields["loss_scale_skips"] = world["scaler_skips"]     # fp16 steps skipped for an inf from the scale
     return loop.finish(state.skipped, **fields)
-
-
-class _State:
-    """The counters a plain (non-elastic) run carries: step, skipped steps, the last lr."""
-
-    def __init__(self, step, skipped, last_lr):
-        self.step, self.skipped, self.last_lr = step, skipped, last_lr
 
 
 def _precision(precision, torch, device):
