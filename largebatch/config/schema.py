@@ -34,7 +34,7 @@ def _optimizer_field(key):
     when = When(lambda c: key in OPTIMIZER_KEYS[c["optimizer"]["name"]],
                 lambda c: f"not used by optimizer {c['optimizer']['name']!r} (used by: {', '.join(users)})")
     nullable = hp.default is None
-    return F(check, hp.default, nullable=nullable, doc=hp.doc if hp.kind != "number" or nullable else "", when=when)
+    return F(check, hp.default, nullable=nullable, doc=hp.doc, when=when)
 
 
 def _multistep(c):
