@@ -14,6 +14,13 @@ or ``largebatch.keras.DistributedOptimizer`` (Keras, ``train_on_batch``). Throug
 On a machine with fewer cores than N × threads this measures oversubscription, not Horovod;
 with cores fixed, efficiency < 1 mostly shows the per-rank compute getting fewer threads.
 
+What N ranks add to one update (``added_ms``) is split in two (``--split-added``, the default
+outside ``--quick``): every rank also times each optimizer without gradient averaging, in the same
+interleaved rounds, so ``shared_ms`` is what the ranks cost each other by sharing the machine and
+``averaging_ms`` what Horovod's allreduce (and the wait for the slower rank) adds on top.
+``horovod_thread_cpu`` is the CPU time of the threads ``hvd.init()`` started over the timed wall
+time, on the busiest rank.
+
 With hosts (``-H h1:1,h2:1`` or ``--hostfile F``, plus ``--ssh-port``, ``--ssh-identity``,
 ``--network-interface``, handed to horovodrun as ``--ssh-port``, ``--ssh-identity-file``,
 ``--network-interfaces``) the ranks of each np are placed on the hosts in order (horovodrun's
@@ -44,6 +51,45 @@ from _common import (DEFAULT_OUT, SAME_MACHINE_NOTE, add_host_args, finish_figur
 RESULT_MARK = "LB_SCALING_RESULT "      # rank 0's result line in horovodrun's output (hosts need no shared /tmp)
 
 
+LOCAL = "/local"       # a result key's suffix: the same step without gradient averaging (--split-added)
+
+
+def variants(a, size):
+    """(optimizer, local) pairs to time: each optimizer averaged, and with --split-added at np > 1 the same
+    model and optimizer without Horovod's averaging, timed in the same rounds (the same machine load)."""
+    names = a.optimizers.split(",")
+    return [(n, False) for n in names] + [(n, True) for n in names if a.split_added and size > 1]
+
+
+def _tasks():
+    try:
+        return set(os.listdir("/proc/self/task"))
+    except OSError:                  # no procfs: the thread columns stay empty
+        return set()
+
+
+def horovod_init(hvd):
+    """hvd.init(), returning the ids of the threads it started (Horovod's background loop and its
+    controller's helpers), whose CPU time the worker reports."""
+    before = _tasks()
+    hvd.init()
+    return _tasks() - before
+
+
+def thread_cpu_s(tids):
+    """CPU seconds (user + system) used so far by these threads of this process; None without procfs."""
+    if not tids:
+        return None
+    total = 0
+    for tid in tids:
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:              # the thread has ended
+            continue
+        total += int(fields[11]) + int(fields[12])         # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def torch_setups(a):
     """{optimizer: step()} for PyTorch, plus (size, rank, barrier(tag), max_over_ranks(value, tag))."""
     import torch
@@ -51,29 +97,30 @@ def torch_setups(a):
     import horovod.torch as hvd
     from largebatch.torch import LARS
     from largebatch.torch.models import SmallCNN
-    hvd.init()
+    started = horovod_init(hvd)
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
     x = torch.randn(a.batch, 3, 32, 32)
     y = torch.randint(0, 10, (a.batch,))
     steps = {}
-    for opt_name in a.optimizers.split(","):
+    for opt_name, local in variants(a, hvd.size()):
         torch.manual_seed(0)
         model = SmallCNN(10, 3, a.width, batchnorm=True)
         if opt_name == "sgd":
             opt = torch.optim.SGD(model.parameters(), lr=0.1 * hvd.size(), momentum=0.9, weight_decay=5e-4)
         else:
             opt = LARS(model.parameters(), lr=1.0 * hvd.size(), momentum=0.9, weight_decay=5e-4)
-        opt = hvd.DistributedOptimizer(opt, named_parameters=[(f"{opt_name}.{n}", p)
-                                                              for n, p in model.named_parameters()])
+        if not local:
+            opt = hvd.DistributedOptimizer(opt, named_parameters=[(f"{opt_name}.{n}", p)
+                                                                  for n, p in model.named_parameters()])
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
         def step(model=model, opt=opt):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
-        steps[opt_name] = step
-    return (steps, hvd.size(), hvd.rank(), lambda tag: hvd.allreduce(torch.zeros(1), name=tag),
+        steps[opt_name + LOCAL * local] = step
+    return (steps, started, hvd.size(), hvd.rank(), lambda tag: hvd.allreduce(torch.zeros(1), name=tag),
             lambda v, tag: float(hvd.allgather(torch.tensor([v]), name=tag).max()))
 
 
@@ -88,46 +135,56 @@ def keras_setups(a):
     import horovod.tensorflow as hvd
     from largebatch.keras import LARS, DistributedOptimizer
     from largebatch.keras.models import small_cnn
-    hvd.init()
+    started = horovod_init(hvd)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((a.batch, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, a.batch)
     steps = {}
-    for opt_name in a.optimizers.split(","):
+    for opt_name, local in variants(a, hvd.size()):
         model = small_cnn((32, 32, 3), 10, width=a.keras_width or a.width, batch_norm=True, seed=0)
         if opt_name == "sgd":
             base = keras.optimizers.SGD(learning_rate=0.1 * hvd.size(), momentum=0.9, weight_decay=5e-4)
         else:
             base = LARS(learning_rate=1.0 * hvd.size(), momentum=0.9, weight_decay=5e-4)
-        model.compile(optimizer=DistributedOptimizer(base), jit_compile=False,
+        model.compile(optimizer=base if local else DistributedOptimizer(base), jit_compile=False,
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        steps[opt_name] = lambda model=model: model.train_on_batch(x, y)
-    return (steps, hvd.size(), hvd.rank(), lambda tag: hvd.allreduce(tf.zeros(1), name=tag).numpy(),
+        steps[opt_name + LOCAL * local] = lambda model=model: model.train_on_batch(x, y)
+    return (steps, started, hvd.size(), hvd.rank(), lambda tag: hvd.allreduce(tf.zeros(1), name=tag).numpy(),
             lambda v, tag: float(tf.reduce_max(hvd.allgather(tf.constant([v]), name=tag))))
 
 
 def worker(a):
-    steps, size, rank, barrier, max_over_ranks = (torch_setups if a.framework == "torch" else keras_setups)(a)
+    steps, horovod_tids, size, rank, barrier, max_over_ranks = (
+        torch_setups if a.framework == "torch" else keras_setups)(a)
     for step in steps.values():
         for _ in range(a.warmup):
             step()
     samples = {k: [] for k in steps}
+    horovod_cpu = {k: [0.0, 0.0] for k in steps}      # Horovod's threads: CPU seconds, wall seconds
     for rep in range(a.repeats):            # interleaved repeats: SGD and LARS see the same machine load
         for opt_name, step in steps.items():
             barrier(f"b0_{opt_name}_{rep}")
+            cpu0 = thread_cpu_s(horovod_tids)
             t = time.perf_counter()
             for _ in range(a.steps):
                 step()
             barrier(f"b1_{opt_name}_{rep}")
             wall = time.perf_counter() - t
+            if cpu0 is not None:
+                horovod_cpu[opt_name][0] += thread_cpu_s(horovod_tids) - cpu0
+                horovod_cpu[opt_name][1] += wall
             slowest = max_over_ranks(wall, f"w_{opt_name}_{rep}")
             samples[opt_name].append((a.steps * a.batch * size / slowest, a.steps * a.batch / wall))
     results = {}
     for k, v in samples.items():
         tot = sorted(s[0] for s in v)
         r0 = sorted(s[1] for s in v)
+        cpu, wall = horovod_cpu[k]
+        # the busiest rank's: with Open MPI one rank's background loop polls while it waits for the other
+        share = max_over_ranks(cpu / wall if wall else -1.0, f"cpu_{k}")
         results[k] = dict(total_images_s=tot[len(tot) // 2], rank0_images_s=r0[len(r0) // 2],
-                          total_images_s_min=tot[0], total_images_s_max=tot[-1], repeats=len(v))
+                          total_images_s_min=tot[0], total_images_s_max=tot[-1], repeats=len(v),
+                          horovod_thread_cpu=share if share >= 0 else None)
     if rank == 0:
         text = json.dumps(dict(np=size, results=results))
         try:
@@ -179,6 +236,10 @@ def main(argv=None):
     ap.add_argument("--mpi-yield", choices=["auto", "on", "off"], default="auto",
                     help="Open MPI's mpi_yield_when_idle: auto = as largebatch run (on when the ranks' threads "
                          "take every core)")
+    ap.add_argument("--split-added", action=argparse.BooleanOptionalAction,
+                    help="at np > 1 also time each optimizer without gradient averaging (each rank steps on its "
+                         "own, in the same interleaved rounds), to split added_ms into shared_ms (the ranks sharing "
+                         "the machine) and averaging_ms (Horovod's part); default: on, off with --quick")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, help="interleaved timing rounds; the median is reported")
@@ -208,8 +269,9 @@ def main(argv=None):
     frameworks = a.frameworks or (["torch"] if a.quick else ["torch", "keras"])
     steps = a.steps or (4 if a.quick else 10)
     repeats = a.repeats or (1 if a.quick else 5)
+    split = not a.quick if a.split_added is None else a.split_added
     settings = dict(mode="quick" if a.quick else "full", np=a.np, controllers=controllers, frameworks=frameworks,
-                    optimizers=a.optimizers, mpi_yield_when_idle=a.mpi_yield,
+                    optimizers=a.optimizers, mpi_yield_when_idle=a.mpi_yield, split_added=split,
                     cores=a.cores, per_rank_batch=a.batch, model=f"SmallCNN(width={a.width}, BN) 3x32x32 (torch and Keras: the same layers)"
                     + (f"; Keras width {a.keras_width}" if a.keras_width else ""),
                     steps=steps, warmup=a.warmup, repeats=repeats, threads_per_rank={n: threads_for(n) for n in a.np},
@@ -233,7 +295,11 @@ def main(argv=None):
     single_threads = threads_for(max(a.np))
     if (1, single_threads) not in configs:
         configs.insert(1, (1, single_threads))
-    for fw, ctl, (n, threads) in ((fw, ctl, c) for fw in frameworks for ctl in controllers for c in configs):
+    local_step_ms = {}          # (framework, controller, optimizer, np) -> one update without averaging
+    local_thread_cpu = {}       # the same key -> Horovod's threads' CPU share in that run
+
+    def measure(fw, ctl, n, threads):
+        """Rank 0's results of one horovodrun (None after printing why it failed)."""
         tmp = Path(tempfile.mkdtemp(prefix="lb-scaling-")) / "rank0.json"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                    OMPI_MCA_btl_vader_single_copy_mechanism="none")
@@ -245,15 +311,26 @@ def main(argv=None):
         where = horovodrun_host_args(a, placement(n)) if hosts else ["-H", f"localhost:{n}"]
         cmd = [hvdrun, "-np", str(n), *where, f"--{ctl}", sys.executable,
                str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--batch", str(a.batch),
-               "--width", str(a.width), *(["--keras-width", str(a.keras_width)] if a.keras_width else []), "--steps", str(steps), "--warmup", str(a.warmup), "--repeats", str(repeats),
-               "--optimizers", a.optimizers, "--framework", fw, "--worker-out", str(tmp)]
+               "--width", str(a.width), *(["--keras-width", str(a.keras_width)] if a.keras_width else []),
+               "--steps", str(steps), "--warmup", str(a.warmup), "--repeats", str(repeats),
+               "--optimizers", a.optimizers, "--framework", fw, "--worker-out", str(tmp),
+               *(["--split-added"] if split else [])]
         rc, out = run_bounded(cmd, env, a.timeout)
         got = [line.split(RESULT_MARK, 1)[1] for line in out.splitlines() if RESULT_MARK in line]
         if rc != 0 or not (tmp.exists() or got):
             sys.stderr.write(f"scaling: {' '.join(cmd)} exited {rc}\n{out[-4000:]}\n")
+            return None
+        return json.loads(tmp.read_text()) if tmp.exists() else json.JSONDecoder().raw_decode(got[-1])[0]
+
+    for fw, ctl, (n, threads) in ((fw, ctl, c) for fw in frameworks for ctl in controllers for c in configs):
+        got = measure(fw, ctl, n, threads)
+        if got is None:
             return 1
-        got = json.loads(tmp.read_text()) if tmp.exists() else json.JSONDecoder().raw_decode(got[-1])[0]
         for opt, r in got["results"].items():
+            if opt.endswith(LOCAL):
+                local_step_ms[fw, ctl, opt[:-len(LOCAL)], n] = 1000.0 * n * a.batch / r["total_images_s"]
+                local_thread_cpu[fw, ctl, opt[:-len(LOCAL)], n] = r.get("horovod_thread_cpu")
+                continue
             rows.append(dict(framework=fw, controller=ctl, optimizer=opt, np=n, threads_per_rank=threads,
                              **({"hosts": hf.hosts_arg(placement(n))} if hosts else {}), **r))
             print(f"   {fw:5s} {ctl:4s} {opt:4s} np={n} threads/rank={threads}: {r['total_images_s']:.1f} images/s total",
@@ -271,21 +348,35 @@ def main(argv=None):
         # Horovod's background thread and the ranks sharing the machine (efficiency = 1 / (1 + added/step))
         r["step_ms"] = 1000.0 * r["np"] * a.batch / r["total_images_s"]
         r["added_ms"] = r["step_ms"] - 1000.0 * a.batch / single[0]["total_images_s"] if single else None
+        # added_ms split: the same ranks without gradient averaging give what sharing the machine costs
+        # (caches, memory bandwidth, the cores); the rest is Horovod's part
+        local = local_step_ms.get((r["framework"], r["controller"], r["optimizer"], r["np"]))
+        r["local_step_ms"] = local
+        r["local_horovod_thread_cpu"] = local_thread_cpu.get((r["framework"], r["controller"], r["optimizer"], r["np"]))
+        r["shared_ms"] = local - (r["step_ms"] - r["added_ms"]) if local is not None and single else None
+        r["averaging_ms"] = r["step_ms"] - local if local is not None else None
     meta["total_cores_note"] = "every row uses the same total cores; np x threads_per_rank = cores"
     out = Path(a.out)
     csv_path, json_path = write_outputs(out, "scaling", rows, meta)
     plot(rows, out / "scaling.png")
     print()
     print_table(rows, ["framework", "controller", "optimizer", "np", "threads_per_rank", "total_images_s", "total_images_s_min",
-                       "total_images_s_max", "rank0_images_s", "efficiency", "speedup_same_cores", "step_ms", "added_ms"],
+                       "total_images_s_max", "rank0_images_s", "efficiency", "speedup_same_cores", "step_ms", "added_ms",
+                       *(["shared_ms", "averaging_ms"] if split else []), "horovod_thread_cpu"],
                 {"total_images_s": "{:.1f}", "total_images_s_min": "{:.1f}", "total_images_s_max": "{:.1f}",
                  "rank0_images_s": "{:.1f}", "efficiency": "{:.3f}", "speedup_same_cores": "{:.3f}",
-                 "step_ms": "{:.1f}", "added_ms": "{:.1f}"})
+                 "step_ms": "{:.1f}", "added_ms": "{:.1f}", "shared_ms": "{:.1f}", "averaging_ms": "{:.1f}",
+                 "horovod_thread_cpu": "{:.2f}"})
     print("   efficiency = total(N) / (N x total(np=1 at the same threads/rank)); speedup_same_cores = "
           "total(N) / total(np=1 with all cores)")
     print("   total = median over interleaved repeats of sum(images)/max(rank wall); min/max show the noise")
     print("   step_ms = one update (the slowest rank); added_ms = step_ms - step_ms(np=1, same threads/rank): "
           "what N ranks add per update")
+    print("   horovod_thread_cpu = CPU time of the threads hvd.init() started (Horovod's background loop) / wall "
+          "time, on the busiest rank (1.00 = a whole core)")
+    if split:
+        print("   shared_ms = the same ranks without gradient averaging, less np=1 (sharing the machine); "
+              "averaging_ms = step_ms less that run (Horovod's part)")
     if meta.get("note"):
         print(f"   NOTE: {meta['note']}")
     print(f"   wrote {csv_path}, {json_path}, {out / 'scaling.png'}")

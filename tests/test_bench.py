@@ -89,12 +89,21 @@ def test_scaling_quick(tmp_path):
 
 @pytest.mark.multirank
 def test_scaling_quick_keras(tmp_path):
-    _run(["scaling", "--frameworks", "keras", "--np", "2"], tmp_path, timeout=240)
+    stdout = _run(["scaling", "--frameworks", "keras", "--np", "2", "--split-added"], tmp_path, timeout=240)
     rows = _rows(tmp_path / "scaling.csv")
     assert {r["framework"] for r in rows} == {"keras"}
+    assert {r["optimizer"] for r in rows} == {"sgd", "lars"}         # the runs without averaging are no rows
     assert {(int(r["np"]), int(r["threads_per_rank"])) for r in rows} == {(1, 1), (2, 1)}   # N ranks vs one
     for r in rows:
         assert float(r["total_images_s"]) > 0 and 0 < float(r["efficiency"]) < 3
+        assert 0 <= float(r["horovod_thread_cpu"]) < 2 * 1.05       # hvd.init()'s threads, 2 cores at most
+        if r["np"] == "1":
+            assert r["shared_ms"] == r["averaging_ms"] == ""
+        else:   # added_ms = shared_ms + averaging_ms, each from its own timing of the same rounds
+            local, step = float(r["local_step_ms"]), float(r["step_ms"])
+            assert local > 0 and float(r["averaging_ms"]) == pytest.approx(step - local)
+            assert float(r["shared_ms"]) + float(r["averaging_ms"]) == pytest.approx(float(r["added_ms"]))
+    assert "averaging_ms" in stdout and "shared_ms" in stdout
 
 
 def test_optimizer_cost_quick(tmp_path):
