@@ -353,7 +353,11 @@ def _max_diff_keras(a, b):
 
 @pytest.fixture(scope="module")
 def fixed_two_rank_keras_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("fixed_keras")
+    return fixed_two_rank_keras(tmp_path_factory.mktemp("fixed_keras"))
+
+
+def fixed_two_rank_keras(tmp_path):
+    """The Keras job at a fixed world size of 2 (the trajectory an elastic job must keep)."""
     doc = _doc(framework="keras", launcher={"np": 2, "controller": "gloo", "threads_per_rank": 1, "elastic": False,
                                             "min_np": None, "max_np": None, "hosts": None})
     doc["launcher"] = {k: v for k, v in doc["launcher"].items() if v is not None}
