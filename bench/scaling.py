@@ -34,7 +34,6 @@ models a network, not a cluster, and the output says so.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -295,8 +294,11 @@ def main(argv=None):
     single_threads = threads_for(max(a.np))
     if (1, single_threads) not in configs:
         configs.insert(1, (1, single_threads))
-    local_step_ms = {}          # (framework, controller, optimizer, np) -> one update without averaging
-    local_thread_cpu = {}       # the same key -> Horovod's threads' CPU share in that run
+    local_results = {}          # (framework, controller, optimizer, np) -> that run without averaging
+
+    def step_ms(n, result):
+        """One update on the slowest rank, from a run's total images/s."""
+        return 1000.0 * n * a.batch / result["total_images_s"]
 
     def measure(fw, ctl, n, threads):
         """Rank 0's results of one horovodrun (None after printing why it failed)."""
@@ -328,8 +330,7 @@ def main(argv=None):
             return 1
         for opt, r in got["results"].items():
             if opt.endswith(LOCAL):
-                local_step_ms[fw, ctl, opt[:-len(LOCAL)], n] = 1000.0 * n * a.batch / r["total_images_s"]
-                local_thread_cpu[fw, ctl, opt[:-len(LOCAL)], n] = r.get("horovod_thread_cpu")
+                local_results[fw, ctl, opt[:-len(LOCAL)], n] = r
                 continue
             rows.append(dict(framework=fw, controller=ctl, optimizer=opt, np=n, threads_per_rank=threads,
                              **({"hosts": hf.hosts_arg(placement(n))} if hosts else {}), **r))
@@ -346,15 +347,16 @@ def main(argv=None):
         r["speedup_same_cores"] = r["total_images_s"] / full[0]["total_images_s"] if full else None
         # the time of one update (the slowest rank's), and what N ranks add to it: communication,
         # Horovod's background thread and the ranks sharing the machine (efficiency = 1 / (1 + added/step))
-        r["step_ms"] = 1000.0 * r["np"] * a.batch / r["total_images_s"]
-        r["added_ms"] = r["step_ms"] - 1000.0 * a.batch / single[0]["total_images_s"] if single else None
+        r["step_ms"] = step_ms(r["np"], r)
+        single_ms = step_ms(1, single[0]) if single else None
+        r["added_ms"] = r["step_ms"] - single_ms if single else None
         # added_ms split: the same ranks without gradient averaging give what sharing the machine costs
         # (caches, memory bandwidth, the cores); the rest is Horovod's part
-        local = local_step_ms.get((r["framework"], r["controller"], r["optimizer"], r["np"]))
-        r["local_step_ms"] = local
-        r["local_horovod_thread_cpu"] = local_thread_cpu.get((r["framework"], r["controller"], r["optimizer"], r["np"]))
-        r["shared_ms"] = local - (r["step_ms"] - r["added_ms"]) if local is not None and single else None
-        r["averaging_ms"] = r["step_ms"] - local if local is not None else None
+        local = local_results.get((r["framework"], r["controller"], r["optimizer"], r["np"]))
+        r["local_step_ms"] = step_ms(r["np"], local) if local else None
+        r["local_horovod_thread_cpu"] = local.get("horovod_thread_cpu") if local else None
+        r["shared_ms"] = r["local_step_ms"] - single_ms if local and single else None
+        r["averaging_ms"] = r["step_ms"] - r["local_step_ms"] if local else None
     meta["total_cores_note"] = "every row uses the same total cores; np x threads_per_rank = cores"
     out = Path(a.out)
     csv_path, json_path = write_outputs(out, "scaling", rows, meta)
