@@ -8,8 +8,8 @@ import numbers
 
 from .registry import HYPERPARAMETERS, TRUST_DENOMINATORS
 
-__all__ = ["check_number", "check_choice", "check_positive_int", "check_hyperparameters", "check_beta",
-           "TRUST_DENOMINATORS"]
+__all__ = ["check_number", "check_one_element", "check_choice", "check_positive_int", "check_hyperparameters",
+           "check_beta", "TRUST_DENOMINATORS"]
 
 
 def _is_number(value):
@@ -19,14 +19,18 @@ def _is_number(value):
 def check_number(name, value, *, low=None, high=None, low_open=False, high_open=False):
     """Return ``float(value)`` if it is a finite real number inside the interval, else raise.
 
-    ``low_open``/``high_open`` make the bound exclusive. Tensors holding one number (a
-    learning-rate tensor, say) are accepted through ``float()``.
+    ``low_open``/``high_open`` make the bound exclusive. Arrays and tensors holding one number
+    (a learning-rate tensor of shape (), (1,) or (1, 1), say) are accepted, as ``torch.optim``
+    accepts them; one of more elements is refused (:func:`check_one_element`).
     """
     if not _is_number(value):
+        shape = getattr(value, "shape", None)
+        if shape is not None:
+            check_one_element(name, tuple(shape))
         try:
-            if getattr(value, "ndim", 1) != 0 and getattr(value, "shape", None) not in ((), (1,)):
+            if shape is None:                   # neither a number nor an array: True, "0.1", ...
                 raise TypeError
-            value = float(value)
+            value = value.item() if hasattr(value, "item") else float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{name}: expected a number{_interval(low, high, low_open, high_open)}, "
                              f"got {value!r}") from None
@@ -37,6 +41,13 @@ def check_number(name, value, *, low=None, high=None, low_open=False, high_open=
     if bad:
         raise ValueError(f"{name}: expected a number{_interval(low, high, low_open, high_open)}, got {value!r}")
     return value
+
+
+def check_one_element(name, shape):
+    """Refuse an array or tensor of ``shape`` as one number unless it holds exactly one element
+    (any number of size-1 dimensions), with ``torch.optim``'s wording for a tensor lr."""
+    if math.prod(int(d) for d in shape) != 1:
+        raise ValueError(f"{name}: Tensor {name} must be 1-element, got shape {tuple(int(d) for d in shape)}")
 
 
 def _interval(low, high, low_open, high_open):

@@ -11,7 +11,12 @@ once (:func:`_implementation`) and runs it (:func:`_run`):
   with ``torch._foreach_*`` in-place ops.
 - ``fused=True``: the single-tensor loop compiled with ``torch.compile`` (inductor), which
   fuses each layer's update into one pass over w, g and v. Compiles once per parameter-shape
-  set (tens of seconds on CPU for ResNet-50), then is the fastest path.
+  set (tens of seconds on CPU for ResNet-50), then is the fastest path. The hyper-parameters
+  reach the compiled graph as 0-d tensors, so a sweep over lr, momentum, eps, weight decay or
+  trust coefficient reuses one graph; each shape set has its own compiled region
+  (``isolate_recompiles``), so several models in one process do not share torch.compile's
+  recompile limit. Where a region still hits a limit, the step runs the loop uncompiled and
+  says so once (a ``UserWarning``).
 
 The tensors may mix devices and dtypes: the foreach and fused paths run once per
 (device, dtype) part (:class:`TensorGroups`), as ``torch.optim`` does.
@@ -24,11 +29,13 @@ tensor in place with ``fill_``. The optimizers keep one TensorGroups per param g
 without one makes it (one small host-to-device copy per flag tensor). ``fused=True`` may also
 synchronise while it compiles (its first steps per shape set).
 """
+import warnings
+
 import torch
 
 from largebatch import trust
 from largebatch.registry import BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, TRUST_COEFFICIENT, TRUST_DENOMINATORS
-from largebatch.validation import check_choice
+from largebatch.validation import check_choice, check_one_element
 
 __all__ = ["lars", "lamb", "TensorGroups"]
 
@@ -37,13 +44,14 @@ class _Part:
     """The tensors of one (device, dtype) within a :class:`TensorGroups`, with the small tensors the
     kernels take, created on first use and then kept: no host-to-device copy in later steps."""
 
-    __slots__ = ("device", "dtype", "index", "decays", "adapts", "_decay_t", "_adapt_t", "_lr_t")
+    __slots__ = ("device", "dtype", "index", "decays", "adapts", "_decay_t", "_adapt_t", "_decay_s", "_scalars")
 
     def __init__(self, device, dtype, index, decays, adapts):
         self.device, self.dtype = device, dtype
         self.index = index                  # positions in the groups' lists; None: all of them
         self.decays, self.adapts = decays, adapts
-        self._decay_t = self._adapt_t = self._lr_t = None
+        self._decay_t = self._adapt_t = self._decay_s = None
+        self._scalars = {}
 
     def pick(self, values):
         """The part's entries of a list aligned with the groups' tensors."""
@@ -61,12 +69,26 @@ class _Part:
             self._adapt_t = torch.tensor(self.adapts, device=self.device)
         return self._adapt_t
 
-    def lr_tensor(self, lr):
-        """lr as a 0-d tensor of the part's device and dtype, written in place (``fill_`` with
-        a Python number queues a kernel and does not wait for the device)."""
-        if self._lr_t is None:
-            self._lr_t = torch.empty((), device=self.device, dtype=self.dtype)
-        return self._lr_t.fill_(lr)
+    def scalar(self, name, value):
+        """A hyper-parameter as a 0-d tensor on the part's device, written in place (``fill_``
+        with a Python number or 0-d tensor queues a kernel and does not wait for the device), so
+        that the compiled kernel sees a tensor, not a constant to specialise on. float64, as a
+        Python number is (elementwise with the tensors it rounds to their dtype as a number does;
+        LAMB's 1 − β2^t needs β2 unrounded), except where a device may lack float64."""
+        t = self._scalars.get(name)
+        if t is None:
+            t = self._scalars[name] = torch.empty((), device=self.device, dtype=self._scalar_dtype())
+        return t.fill_(value)
+
+    def decay_scalars(self):
+        """The per-tensor weight decays as 0-d tensors in the scalars' dtype (views of one tensor,
+        made once: a TensorGroups is remade when the weight decay changes)."""
+        if self._decay_s is None:
+            self._decay_s = torch.tensor(self.decays, device=self.device, dtype=self._scalar_dtype()).unbind()
+        return self._decay_s
+
+    def _scalar_dtype(self):
+        return torch.float32 if self.device.type == "xpu" else torch.float64
 
 
 class TensorGroups:
@@ -112,15 +134,51 @@ def _implementation(foreach, fused, *, per_tensor=False):
     return "single" if foreach is False else "foreach"
 
 
-_compiled = {}
+# torch.compile'd kernels: the devices inductor generates code for (its C++ and Triton back-ends)
+FUSED_DEVICES = ("cpu", "cuda", "xpu")
+_compiled = {}                  # (kernel, device, dtype, shapes) -> its compiled region
+_fell_back = set()              # kernels that ran uncompiled at least once (warned once each)
 
 
-def _fused(fn):
-    """torch.compile the single-tensor kernel once per kernel (recompiles per shape set). The
-    fused path is thus the core's formulas themselves, compiled, not a second spelling of them."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, fullgraph=False, dynamic=False)
-    return _compiled[fn]
+def check_fused_support(device, dtype):
+    """Raise as ``torch.optim`` does for ``fused=True`` on what the compiled kernels cannot run:
+    a tensor that is not floating point, or a device inductor has no code generator for."""
+    if device.type not in FUSED_DEVICES or not dtype.is_floating_point:
+        raise RuntimeError(f"fused=True requires all the params to be floating point Tensors of supported devices: "
+                           f"{list(FUSED_DEVICES)}, got {dtype} on {device.type!r}")
+
+
+def _fused(fn, part, params):
+    """``fn`` compiled for one part's shapes, a compiled region of its own (``isolate_recompiles``):
+    a new model in the same process compiles its own region instead of counting against the
+    regions of the models before it. The fused path is thus the core's formulas themselves,
+    compiled, not a second spelling of them."""
+    key = (fn, part.device, part.dtype, tuple(p.shape for p in params))
+    if key not in _compiled:
+        _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, isolate_recompiles=True)
+    return _compiled[key]
+
+
+def _run_fused(single, part, picked, ratios, extra, lr, options):
+    """One part through the compiled kernel, its float hyper-parameters as 0-d tensors (a sweep or
+    a schedule reuses the graph). If torch.compile refuses to compile once more (its recompile
+    limits), the loop runs uncompiled and a warning says so, once per kernel."""
+    scalars = {k: part.scalar(k, v) if _is_float(v) else v for k, v in options.items()}
+    try:
+        _fused(single, part, picked[0])(*map(_no_0d, picked), part.scalar("lr", lr), part.decay_scalars(),
+                                        part.adapts, ratios=_no_0d(ratios), **extra, **scalars)
+        return
+    except torch._dynamo.exc.FailOnRecompileLimitHit:       # raised before the graph runs: nothing applied
+        if single not in _fell_back:
+            _fell_back.add(single)
+            warnings.warn(f"largebatch: fused=True: torch.compile hit its recompile limit for {single.__name__}; "
+                          f"these steps run uncompiled (raise torch._dynamo.config.recompile_limit or "
+                          f"accumulated_recompile_limit to compile them)", stacklevel=4)
+    single(*picked, lr, part.decays, part.adapts, ratios=ratios, **extra, **options)
+
+
+def _is_float(value):
+    return isinstance(value, (float, int, torch.Tensor)) and not isinstance(value, bool)
 
 
 def _no_0d(tensors):
@@ -147,11 +205,19 @@ def _run(impl, kernels, groups, tensors, lr, ratios, extra, **options):
         picked = [part.pick(t) for t in tensors]
         part_extra = {k: part.pick(v) for k, v in extra.items()}
         if impl == "fused":
-            # lr as a 0-d tensor so a schedule does not trigger a recompile every step
-            _fused(single)(*map(_no_0d, picked), part.lr_tensor(lr), part.decays, part.adapts,
-                           ratios=_no_0d(part.pick(ratios)), **part_extra, **options)
+            check_fused_support(part.device, part.dtype)
+            _run_fused(single, part, picked, part.pick(ratios), part_extra, lr, options)
         else:
             multi(*picked, lr, part, ratios=part.pick(ratios), **part_extra, **options)
+
+
+def _scalar_lr(lr):
+    """A tensor lr as a 0-d tensor, before anything is written: ``torch.optim`` takes any 1-element
+    tensor (shape (1,) or (1, 1) too), and the kernels' 0-d slots take only 0-d results."""
+    if isinstance(lr, torch.Tensor) and lr.dim() != 0:
+        check_one_element("lr", tuple(lr.shape))
+        return lr.reshape(())
+    return lr
 
 
 # --------------------------------------------------------------------------------------- LARS
@@ -231,6 +297,7 @@ def lars(params, grads, momentum_buffers, *, lr, momentum=MOMENTUM, weight_decay
     read from it); made here if None.
     """
     check_choice("trust_denominator", trust_denominator, TRUST_DENOMINATORS)
+    lr = _scalar_lr(lr)
     impl = _implementation(foreach, fused, per_tensor=grad_norms is not None)
     if groups is None:
         groups = TensorGroups(params, weight_decay, decay, adapt)
@@ -307,6 +374,7 @@ def lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, betas=BETAS, 
     ``groups``, ``foreach`` and ``fused`` as in :func:`lars`; not adapted tensors get ratio 1.
     """
     beta1, beta2 = betas
+    lr = _scalar_lr(lr)
     impl = _implementation(foreach, fused)
     if groups is None:
         groups = TensorGroups(params, weight_decay, decay, adapt)

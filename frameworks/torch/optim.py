@@ -50,12 +50,31 @@ class _LayerwiseOptimizer(Optimizer):
             raise ValueError("exclude: a name regex needs parameter names; pass model.named_parameters() "
                              "or largebatch.torch.param_groups(model) as params")
         functional._implementation(group.get("foreach"), group.get("fused"))     # raises on both set
+        if group.get("fused"):
+            for p in group["params"]:
+                functional.check_fused_support(p.device, p.dtype)
+        self._index_names(group)
+
+    def _index_names(self, group):
         for p, name in zip(group["params"], group.get("param_names") or ()):
             self._names_of[id(p)] = name
 
+    def __setstate__(self, state):
+        """Unpickling, ``copy.deepcopy`` and ``torch.load`` of the whole optimizer:
+        ``Optimizer.__getstate__`` keeps only defaults, state and param_groups, so the caches
+        (whose keys are the ids of the original parameters) are made anew for these ones."""
+        super().__setstate__(state)
+        self._flag_cache, self._plans, self._names_of = {}, {}, {}
+        for group in self.param_groups:
+            self._index_names(group)
+
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()             # a refused group is not kept
+            raise
         self._clear_caches()
 
     def load_state_dict(self, state_dict):
@@ -76,14 +95,22 @@ class _LayerwiseOptimizer(Optimizer):
     def step(self, closure=None):
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
         loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for index, group in enumerate(self.param_groups):
-            params, groups = self._plan(index, group)
-            if params:
-                self._step_group(group, params, groups)
+        try:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for index, group in enumerate(self.param_groups):
+                params, groups = self._plan(index, group)
+                if params:
+                    self._step_group(group, params, groups)
+        finally:
+            self._step_ended()
         return loss
+
+    def _step_ended(self):
+        """Hook for subclasses, run after every step, also one that raised. (Not an override of
+        ``step``: torch wraps each class's ``step`` with the step hooks, which would then run
+        once per level of ``super().step()``.)"""
 
     def _plan(self, index, group):
         """The group's parameters with gradients and their :class:`functional.TensorGroups`;
@@ -251,12 +278,8 @@ class CLARS(LARS):
             return [torch.zeros((), device=p.device) for p in params]    # broadcast's init step: ratio 1
         return [self._pending_norms[p] for p in params]
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        try:
-            return super().step(closure)
-        finally:
-            self._pending_norms = None
+    def _step_ended(self):
+        self._pending_norms = None          # the norms are of this step's gradients only
 
 
 # --------------------------------------------------------------------------------------- LAMB
