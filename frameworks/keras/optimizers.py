@@ -14,6 +14,7 @@ plain TensorFlow ops.
 import difflib
 import inspect
 
+import numpy as np
 import keras
 import tensorflow as tf
 
@@ -154,6 +155,28 @@ class _LayerwiseOptimizer(keras.optimizers.Optimizer):
         self._lb_names, self._lb_adapt, self._lb_decay = tuple(names), tuple(adapt), tuple(decay)
         self._layer_lrs = self.add_variable(shape=(len(variables),), name="layer_learning_rates")
         self._last_lr = self.add_variable(shape=(), name="last_learning_rate")
+
+    _lb_pending_variables = None  # saved values that arrived before build (a copy of a built optimizer)
+
+    def load_own_variables(self, store):
+        """As Keras's, except for an optimizer that is not built yet: the saved values are kept and
+        assigned once :meth:`build` has made the variables, instead of being dropped with a
+        warning. That is what ``copy.deepcopy`` and ``pickle`` of a built optimizer go through
+        (Keras copies a saveable through its file format), so the copy continues from the
+        original's momentum and step count once it is built on the same model's variables."""
+        if not self.built and len(store.keys()) > len(self.variables):
+            self._lb_pending_variables = {key: np.array(store[key]) for key in store.keys()}
+            return
+        super().load_own_variables(store)
+
+    def _lb_restore_pending(self):
+        """Called at the end of each algorithm's build(): values loaded before it now go in."""
+        pending, self._lb_pending_variables = self._lb_pending_variables, None
+        if pending is not None:
+            # build may run while fit traces its train step: assign now, outside that graph,
+            # as Keras creates the variables themselves
+            with tf.init_scope():
+                super().load_own_variables(pending)
 
     def _use_fused(self, variable):
         """XLA kernel for tensors big enough to gain from it; below ``_FUSE_MIN_SIZE`` elements
@@ -338,6 +361,7 @@ class LARS(_LayerwiseOptimizer):
             return
         super().build(variables)
         self.momentums = self.add_optimizer_variables(variables, "momentum")
+        self._lb_restore_pending()
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
@@ -418,6 +442,7 @@ class LAMB(_LayerwiseOptimizer):
             return
         super().build(variables)
         self.momentums, self.velocities = self.add_optimizer_variables(variables, ["momentum", "velocity"])
+        self._lb_restore_pending()
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
