@@ -132,16 +132,20 @@ def make_optimizer(method, params, lr):
 
 
 def accuracy(model, x, y):
+    model.eval()                            # BatchNorm's running statistics, where the model has any
     with torch.no_grad():
         pred = torch.cat([model(c).argmax(1) for c in x.split(4096)])
+    model.train()
     return float((pred == y).float().mean())
 
 
-def train(data, method, batch, lr_peak, cfg, seed, base_lr):
+def train(data, method, batch, lr_peak, cfg, seed, base_lr, model_fn=None, optimizer_fn=None):
+    """One run; ``model_fn()`` and ``optimizer_fn(model, lr)`` replace the study's model and
+    ``make_optimizer`` (bench/exclusion.py). A param group's ``lr_scale`` multiplies the schedule."""
     xtr, ytr, xva, yva, xte, yte = data
     torch.manual_seed(seed)
-    model = DeepPlainCNN(cfg["width"], cfg["depth"])
-    opt = make_optimizer(method, model.parameters(), lr_peak)
+    model = model_fn() if model_fn else DeepPlainCNN(cfg["width"], cfg["depth"])
+    opt = optimizer_fn(model, lr_peak) if optimizer_fn else make_optimizer(method, model.parameters(), lr_peak)
     steps_per_epoch = len(xtr) // batch
     warm = cfg["warmup_frac"] * cfg["epochs"] if batch > cfg["base_batch"] else 0.0
     sched = build_schedule(peak_lr=lr_peak, steps_per_epoch=steps_per_epoch, epochs=cfg["epochs"],
@@ -156,7 +160,7 @@ def train(data, method, batch, lr_peak, cfg, seed, base_lr):
         for s in range(steps_per_epoch):
             idx = perm[s * batch:(s + 1) * batch]
             for grp in opt.param_groups:
-                grp["lr"] = sched(step)
+                grp["lr"] = sched(step) * grp.get("lr_scale", 1.0)
             opt.zero_grad(set_to_none=True)
             norm_sums = None
             for c in idx.split(CHUNK):       # gradient accumulation: loss normalised by the global batch

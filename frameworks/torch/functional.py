@@ -81,10 +81,11 @@ class _Part:
         return t.fill_(value)
 
     def decay_scalars(self):
-        """The per-tensor weight decays as 0-d tensors in the scalars' dtype (views of one tensor,
-        made once: a TensorGroups is remade when the weight decay changes)."""
+        """The per-tensor weight decays as one tensor in the scalars' dtype (the kernels' loop takes
+        its entries as it takes a list's; one guarded input, not one per tensor), made once: a
+        TensorGroups is remade when the weight decay changes."""
         if self._decay_s is None:
-            self._decay_s = torch.tensor(self.decays, device=self.device, dtype=self._scalar_dtype()).unbind()
+            self._decay_s = torch.tensor(self.decays, device=self.device, dtype=self._scalar_dtype())
         return self._decay_s
 
     def _scalar_dtype(self):
