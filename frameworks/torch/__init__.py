@@ -10,12 +10,12 @@ has its own.
 """
 from . import functional  # noqa: F401
 from .optim import CLARS, LAMB, LARS  # noqa: F401
-from .groups import param_groups  # noqa: F401
+from .groups import create_optimizer, param_groups  # noqa: F401
 from .per_example import per_example_norm_sums  # noqa: F401
 from .distributed import (amp_step, broadcast_state, distributed_optimizer, elastic_state,  # noqa: F401
                           init_optimizer_state)
 
-__all__ = ["LARS", "LAMB", "CLARS", "functional", "param_groups", "per_example_norm_sums", "distributed_optimizer",
+__all__ = ["LARS", "LAMB", "CLARS", "functional", "param_groups", "create_optimizer", "per_example_norm_sums", "distributed_optimizer",
            "broadcast_state", "init_optimizer_state", "elastic_state", "amp_step"]
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
 from .guard import NonFiniteGuard  # noqa: F401,E402

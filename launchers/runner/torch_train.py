@@ -7,10 +7,9 @@ import numpy as np
 
 from largebatch import registry
 from largebatch.horovod_support import import_horovod
-from largebatch.policy import ParamPolicy
 from largebatch.schedules import momentum_correction
 from . import faults
-from .common import optimizer_class, read_resume
+from .common import read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
 from .loop import Hooks, TrainingLoop, accumulation_for, prepare
 
@@ -32,24 +31,13 @@ def build_model(cfg, derived):
 
 
 def build_optimizer(cfg, model, lr, track_trust_ratios):
-    """The configured optimizer (not yet wrapped for Horovod): the registry's torch class with the
-    YAML's hyper-parameters and the options the name fixes (larc: clip=True)."""
+    """The configured optimizer (not yet wrapped for Horovod): ``largebatch.torch.create_optimizer``
+    with the YAML's hyper-parameters (the registry's keys for the name)."""
     o = cfg["optimizer"]
     info = registry.get(o["name"])
-    cls = optimizer_class(info, "torch")
-    if not info.layerwise:          # torch's own SGD: weight decay only on the tensors the policy decays
-        policy = ParamPolicy.from_spec(o["exclude"])
-        decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                (decay if policy.decays(n, p.shape) else no_decay).append(p)
-        groups = [g for g in ({"params": decay, "weight_decay": o["weight_decay"]},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        return cls(groups, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"])
-    lbt = importlib.import_module("largebatch.torch")
-    hyper = {k: tuple(o[k]) if k == "betas" else o[k] for k in info.keys}
-    return cls(lbt.param_groups(model, exclude=o["exclude"]), lr=lr, **hyper, **info.fixed,
-               track_trust_ratios=track_trust_ratios)
+    extra = {"track_trust_ratios": track_trust_ratios} if info.layerwise else {}
+    create = importlib.import_module("largebatch.torch").create_optimizer
+    return create(o["name"], model, lr=lr, **{k: o[k] for k in info.keys}, **extra)
 
 
 def _to_torch(batch, torch):
