@@ -93,7 +93,8 @@ class ReferenceOptimizer:
         update_norm = _norm(g + beta * w) if self.trust_denominator == "norm_of_sum" else None
         layer_lr = trust.lars_layer_lr(np, w_norm, g_norm, lr, trust_coefficient=self.trust_coefficient,
                                        weight_decay=beta, eps=self.eps, update_norm=update_norm,
-                                       clip=self.clip, adapt=adapt)              # γ·λ
+                                       clip=self.clip, adapt=adapt,
+                                       excluded_rate=self.policy.excluded_rate)  # γ·λ
         new_w, new_v = trust.lars_momentum_update(w, g, v, layer_lr, momentum=self.momentum,
                                                   weight_decay=beta, nesterov=self.nesterov)
         w[...], v[...] = new_w, new_v                                           # v ← m·v + γλ(g+βw); w ← w − v

@@ -65,7 +65,7 @@ HYPERPARAMETERS = {hp.name: hp for hp in (
     Hyperparameter("trust_denominator", "choice", "sum_of_norms", choices=TRUST_DENOMINATORS),
     Hyperparameter("nesterov", "bool", False),
     Hyperparameter("betas", "betas", list(BETAS)),
-    Hyperparameter("exclude", "exclude", None, doc="null: tensors with ndim <= 1 (biases, BN)"),
+    Hyperparameter("exclude", "exclude", None, doc="null: every tensor adapted, ndim <= 1 (biases, BN) not decayed"),
 )}
 
 

@@ -13,7 +13,8 @@ Networks" (arXiv 1708.03888), Algorithm 1:
     β     weight decay
     λ     local learning rate  η‖w‖ / (‖∇L(w)‖ + β‖w‖)
     layer lr = the rate a layer's update is actually scaled with:
-               γ_t·λ (LARS, scale mode), min(λ, γ_t) (LARC, clip mode), γ_t (excluded layer)
+               γ_t·λ (LARS, scale mode), min(λ, γ_t) (LARC, clip mode); an excluded layer
+               γ_t (the default), or γ_t·η / min(η, γ_t) (``excluded_rate="trust"``)
 The trust ratio reported in telemetry is layer lr / γ_t.
 """
 
@@ -57,14 +58,19 @@ def _local_lr_and_mask(xp, w_norm, grad_norm, trust_coefficient, weight_decay, e
 
 
 def lars_layer_lr(xp, w_norm, grad_norm, lr, *, trust_coefficient, weight_decay=0.0, eps=0.0,
-                  update_norm=None, clip=False, adapt=True):
+                  update_norm=None, clip=False, adapt=True, excluded_rate="global"):
     """The rate one layer's LARS update is scaled with, from its norms and the global lr γ_t.
 
     scale mode (LARS, default):   γ_t·λ, with λ from :func:`lars_local_lr`
     clip mode (LARC, ``clip``):   min(λ, γ_t) — λ used as an absolute rate and clipped at the
                                   global one, as in NVIDIA apex / OpenSeq2Seq LARC and timm
     zero ‖w‖ or ‖g‖:              γ_t in both modes (trust ratio 1)
-    not adapted (``adapt`` false, e.g. biases and BN parameters): γ_t
+    not adapted (``adapt`` false, e.g. an excluded bias or BN parameter), by ``excluded_rate``:
+        "global" (default)        γ_t itself (timm, optax, MLPerf's LARS)
+        "trust"                   the rate of a layer whose ‖w‖/(‖g‖ + β‖w‖) is 1, i.e. λ = η:
+                                  γ_t·η (scale mode), min(η, γ_t) (clip mode). LARS's γ_t is in
+                                  trust units (10-80 for η = 0.001), so this is the global rate
+                                  in the units of an SGD learning rate.
 
     ``adapt`` may be a Python bool or a per-layer boolean vector. ``lr`` may be a number or a
     0-d tensor.
@@ -72,15 +78,22 @@ def lars_layer_lr(xp, w_norm, grad_norm, lr, *, trust_coefficient, weight_decay=
     local, defined = _local_lr_and_mask(xp, w_norm, grad_norm, trust_coefficient, weight_decay, eps,
                                         update_norm)
     global_lr = lr * xp.ones_like(local)
-    if adapt is False:
-        return global_lr
+    if adapt is not True:
+        if excluded_rate == "global":
+            excluded = global_lr
+        elif clip:
+            excluded = xp.minimum(trust_coefficient * xp.ones_like(local), global_lr)
+        else:
+            excluded = trust_coefficient * global_lr
+        if adapt is False:
+            return excluded
     if clip:
         adapted = xp.where(defined, xp.minimum(local, global_lr), global_lr)
     else:
         adapted = global_lr * local
     if adapt is True:
         return adapted
-    return xp.where(adapt, adapted, global_lr)
+    return xp.where(adapt, adapted, excluded)
 
 
 def clars_mean_example_norm(per_example_norm_sum, global_batch_size):

@@ -247,7 +247,7 @@ def test_unknown_key_from_an_override():
      "optimizer.exclude: expected a regular expression, got 'bias(' (missing ), unterminated subpattern at "
      "position 4)"),
     ({"optimizer": {"exclude": {"adapt": True}}},
-     "optimizer.exclude: unknown key 'adapt' in the mapping, expected 'adaptation' and/or 'decay'"),
+     "optimizer.exclude: unknown key 'adapt' in the mapping, expected 'adaptation', 'decay' and/or 'rate'"),
     ({"optimizer": {"exclude": 3}},
      "optimizer.exclude: expected null (ndim <= 1 excluded), true, false, a regular expression or a list of "
      "those, or a mapping with 'adaptation' and/or 'decay', got 3"),

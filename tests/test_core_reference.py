@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from largebatch import ParamPolicy, ReferenceOptimizer
+from largebatch.policy import MLPERF
 
 
 def test_reference_lars_two_steps_by_hand():
@@ -26,11 +27,26 @@ def test_reference_lars_two_steps_by_hand():
 
 
 def test_excluded_params_get_plain_sgd_without_decay():
+    """Excluded (the MLPerf convention): no ratio, no decay, the rate γ; with rate 'trust' γ·η."""
     w = {"bias": np.array([1.0, 2.0])}
-    opt = ReferenceOptimizer("lars", lr=0.1, momentum=0.0, weight_decay=0.5)
+    opt = ReferenceOptimizer("lars", lr=0.1, momentum=0.0, weight_decay=0.5, exclude=MLPERF)
     opt.step(w, {"bias": np.array([1.0, 1.0])})
-    np.testing.assert_allclose(w["bias"], [0.9, 1.9])                 # no ratio, no decay
+    np.testing.assert_allclose(w["bias"], [0.9, 1.9])
     assert opt.trust_ratios["bias"] == 1.0
+    w = {"bias": np.array([1.0, 2.0])}
+    safe = ReferenceOptimizer("lars", lr=20.0, momentum=0.0, weight_decay=0.5, trust_coefficient=0.005,
+                              exclude=dict(MLPERF, rate="trust"))
+    safe.step(w, {"bias": np.array([1.0, 1.0])})
+    np.testing.assert_allclose(w["bias"], [0.9, 1.9])                 # rate 20 × 0.005 = 0.1
+    assert safe.trust_ratios["bias"] == pytest.approx(0.005)
+
+
+def test_the_default_adapts_every_tensor_and_decays_none_of_ndim_1():
+    w = {"bias": np.array([3.0, 4.0])}                                 # ‖w‖ = 5
+    opt = ReferenceOptimizer("lars", lr=2.0, momentum=0.0, weight_decay=0.5, trust_coefficient=0.1)
+    opt.step(w, {"bias": np.array([0.6, 0.8])})                        # ‖g‖ = 1, not decayed: λ = 0.1·5/1
+    assert opt.trust_ratios["bias"] == pytest.approx(0.5)
+    np.testing.assert_allclose(w["bias"], [3.0 - 2.0 * 0.5 * 0.6, 4.0 - 2.0 * 0.5 * 0.8])
 
 
 def test_larc_clips_at_global_lr():
@@ -106,7 +122,8 @@ def test_policy_rules():
     ("(", "exclude_from_adaptation: invalid regular expression '(' (missing ), unterminated subpattern at position 0)"),
     (3, "exclude_from_adaptation: expected None, a bool, a regex string, a callable (name, shape) -> bool "
         "or a list of those, got 3"),
-    ({"adapt": None}, "exclude: unknown key 'adapt', expected 'adaptation' and/or 'decay'"),
+    ({"adapt": None}, "exclude: unknown key 'adapt', expected 'adaptation', 'decay' and/or 'rate'"),
+    ({"rate": "gamma"}, "exclude: rate: expected one of 'global', 'trust', got 'gamma'"),
 ])
 def test_policy_bad_input(spec, message):
     with pytest.raises(ValueError) as err:

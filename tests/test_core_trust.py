@@ -39,9 +39,18 @@ def test_layer_lr_modes_on_vectors():
     clipped = trust.lars_layer_lr(np, w, g, lr, trust_coefficient=0.1, clip=True)
     np.testing.assert_allclose(clipped, [0.1, 2.0, 2.0, 1.0])   # min(λ, γ); zero norm -> γ
     adapt = np.array([True, False, True, True])
+    # excluded, default rate "global": γ itself (timm / optax / MLPerf), in both modes
     mixed = trust.lars_layer_lr(np, w, g, lr, trust_coefficient=0.1, adapt=adapt)
     np.testing.assert_allclose(mixed, [0.2, 2.0, 2.0, 2.0])
     assert np.all(trust.lars_layer_lr(np, w, g, lr, trust_coefficient=0.1, adapt=False) == lr)
+    assert np.all(trust.lars_layer_lr(np, w, g, lr, trust_coefficient=0.1, adapt=False, clip=True) == lr)
+    # rate "trust": as a layer with ‖w‖/(‖g‖+β‖w‖) = 1, γ·η in scale mode, min(η, γ) in clip mode
+    np.testing.assert_allclose(trust.lars_layer_lr(np, w, g, lr, trust_coefficient=0.1, adapt=adapt,
+                                                   excluded_rate="trust"), [0.2, 2.0 * 0.1, 2.0, 2.0])
+    np.testing.assert_allclose(trust.lars_layer_lr(np, w, g, lr, trust_coefficient=0.1, adapt=adapt, clip=True,
+                                                   excluded_rate="trust"), [0.1, 0.1, 2.0, 1.0])
+    np.testing.assert_allclose(trust.lars_layer_lr(np, w, g, 0.05, trust_coefficient=0.1, adapt=False, clip=True,
+                                                   excluded_rate="trust"), 0.05)    # min(η, γ) = γ when γ < η
 
 
 def test_lars_update_two_steps_by_hand():
@@ -122,5 +131,5 @@ def test_formulas_run_on_torch_and_tf_tensors():
     np.testing.assert_allclose(got.numpy(), expect)
     tf = pytest.importorskip("tensorflow")
     got_tf = trust.lars_layer_lr(tf, tf.constant(w.numpy()), tf.constant(g.numpy()), 0.5, trust_coefficient=0.1,
-                                 clip=True, adapt=tf.constant([True, True, False]))
-    np.testing.assert_allclose(got_tf.numpy(), [0.05, 0.5, 0.5])
+                                 clip=True, adapt=tf.constant([True, True, False]), excluded_rate="trust")
+    np.testing.assert_allclose(got_tf.numpy(), [0.05, 0.5, 0.1])      # excluded at rate "trust": min(η, γ)

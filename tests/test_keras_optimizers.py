@@ -189,7 +189,8 @@ def test_keras_weight_decay_is_not_applied_twice():
     """Keras' base class would decay every variable itself if given weight_decay: LARS must not
     let it (one step from w with a zero gradient and excluded-from-adaptation rules)."""
     v = keras.Variable(np.ones((2, 3), "float32"), name="w")
-    opt = lbk.LARS(learning_rate=0.1, momentum=0.0, weight_decay=0.5, exclude={"adaptation": True, "decay": False})
+    opt = lbk.LARS(learning_rate=0.1, momentum=0.0, weight_decay=0.5,
+                   exclude={"adaptation": True, "decay": False, "rate": "global"})
     opt.apply([tf.zeros((2, 3))], [v])
     np.testing.assert_allclose(v.numpy(), 1.0 - 0.1 * 0.5, rtol=1e-6)   # w − γ·β·w, once
     assert opt.weight_decay == 0.5 and opt.get_config()["weight_decay"] == 0.5
@@ -217,7 +218,7 @@ def test_trust_ratios_are_layer_lr_over_lr():
     ratios = opt.trust_ratios()
     for p in PATHS:
         assert ratios[p] == pytest.approx(reference.trust_ratios[p], rel=RTOL)
-    assert ratios["conv/bias"] == 1.0 and ratios["conv/kernel"] != 1.0
+    assert ratios["conv/bias"] != 1.0 and ratios["conv/kernel"] != 1.0     # the default adapts biases too
 
 
 # ---- configuration ------------------------------------------------------------------------

@@ -13,13 +13,14 @@ plain TensorFlow ops.
 """
 import difflib
 import inspect
+import warnings
 
 import numpy as np
 import keras
 import tensorflow as tf
 
 from largebatch import registry, trust
-from largebatch.policy import ParamPolicy
+from largebatch.policy import ExclusionWarning, ParamPolicy, exclusion_warning
 from largebatch.registry import BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, TRUST_COEFFICIENT
 from largebatch.validation import check_hyperparameters, check_number
 
@@ -90,9 +91,19 @@ def _learning_rate_arg(learning_rate):
     return learning_rate
 
 
+# the scale and shift of Keras's normalisation layers (BatchNormalization, LayerNormalization,
+# GroupNormalization) are named gamma and beta; Dense and Conv name theirs kernel and bias
+_NORMALIZATION_NAMES = ("gamma", "beta")
+
+
+def is_normalization_variable(variable):
+    """True for a normalisation layer's scale or shift (by Keras's variable names)."""
+    return (getattr(variable, "path", None) or variable.name).rsplit("/", 1)[-1] in _NORMALIZATION_NAMES
+
+
 def _exclude_to_config(exclude):
     if isinstance(exclude, ParamPolicy):
-        return {"adaptation": exclude.exclude_from_adaptation, "decay": exclude.exclude_from_decay}
+        return exclude.to_spec()
     return exclude
 
 
@@ -259,10 +270,12 @@ def _write(handle, value):
     tf.raw_ops.AssignVariableOp(resource=handle, value=value)
 
 
-def _lars_kernel(signature, momentum, weight_decay, nesterov, trust_coefficient, eps, clip, adapt, norm_of_sum):
+def _lars_kernel(signature, momentum, weight_decay, nesterov, trust_coefficient, eps, clip, adapt, norm_of_sum,
+                 excluded_rate):
     """XLA kernel for one variable: layer lr from the norms (trust.lars_layer_lr), then the update
     (trust.lars_momentum_update); returns the layer lr. Scalars and the elementwise update fuse."""
-    key = ("lars", signature, momentum, weight_decay, nesterov, trust_coefficient, eps, clip, adapt, norm_of_sum)
+    key = ("lars", signature, momentum, weight_decay, nesterov, trust_coefficient, eps, clip, adapt, norm_of_sum,
+           excluded_rate)
     if key not in _KERNELS:
         shape, dtype = signature[0], tf.as_dtype(signature[1])
 
@@ -272,7 +285,7 @@ def _lars_kernel(signature, momentum, weight_decay, nesterov, trust_coefficient,
             layer_lr = trust.lars_layer_lr(tf, w_norm, g_norm, lr, trust_coefficient=trust_coefficient,
                                            weight_decay=weight_decay, eps=eps,
                                            update_norm=update_norm if norm_of_sum else None,
-                                           clip=clip, adapt=adapt)
+                                           clip=clip, adapt=adapt, excluded_rate=excluded_rate)
             layer_lr = tf.cast(layer_lr, dtype)
             new_w, new_v = trust.lars_momentum_update(w, g, v, layer_lr, momentum=momentum,
                                                       weight_decay=weight_decay, nesterov=nesterov)
@@ -319,11 +332,13 @@ class LARS(_LayerwiseOptimizer):
         layer lr = γ_t·λ   (clip=True: min(λ, γ_t); λ = 1 when ‖w‖ = 0 or ‖g‖ = 0)
         v ← m·v + layer lr·(g + βw);   w ← w − v   (nesterov: w ← w − (m·v + layer lr·(g + βw)))
 
-    Excluded variables (``exclude``, default: ndim <= 1, i.e. biases and BatchNorm
-    scale/shift) are updated with γ_t and no weight decay. ``exclude`` is a rule (None, a bool,
-    a regex searched in the variable's path such as ``"sequential/dense/kernel"``, a callable
-    ``(path, shape) -> bool``, a list of those), a dict ``{"adaptation": rule, "decay": rule}`` or a
-    :class:`largebatch.ParamPolicy`. Keras' ``exclude_from_weight_decay()`` is honoured too.
+    By default every variable is adapted and those with ndim <= 1 (biases, BatchNorm
+    scale/shift) are not decayed. ``exclude`` is None (that default), a rule for both decisions
+    (None: ndim <= 1, a bool, a regex searched in the variable's path such as
+    ``"sequential/dense/kernel"``, a callable ``(path, shape) -> bool``, a list of those), a dict
+    ``{"adaptation": rule, "decay": rule, "rate": "global" | "trust"}`` or a
+    :class:`largebatch.ParamPolicy`; ``largebatch.policy.MLPERF`` is the timm / optax / MLPerf
+    convention (ndim <= 1 neither adapted nor decayed, stepping at γ_t). Keras' ``exclude_from_weight_decay()`` is honoured too.
     ``weight_decay`` is the paper's (inside the trust ratio and the update); Keras' own
     decoupled decay is never applied on top. The momentum buffers are ``self.momentums`` and
     hold v as written above (γ_t inside, so schedules should use momentum correction:
@@ -362,6 +377,24 @@ class LARS(_LayerwiseOptimizer):
         super().build(variables)
         self.momentums = self.add_optimizer_variables(variables, "momentum")
         self._lb_restore_pending()
+        self._lb_warn_exclusion(variables)
+
+    def _lb_warn_exclusion(self, variables):
+        """Once, at build: variables excluded from adaptation would step at a constant learning
+        rate plain SGD does not survive without normalisation layers
+        (:func:`largebatch.policy.exclusion_warning`). A schedule is not evaluated here."""
+        excluded = [name for name, adapt in zip(self._lb_names, self._lb_adapt) if not adapt]
+        if not excluded or callable(self._learning_rate):
+            return
+        with tf.init_scope():                # build may run while fit traces its step
+            lr = float(keras.ops.convert_to_numpy(self._learning_rate))
+        line = exclusion_warning(excluded, lr,
+                                 trust_coefficient=self.trust_coefficient, clip=self.clip,
+                                 excluded_rate=self._lb_policy.excluded_rate,
+                                 normalized=any(is_normalization_variable(v) for v in variables),
+                                 optimizer="LARC" if self.clip else type(self).__name__)
+        if line:
+            warnings.warn(line, ExclusionWarning, stacklevel=2)
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
@@ -376,19 +409,19 @@ class LARS(_LayerwiseOptimizer):
         if adapt:
             w_half, g_half = _half_sum_sq(w), self._lb_grad_half(index, g)
             update_half = _half_sum_sq(g + beta * w) if norm_of_sum else tf.zeros((), w_half.dtype)
-        else:                                        # not adapted: the layer lr is γ_t, norms unused
+        else:                                        # not adapted: the layer lr needs no norms
             w_half = g_half = update_half = tf.zeros((), tf.float64 if dtype == tf.float64 else tf.float32)
         lr = tf.cast(learning_rate, w_half.dtype)
         if self._use_fused(w):
             kernel = _lars_kernel(_signature(w), self.momentum, beta, self.nesterov, self.trust_coefficient, self.eps,
-                                  self.clip, adapt, norm_of_sum)
+                                  self.clip, adapt, norm_of_sum, self._lb_policy.excluded_rate)
             layer_lr = kernel(w.handle, g, v.handle, lr, w_half, g_half, update_half)
         else:
             w_norm, g_norm, update_norm = (_norm_from_half(h) for h in (w_half, g_half, update_half))
             layer_lr = trust.lars_layer_lr(tf, w_norm, g_norm, lr, trust_coefficient=self.trust_coefficient,
                                            weight_decay=beta, eps=self.eps,
                                            update_norm=update_norm if norm_of_sum else None,
-                                           clip=self.clip, adapt=adapt)
+                                           clip=self.clip, adapt=adapt, excluded_rate=self._lb_policy.excluded_rate)
             layer_lr = tf.cast(layer_lr, dtype)
             new_w, new_v = trust.lars_momentum_update(w, g, v, layer_lr, momentum=self.momentum,
                                                       weight_decay=beta, nesterov=self.nesterov)

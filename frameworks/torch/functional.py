@@ -34,6 +34,7 @@ import warnings
 import torch
 
 from largebatch import trust
+from largebatch.policy import EXCLUDED_RATES
 from largebatch.registry import BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, TRUST_COEFFICIENT, TRUST_DENOMINATORS
 from largebatch.validation import check_choice, check_one_element
 
@@ -224,7 +225,7 @@ def _scalar_lr(lr):
 # --------------------------------------------------------------------------------------- LARS
 
 def _single_tensor_lars(params, grads, bufs, lr, decays, adapts, *, momentum, trust_coefficient, eps,
-                        norm_of_sum, clip, nesterov, ratios=None, grad_norms=None):
+                        norm_of_sum, clip, nesterov, excluded_rate, ratios=None, grad_norms=None):
     """Reference-shaped loop: per layer, norms -> core layer lr -> core momentum update.
 
     ``grad_norms`` replaces ‖g‖ per layer (CLARS: the mean per-example gradient norm)."""
@@ -233,7 +234,8 @@ def _single_tensor_lars(params, grads, bufs, lr, decays, adapts, *, momentum, tr
         g_norm = torch.linalg.vector_norm(g) if grad_norms is None else grad_norms[i].to(w.dtype)
         update_norm = torch.linalg.vector_norm(g + beta * w) if norm_of_sum else None
         rate = trust.lars_layer_lr(torch, w_norm, g_norm, lr, trust_coefficient=trust_coefficient,
-                                   weight_decay=beta, eps=eps, update_norm=update_norm, clip=clip, adapt=adapt)
+                                   weight_decay=beta, eps=eps, update_norm=update_norm, clip=clip, adapt=adapt,
+                                   excluded_rate=excluded_rate)
         new_w, new_v = trust.lars_momentum_update(w, g, v, rate, momentum=momentum, weight_decay=beta,
                                                   nesterov=nesterov)
         w.copy_(new_w)
@@ -243,7 +245,7 @@ def _single_tensor_lars(params, grads, bufs, lr, decays, adapts, *, momentum, tr
 
 
 def _multi_tensor_lars(params, grads, bufs, lr, part, *, momentum, trust_coefficient, eps, norm_of_sum, clip,
-                       nesterov, ratios=None):
+                       nesterov, excluded_rate, ratios=None):
     """A second spelling of :func:`largebatch.trust.lars_momentum_update` (with the core's
     :func:`~largebatch.trust.lars_layer_lr` called once on per-layer vectors): one norm call
     per list, then ``_foreach`` in-place ops. Pinned to the single-tensor loop and the NumPy
@@ -264,7 +266,7 @@ def _multi_tensor_lars(params, grads, bufs, lr, part, *, momentum, trust_coeffic
     update_norms = torch.stack(torch._foreach_norm(d)) if norm_of_sum else None
     rates = trust.lars_layer_lr(torch, w_norms, g_norms, lr, trust_coefficient=trust_coefficient,
                                 weight_decay=part.decay_tensor(), eps=eps, update_norm=update_norms, clip=clip,
-                                adapt=part.adapt_tensor())
+                                adapt=part.adapt_tensor(), excluded_rate=excluded_rate)
     rate_list = rates.unbind()
     # v ← m·v + rate·d, with rate·d fused into one addcmul pass (13 tensor passes a step in all,
     # torch.optim.SGD's foreach step makes 11)
@@ -281,8 +283,8 @@ def _multi_tensor_lars(params, grads, bufs, lr, part, *, momentum, trust_coeffic
 
 def lars(params, grads, momentum_buffers, *, lr, momentum=MOMENTUM, weight_decay=0.0,
          trust_coefficient=TRUST_COEFFICIENT, eps=LARS_EPS, trust_denominator="sum_of_norms", clip=False,
-         nesterov=False, decay=None, adapt=None, grad_norms=None, trust_ratios=None, foreach=None, fused=None,
-         groups=None):
+         nesterov=False, decay=None, adapt=None, excluded_rate="trust", grad_norms=None, trust_ratios=None,
+         foreach=None, fused=None, groups=None):
     r"""One LARS step (You, Gitman, Ginsburg 2017, Algorithm 1) on lists of tensors, in place:
     what :class:`largebatch.torch.LARS` does for one param group.
 
@@ -291,7 +293,9 @@ def lars(params, grads, momentum_buffers, *, lr, momentum=MOMENTUM, weight_decay
 
     ``momentum_buffers`` hold v (zeros before the first step). The hyper-parameters are the
     optimizer's; ``decay``/``adapt`` give one flag per tensor (None: all decayed / adapted;
-    the optimizer derives them from its ``exclude`` policy). ``grad_norms``: per-tensor 0-d
+    the optimizer derives them from its ``exclude`` policy); ``excluded_rate``: how the tensors not
+    adapted step ("trust": γ_t·η, or min(η, γ_t) with ``clip``; "global": γ_t; see
+    :func:`largebatch.trust.lars_layer_lr`). ``grad_norms``: per-tensor 0-d
     tensors that replace ‖g‖ (CLARS's mean per-example norms; the loop runs then).
     ``trust_ratios``: per-tensor 0-d tensors that receive layer lr / γ_t. ``groups``: a kept
     :class:`TensorGroups` of these tensors (then ``weight_decay``, ``decay`` and ``adapt`` are
@@ -305,7 +309,8 @@ def lars(params, grads, momentum_buffers, *, lr, momentum=MOMENTUM, weight_decay
     extra = {} if grad_norms is None else {"grad_norms": grad_norms}
     _run(impl, (_single_tensor_lars, _multi_tensor_lars), groups, (params, grads, momentum_buffers), lr,
          trust_ratios, extra, momentum=momentum, trust_coefficient=trust_coefficient, eps=eps,
-         norm_of_sum=trust_denominator == "norm_of_sum", clip=bool(clip), nesterov=bool(nesterov))
+         norm_of_sum=trust_denominator == "norm_of_sum", clip=bool(clip), nesterov=bool(nesterov),
+         excluded_rate=check_choice("excluded_rate", excluded_rate, EXCLUDED_RATES))
 
 
 # --------------------------------------------------------------------------------------- LAMB

@@ -1,10 +1,17 @@
 """Param groups from a model, using the core's parameter policy, and the registry's optimizers by name."""
 import importlib
 
+import torch
+
 from largebatch import registry
 from largebatch.policy import ParamPolicy
 
-__all__ = ["param_groups", "create_optimizer"]
+__all__ = ["param_groups", "create_optimizer", "normalization_parameters"]
+
+# layers whose parameters are a normalisation's scale and shift (BatchNorm, InstanceNorm, GroupNorm,
+# LayerNorm, RMSNorm)
+NORMALIZATION_LAYERS = tuple(t for t in (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm,
+                                         torch.nn.LayerNorm, getattr(torch.nn, "RMSNorm", None)) if t is not None)
 
 # what every torch optimizer of the registry takes besides its registry keys
 _COMMON = ("lr",)
@@ -16,15 +23,23 @@ def param_groups(model, exclude=None, **group_options):
     """One named param group holding every trainable parameter of ``model``.
 
     The group carries the parameter names, so name regexes in ``exclude`` work, and the
-    policy (default: ndim <= 1 excluded from adaptation and decay) is applied per tensor by
-    the optimizer. Extra keyword arguments become group options (lr, weight_decay, ...).
+    policy (default: every tensor adapted, ndim <= 1 not decayed) is applied per tensor by
+    the optimizer. ``normalization_layers`` records whether the model has any (LARS's warning
+    about excluded tensors at a large global rate needs to know). Extra keyword arguments
+    become group options (lr, weight_decay, ...).
 
         optimizer = LARS(param_groups(model, exclude={"decay": r"bn|bias"}), lr=2.0)
     """
     ParamPolicy.from_spec(exclude)                 # fail here on a malformed rule
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [dict(params=[p for _, p in named], param_names=[n for n, _ in named], exclude=exclude,
-                 **group_options)]
+                 normalization_layers=bool(normalization_parameters(model)), **group_options)]
+
+
+def normalization_parameters(model):
+    """Names of ``model``'s parameters that belong to normalisation layers."""
+    return {f"{prefix}.{n}" if prefix else n for prefix, module in model.named_modules()
+            if isinstance(module, NORMALIZATION_LAYERS) for n, _ in module.named_parameters(recurse=False)}
 
 
 def create_optimizer(name, params_or_model, **hyper):
@@ -52,6 +67,8 @@ def create_optimizer(name, params_or_model, **hyper):
     if "betas" in hyper:
         hyper["betas"] = tuple(hyper["betas"])
     exclude = hyper.pop("exclude", None)
+    if isinstance(params_or_model, torch.nn.Module) and info.layerwise:
+        return cls(param_groups(params_or_model, exclude=exclude), **hyper, **info.fixed)
     named = _named(params_or_model)
     if named is None:                       # param groups: as given, with their own options
         if not info.layerwise:

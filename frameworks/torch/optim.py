@@ -9,11 +9,13 @@ kernels reuse between steps, so that once it exists no step synchronises with th
 remade when the parameter groups, their weight decay or the set of parameters with gradients
 change.
 """
+import warnings
+
 import torch
 from torch.optim.optimizer import Optimizer
 
 from largebatch import registry, trust
-from largebatch.policy import ParamPolicy
+from largebatch.policy import ExclusionWarning, ParamPolicy, exclusion_warning
 from largebatch.registry import BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, TRUST_COEFFICIENT
 from largebatch.validation import check_hyperparameters
 
@@ -39,7 +41,8 @@ class _LayerwiseOptimizer(Optimizer):
     def __init__(self, params, defaults):
         self._flag_cache = {}
         self._names_of = {}       # id(parameter) -> its name, from the groups' param_names
-        self._plans = {}          # group index -> (key, parameters, TensorGroups) of its last step
+        self._plans = {}          # group index -> (key, parameters, TensorGroups, policy) of its last step
+        self._lr_checked = {}     # group index -> the largest lr the exclusion warning looked at
         super().__init__(params, defaults)      # checks each group through add_param_group
 
     def _check_group(self, group):
@@ -64,7 +67,7 @@ class _LayerwiseOptimizer(Optimizer):
         ``Optimizer.__getstate__`` keeps only defaults, state and param_groups, so the caches
         (whose keys are the ids of the original parameters) are made anew for these ones."""
         super().__setstate__(state)
-        self._flag_cache, self._plans, self._names_of = {}, {}, {}
+        self._flag_cache, self._plans, self._names_of, self._lr_checked = {}, {}, {}, {}
         for group in self.param_groups:
             self._index_names(group)
 
@@ -100,9 +103,9 @@ class _LayerwiseOptimizer(Optimizer):
                 with torch.enable_grad():
                     loss = closure()
             for index, group in enumerate(self.param_groups):
-                params, groups = self._plan(index, group)
+                params, groups, policy = self._plan(index, group)
                 if params:
-                    self._step_group(group, params, groups)
+                    self._step_group(index, group, params, groups, policy)
         finally:
             self._step_ended()
         return loss
@@ -113,11 +116,12 @@ class _LayerwiseOptimizer(Optimizer):
         once per level of ``super().step()``.)"""
 
     def _plan(self, index, group):
-        """The group's parameters with gradients and their :class:`functional.TensorGroups`;
-        reused while the same parameters (same devices, dtypes), policy and weight decay step."""
+        """The group's parameters with gradients, their :class:`functional.TensorGroups` and the
+        group's :class:`ParamPolicy`; reused while the same parameters (same devices, dtypes),
+        policy and weight decay step."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
-            return None, None
+            return None, None, None
         key = (id(group["exclude"]), len(group["params"]), group["weight_decay"],
                tuple((id(p), p.device, p.dtype) for p in params))
         plan = self._plans.get(index)
@@ -125,8 +129,8 @@ class _LayerwiseOptimizer(Optimizer):
             active = [f for p, f in zip(group["params"], self._flags(index, group)) if p.grad is not None]
             groups = functional.TensorGroups(params, group["weight_decay"], decay=[d for _, d in active],
                                              adapt=[a for a, _ in active])
-            plan = self._plans[index] = (key, params, groups)
-        return plan[1], plan[2]
+            plan = self._plans[index] = (key, params, groups, ParamPolicy.from_spec(group["exclude"]))
+        return plan[1], plan[2], plan[3]
 
     def trust_ratios(self):
         """Per-parameter trust ratio (layer lr / global lr) of the last step, as 0-d tensors.
@@ -175,9 +179,11 @@ class LARS(_LayerwiseOptimizer):
         trust_denominator: "sum_of_norms" (paper, ‖g‖+β‖w‖) or "norm_of_sum" (‖g+βw‖).
         clip: LARC — use λ as an absolute rate clipped at γ_t: rate = min(λ, γ_t).
         nesterov: Nesterov momentum.
-        exclude: which tensors get neither adaptation nor decay (see
-            :class:`largebatch.policy.ParamPolicy`; default: ndim <= 1, i.e. biases and BN).
-            Name regexes need named parameters.
+        exclude: which tensors get no trust ratio and which no weight decay (see
+            :class:`largebatch.policy.ParamPolicy`; default: every tensor adapted, ndim <= 1 —
+            biases, BN — not decayed; ``largebatch.policy.MLPERF`` excludes ndim <= 1 from both,
+            stepping them at γ_t, the timm / optax / MLPerf convention). Name regexes need named
+            parameters.
         foreach, fused: implementation (see :mod:`largebatch.torch.functional`); default foreach.
         track_trust_ratios: keep each layer's last trust ratio for :meth:`trust_ratios`.
     """
@@ -220,17 +226,39 @@ class LARS(_LayerwiseOptimizer):
             bufs.append(state["momentum_buffer"])
         return bufs
 
+    _exclusion_warned = False
+
+    def _warn_exclusion(self, index, group, policy):
+        """Once per optimizer: tensors excluded from adaptation about to step at a rate plain SGD
+        does not survive without normalisation layers (:func:`largebatch.policy.exclusion_warning`).
+        Looked at when a group's lr (a number) exceeds the largest it had, so a warm-up is seen."""
+        lr = group["lr"]
+        if self._exclusion_warned or isinstance(lr, torch.Tensor) or lr <= self._lr_checked.get(index, 0.0):
+            return
+        self._lr_checked[index] = lr
+        names = group.get("param_names") or [None] * len(group["params"])
+        excluded = [n or f"param{i}{tuple(p.shape)}"
+                    for i, (n, p, (adapt, _)) in enumerate(zip(names, group["params"], self._flags(index, group)))
+                    if not adapt]
+        line = exclusion_warning(excluded, lr, trust_coefficient=group["trust_coefficient"], clip=group["clip"],
+                                 excluded_rate=policy.excluded_rate, normalized=group.get("normalization_layers"),
+                                 optimizer="LARC" if group["clip"] else type(self).__name__)
+        if line:
+            self._exclusion_warned = True
+            warnings.warn(line, ExclusionWarning, stacklevel=4)
+
     def _grad_norm_override(self, group, params):
         """Hook for CLARS: the per-layer norm that replaces ‖g‖ in the ratio (None: use ‖g‖)."""
         return None
 
-    def _step_group(self, group, params, groups):
+    def _step_group(self, index, group, params, groups, policy):
+        self._warn_exclusion(index, group, policy)
         grad_norms = self._grad_norm_override(group, params)    # before buffers: CLARS asks if state is fresh
         bufs = self._buffers(params)
         functional.lars(params, [p.grad for p in params], bufs, lr=group["lr"], momentum=group["momentum"],
                         weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"],
                         eps=group["eps"], trust_denominator=group["trust_denominator"], clip=group["clip"],
-                        nesterov=group["nesterov"], grad_norms=grad_norms,
+                        nesterov=group["nesterov"], excluded_rate=policy.excluded_rate, grad_norms=grad_norms,
                         trust_ratios=self._ratio_slots(group, params), foreach=group.get("foreach"),
                         fused=group.get("fused"), groups=groups)
 
@@ -329,7 +357,7 @@ class LAMB(_LayerwiseOptimizer):
             steps.append(state["step"])
         return exp_avgs, exp_avg_sqs, steps
 
-    def _step_group(self, group, params, groups):
+    def _step_group(self, index, group, params, groups, policy):
         exp_avgs, exp_avg_sqs, steps = self._moments(params)
         functional.lamb(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, steps, lr=group["lr"],
                         betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],

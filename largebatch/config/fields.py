@@ -11,6 +11,7 @@ import shlex
 
 from .. import hostfile as _hostfile
 from ..validation import check_number
+from ..policy import EXCLUDED_RATES
 
 class ConfigError(ValueError):
     """Invalid experiment: ``problems`` holds one line per problem."""
@@ -138,16 +139,19 @@ def _exclude_rule(key, rule):
     if isinstance(rule, list):
         return [_exclude_rule(key, r) for r in rule]
     raise _Bad(f"expected null (ndim <= 1 excluded), true, false, a regular expression or a list of "
-               f"those, or a mapping with 'adaptation' and/or 'decay', got {rule!r}")
+               f"those, or a mapping with 'adaptation', 'decay' and/or 'rate', got {rule!r}")
 
 
 def exclude(key, value):
     """The optimizer's ``exclude`` as in the Python API (largebatch.policy.ParamPolicy.from_spec)."""
     if isinstance(value, dict):
         for k in value:
-            if k not in ("adaptation", "decay"):
-                raise _Bad(f"unknown key {k!r} in the mapping, expected 'adaptation' and/or 'decay'")
-        return {k: _exclude_rule(key, v) for k, v in value.items()}
+            if k not in ("adaptation", "decay", "rate"):
+                raise _Bad(f"unknown key {k!r} in the mapping, expected 'adaptation', 'decay' and/or 'rate'")
+        if "rate" in value and value["rate"] not in EXCLUDED_RATES:
+            raise _Bad(f"rate: expected one of {', '.join(EXCLUDED_RATES)} (how the excluded tensors step: "
+                       f"γ·η, or γ as in MLPerf), got {value['rate']!r}")
+        return {k: v if k == "rate" else _exclude_rule(key, v) for k, v in value.items()}
     return _exclude_rule(key, value)
 
 
