@@ -154,7 +154,9 @@ def cmd_validate(args):
     except ConfigError as err:
         return _fail(err.problems)
     if args.print:
+        from largebatch.runner.params import decisions_table
         sys.stdout.write(dump_yaml(exp.resolved()))
+        sys.stdout.write(decisions_table(exp))          # which tensors the optimizer adapts and decays
     else:
         print(f"ok: {describe(exp)}")
     return 0
@@ -642,7 +644,8 @@ def _experiment_parser(command):
         p.add_argument("--dry-run", action="store_true", help="print the script, write nothing")
     else:
         p.description = "Check an experiment file and print what would run."
-        p.add_argument("--print", action="store_true", help="print the resolved experiment as YAML")
+        p.add_argument("--print", action="store_true",
+                       help="print the resolved experiment as YAML, then each model tensor's adaptation and decay")
     return p
 
 

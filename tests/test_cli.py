@@ -43,6 +43,26 @@ def test_validate_print_gives_the_resolved_yaml(workdir, capsys):
     assert resolved["source"]["overrides"] == ["optimizer=lamb"]
 
 
+def test_validate_print_lists_what_the_optimizer_adapts_and_decays(workdir, capsys):
+    """After the YAML, as comments: each tensor of the built-in model, adapted or not, decayed or
+    not; with the MLPerf exclusion on a BN-free net at a large lr, the warning the run prints."""
+    assert cli.main(["validate", "exp.yaml", "--print", "optimizer.weight_decay=1e-4"]) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("#")]
+    assert table[0] == ("# 8 trainable tensors of small_cnn (torch, with normalisation layers): 8 adapted by lars, "
+                        "3 decayed (weight_decay 0.0001)")
+    assert table[1].split() == ["#", "features.0.weight", "(32,", "3,", "3,", "3)", "adapted", "decayed"]
+    assert table[2].split() == ["#", "features.1.weight", "(32,)", "adapted", "-"]
+    assert yaml.safe_load(out)["optimizer"]["name"] == "lars"          # still one YAML document
+    assert cli.main(["validate", "exp.yaml", "--print", "model.batch_norm=false", "schedule.base_lr=320",
+                     "optimizer.exclude={adaptation: null, decay: null}"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("#")]
+    assert table[0].startswith("# 6 trainable tensors of small_cnn (torch, no normalisation layers): 3 adapted")
+    assert table[2].split() == ["#", "features.0.bias", "(32,)", "-", "-"]
+    assert table[-1].startswith("# warning: LARS: 3 tensor(s) excluded from adaptation (features.0.bias, "
+                                "features.4.bias, classifier.bias) step at the global rate 20,")   # 320 × 16/256
+
+
 def test_validate_errors_one_line_each_exit_2_nothing_written(workdir, capsys):
     before = listing(workdir)
     code = cli.main(["validate", "exp.yaml", "optimizer.trust_coefficient=abc", "batch.global=63", "--np", "2"])

@@ -29,6 +29,7 @@ from . import faults
 from .common import optimizer_class, read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
 from .loop import Hooks, TrainingLoop, accumulation_for, prepare
+from .params import announce_exclusion
 
 __all__ = ["run", "build_model", "build_optimizer"]
 
@@ -72,7 +73,7 @@ def build_optimizer(cfg, model, lr):
 
 
 def exclude_from_decay(optimizer, cfg, model):
-    """Keras SGD: keep weight decay off the tensors the policy excludes (default: ndim <= 1).
+    """Keras SGD: keep weight decay off the tensors the policy does not decay (default: ndim <= 1).
     Called on the final (wrapped) optimizer: the exclusion list is not part of get_config()."""
     o = cfg["optimizer"]
     if not registry.get(o["name"]).layerwise and o["weight_decay"]:
@@ -142,6 +143,7 @@ def run(exp, loader, threads):
     if precision != "fp32":            # float32 variables (and trust ratios), bf16/fp16 compute
         keras.mixed_precision.set_global_policy(KERAS_POLICIES[precision])
     model = build_model(cfg, derived)
+    announce_exclusion(exp, model, rank)
     inner = build_optimizer(cfg, model, schedule(0))
     if precision == "fp16":            # averaged, then unscaled and checked: one skip decision on every rank
         inner = keras.optimizers.LossScaleOptimizer(inner)

@@ -12,6 +12,7 @@ from . import faults
 from .common import read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
 from .loop import Hooks, TrainingLoop, accumulation_for, prepare
+from .params import announce_exclusion
 
 __all__ = ["run", "build_model", "build_optimizer"]
 
@@ -116,6 +117,7 @@ def run(exp, loader, threads):
 
     model = build_model(cfg, derived)
     model.train()
+    announce_exclusion(exp, model, rank)
     o = cfg["optimizer"]
     info = registry.get(o["name"])
     track = cfg["output"]["trust_ratios"] and info.layerwise
