@@ -114,9 +114,10 @@ class DeepPlainCNN(nn.Module):
 
 
 def make_optimizer(method, params, lr):
-    # Layer-wise methods adapt every tensor here, biases included (Algorithm 1 of the LARS paper,
-    # exclude=False): with the library's default exclusion (ndim <= 1) the biases of a BN-free net
-    # take the raw global lr (10-80 for LARS), which diverges at once.
+    # Layer-wise methods adapt and decay every tensor here, biases included (Algorithm 1 of the LARS
+    # paper, exclude=False). The library's default adapts them too but does not decay them; the
+    # former default (ndim <= 1 not adapted) gave the biases of this BN-free net the raw global lr
+    # (10-80 for LARS), which diverges at once (bench/exclusion.py measures the rules).
     if method == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WD)
     if method == "lars":
