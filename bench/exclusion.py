@@ -168,18 +168,22 @@ def report(summary, out):
     import matplotlib.pyplot as plt
     nets = list(dict.fromkeys(r["net"] for r in summary))
     rules = list(dict.fromkeys(r["rule"] for r in summary))
-    fig, axes = plt.subplots(1, len(nets), figsize=(5.2 * len(nets), 3.6), squeeze=False)
-    for ax, net in zip(axes[0], nets):
+    accs = [r["test_acc_mean"] for r in summary]
+    fig, axes = plt.subplots(1, len(nets), figsize=(4.0 + 3.4 * len(nets), 0.5 * len(rules) + 1.6), squeeze=False,
+                             sharey=True)
+    for i, (ax, net) in enumerate(zip(axes[0], nets)):
         rows = {r["rule"]: r for r in summary if r["net"] == net}
-        shown = [rule for rule in rules if rule in rows]
-        ax.barh(range(len(shown)), [rows[r]["test_acc_mean"] for r in shown],
-                xerr=[rows[r]["test_acc_std"] for r in shown], color="tab:blue", alpha=0.7, capsize=3)
-        ax.set_yticks(range(len(shown)), [f"{RULE_LABELS.get(r, r)}, γ={rows[r]['best_lr']:g}" for r in shown],
-                      fontsize=7)
-        ax.invert_yaxis()
-        low = min(rows[r]["test_acc_mean"] for r in shown)
-        ax.set_xlim(max(0.0, low - 3), 100)
-        ax.set_xlabel("test accuracy (%), mean ± std over seeds")
+        ys = [k for k, rule in enumerate(rules) if rule in rows]
+        ax.barh(ys, [rows[rules[k]]["test_acc_mean"] for k in ys], xerr=[rows[rules[k]]["test_acc_std"] for k in ys],
+                color="tab:blue", alpha=0.7, capsize=3)
+        for k in ys:
+            ax.text(rows[rules[k]]["test_acc_mean"] + rows[rules[k]]["test_acc_std"] + 0.25, k, f"γ={rows[rules[k]]['best_lr']:g}", va="center",
+                    fontsize=7)
+        if i == 0:
+            ax.set_yticks(range(len(rules)), [RULE_LABELS.get(r, r) for r in rules], fontsize=7)
+            ax.invert_yaxis()
+        ax.set_xlim(min(accs) - 2, max(accs) + 3)
+        ax.set_xlabel("test accuracy (%), mean ± std over seeds", fontsize=8)
         ax.set_title({"plain": "no BatchNorm", "bn": "with BatchNorm"}.get(net, net), fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("LARS at B=8192 (500 steps): which tensors are adapted", fontsize=10)

@@ -262,7 +262,7 @@ def _hosts(run):
 
 
 def adapted_layers(run):
-    """Layers whose trust ratio is not 1 throughout (excluded tensors, biases and BN by default,
+    """Layers whose trust ratio is not 1 throughout (excluded tensors, e.g. biases and BN under MLPERF,
     keep a ratio of 1), in model order."""
     return [layer for layer, points in run.trust.items()
             if any(v is not None and v != 1.0 for _, v in points)]
@@ -489,7 +489,7 @@ def _plot_trust(run, x, path):
             finals.append((i, pts[-1][1], c))
     ax.set_yscale("log")
     hidden = len(run.trust) - len(layers)
-    sub = f"{len(layers)} adapted layers" + (f"; {hidden} tensors at ratio 1 throughout (excluded: biases, BN...) "
+    sub = f"{len(layers)} adapted layers" + (f"; {hidden} tensors at ratio 1 throughout (not adapted) "
                                              f"not drawn" if hidden else "")
     if not legend:
         sub += "\ncolour: input layer (dark) → output layer (yellow), as on the right"

@@ -250,7 +250,7 @@ def test_unknown_key_from_an_override():
      "optimizer.exclude: unknown key 'adapt' in the mapping, expected 'adaptation', 'decay' and/or 'rate'"),
     ({"optimizer": {"exclude": 3}},
      "optimizer.exclude: expected null (ndim <= 1 excluded), true, false, a regular expression or a list of "
-     "those, or a mapping with 'adaptation' and/or 'decay', got 3"),
+     "those, or a mapping with 'adaptation', 'decay' and/or 'rate', got 3"),
     ({"schedule": 0.1}, "schedule: expected a mapping of learning-rate schedule settings, got 0.1"),
     ({"optimizer": [1]}, "optimizer: expected a mapping of optimizer settings or a name, got [1]"),
     ({"launcher": {"env": ["A=1"]}},

@@ -104,15 +104,19 @@ def test_unknown_algorithm():
 
 
 def test_policy_rules():
-    default = ParamPolicy()
-    assert default.adapts("conv.weight", (8, 3, 3, 3)) and not default.adapts("bn.weight", (8,))
+    default = ParamPolicy()                 # every tensor adapted; ndim <= 1 not decayed
+    assert default.adapts("conv.weight", (8, 3, 3, 3)) and default.adapts("bn.weight", (8,))
+    assert default.decays("conv.weight", (8, 3, 3, 3)) and not default.decays("bn.weight", (8,))
+    mlperf = ParamPolicy.from_spec(MLPERF)
+    assert not mlperf.adapts("bn.weight", (8,)) and not mlperf.decays("bn.weight", (8,)) and mlperf.adapts("w", (8, 3))
     sep = ParamPolicy(exclude_from_adaptation=r"^fc\.", exclude_from_decay=False)
     assert not sep.adapts("fc.weight", (10, 4)) and sep.adapts("fc2.weight", (10, 4))
     assert sep.decays("bn.bias", (8,))
     custom = ParamPolicy.from_spec(lambda name, shape: shape[0] == 10)
     assert not custom.adapts("x", (10, 4)) and not custom.decays("x", (10, 4)) and custom.adapts("y", (3, 4))
-    split = ParamPolicy.from_spec({"decay": r"bias"})
-    assert not split.adapts("b", (3,)) and split.decays("bn.weight", (3,)) and not split.decays("fc.bias", (3, 1))
+    split = ParamPolicy.from_spec({"decay": r"bias"})              # adaptation keeps its default: all
+    assert split.adapts("b", (3,)) and split.decays("bn.weight", (3,)) and not split.decays("fc.bias", (3, 1))
+    assert not ParamPolicy.from_spec({"adaptation": None}).adapts("b", (3,))   # a None rule: ndim <= 1
     anyof = ParamPolicy.from_spec([r"embed", None])
     assert not anyof.adapts("embed.weight", (5, 5)) and not anyof.adapts("b", (5,))
     assert ParamPolicy.from_spec(True).adapts("w", (3, 3)) is False

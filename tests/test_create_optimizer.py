@@ -59,3 +59,43 @@ def test_what_an_optimizer_does_not_take_is_refused_in_one_line(name, kwargs, me
 def test_sgd_refuses_an_exclude_it_cannot_apply_to_param_groups():
     with pytest.raises(ValueError, match=r"^exclude: 'sgd' applies it to a model or to parameters"):
         create_optimizer("sgd", [dict(params=list(model().parameters()))], lr=0.1, exclude=False)
+
+
+# ---- Keras ---------------------------------------------------------------------------------
+
+def test_keras_every_registry_name_gives_its_class_with_the_fixed_options():
+    keras = pytest.importorskip("keras")
+    import largebatch.keras as lbk
+    assert set(registry.for_framework("keras")) == {"sgd", "lars", "larc", "lamb", "clars"}
+    want = {"sgd": keras.optimizers.SGD, "lars": lbk.LARS, "larc": lbk.LARS, "lamb": lbk.LAMB, "clars": lbk.CLARS}
+    for name, cls in want.items():
+        opt = lbk.create_optimizer(name, learning_rate=0.5, weight_decay=1e-3)
+        assert type(opt) is cls, name
+        assert float(opt.learning_rate) == 0.5
+    assert lbk.create_optimizer("larc", learning_rate=0.5).clip is True
+    assert lbk.create_optimizer("sgd", learning_rate=0.5, weight_decay=0.0).weight_decay is None
+
+
+def test_keras_hyper_parameters_reach_the_optimizer():
+    pytest.importorskip("keras")
+    import largebatch.keras as lbk
+    from largebatch.policy import MLPERF
+    lars = lbk.create_optimizer("lars", learning_rate=2.0, momentum=0.8, weight_decay=5e-4, trust_coefficient=0.02,
+                                nesterov=True, exclude=MLPERF, fused=False, clipnorm=1.0)
+    assert (lars.momentum, lars.weight_decay, lars.trust_coefficient, lars.nesterov, lars.exclude, lars.fused,
+            lars.clipnorm) == (0.8, 5e-4, 0.02, True, MLPERF, False, 1.0)
+    lamb = lbk.create_optimizer("lamb", learning_rate=1e-3, betas=[0.8, 0.99], eps=1e-8)
+    assert (lamb.beta_1, lamb.beta_2, lamb.eps) == (0.8, 0.99, 1e-8)
+    assert lbk.create_optimizer("lamb", learning_rate=1e-3, beta_1=0.7).beta_1 == 0.7
+
+
+@pytest.mark.parametrize("name,kwargs,message", [
+    ("lars", dict(lr=0.1), r"^lr: not an argument of 'lars' in Keras; expected one of learning_rate, momentum, "),
+    ("larc", dict(clip=False), r"^clip: not an argument of 'larc' in Keras; "),
+    ("sgd", dict(exclude=False), r"^exclude: Keras's SGD takes its weight-decay exclusions from "),
+])
+def test_keras_what_an_optimizer_does_not_take_is_refused_in_one_line(name, kwargs, message):
+    pytest.importorskip("keras")
+    import largebatch.keras as lbk
+    with pytest.raises(ValueError, match=message):
+        lbk.create_optimizer(name, **kwargs)

@@ -169,9 +169,10 @@ def test_fit_matches_torch_clars(method):
     print(f"\nkeras CLARS ({method}) vs torch CLARS after {steps} steps: max |Δ|/max|w| = {diff:.2e}")
     assert diff < REL
     for g, w0 in zip(got, kc.initial_weights()):
-        assert np.max(np.abs(g - w0)) > 1e-2                  # training moved every tensor
+        # training moved every tensor (biases too: the default adapts them, so they move less)
+        assert np.max(np.abs(g - w0)) > 1e-3
     ratios = model.optimizer.trust_ratios()
-    assert ratios["conv/bias"] == 1.0 and 0 < ratios["conv/kernel"] < 1
+    assert ratios["conv/bias"] != 1.0 and 0 < ratios["conv/kernel"] < 1
 
 
 # ---- the NumPy reference, step by step --------------------------------------------------------

@@ -3,6 +3,7 @@ process on a tiny experiment), several runs side by side, and bad input (exit 2,
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,9 +99,12 @@ def test_one_run_writes_pngs_and_a_summary(runs, capsys):
     assert lines["images/s"].endswith("(steady mean)")
     assert lines["wall time"].endswith(" s")
     assert lines["hosts"] == summary["hosts"][0]
-    # small_cnn: 3 weight tensors adapted, biases and BN excluded (ratio 1)
-    assert lines["trust ratio"].startswith("3 adapted layers of ")
-    assert "features.0.weight" in lines["trust ratio"]
+    # small_cnn: the default adapts all 8 tensors (weights, BN scale and shift, the classifier's bias)
+    assert lines["trust ratio"].startswith("8 adapted layers of 8; at step ")
+    low, high = re.fullmatch(r"8 adapted layers of 8; at step \d+ from \S+ \((\S+)\) to \S+ \((\S+)\)",
+                             lines["trust ratio"]).groups()
+    assert {low, high} <= {"features.0.weight", "features.1.weight", "features.1.bias", "features.4.weight",
+                           "features.5.weight", "features.5.bias", "classifier.weight", "classifier.bias"}
     assert lines["report"].startswith(f"{run / 'report'}/: loss.png accuracy.png lr.png images_per_sec.png "
                                       f"trust_ratios.png")
 

@@ -21,6 +21,7 @@ _check_keras()
 from ._checks import HorovodKerasError, check_callbacks, check_optimizer, guard_horovod_callbacks, innermost  # noqa: E402
 from .distributed import DistributedOptimizer, is_distributed, loss_scale_skips  # noqa: E402
 from .optimizers import CLARS, LAMB, LARS  # noqa: E402
+from .factory import create_optimizer  # noqa: E402
 from .per_example import enable_clars, per_example_norm_sums  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from .elastic import elastic_state  # noqa: E402
@@ -28,6 +29,6 @@ from . import callbacks, checkpoint, models, per_example  # noqa: E402,F401
 
 guard_horovod_callbacks()            # Horovod's Keras callbacks already imported (see _checks)
 
-__all__ = ["LARS", "LAMB", "CLARS", "enable_clars", "per_example_norm_sums", "per_example", "DistributedOptimizer", "is_distributed", "loss_scale_skips", "check_optimizer", "innermost",
+__all__ = ["LARS", "LAMB", "CLARS", "create_optimizer", "enable_clars", "per_example_norm_sums", "per_example", "DistributedOptimizer", "is_distributed", "loss_scale_skips", "check_optimizer", "innermost",
            "check_callbacks", "HorovodKerasError", "callbacks", "models", "checkpoint", "save_checkpoint",
            "load_checkpoint", "elastic_state"]

@@ -444,10 +444,3 @@ def save_run_checkpoint(log, exp, save, model, optimizer, *, step, epoch, extra)
     save(path, model, optimizer, step=step, epoch=epoch, config=exp.resolved(), cfg_hash=core.config_hash(cfg),
          model_name=cfg["model"]["name"], extra=extra, keep=cfg["output"]["checkpoint_keep"])
     return path
-
-
-def optimizer_class(info, framework):
-    """The class a registry entry (:mod:`largebatch.registry`) names for ``framework``, imported."""
-    import importlib
-    module, _, attr = getattr(info, framework).partition(":")
-    return getattr(importlib.import_module(module), attr)

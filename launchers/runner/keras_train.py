@@ -26,7 +26,7 @@ from largebatch.config import ConfigError
 from largebatch.horovod_support import import_horovod
 from largebatch.policy import ParamPolicy
 from . import faults
-from .common import optimizer_class, read_resume
+from .common import read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
 from .loop import Hooks, TrainingLoop, accumulation_for, prepare
 from .params import announce_exclusion
@@ -53,23 +53,13 @@ def build_model(cfg, derived):
     raise ConfigError([f"model.name: {name!r} is not available for framework 'keras'"])
 
 
-# YAML key -> the Keras constructor's arguments, where they differ
-_KERAS_ARGS = {"betas": lambda v: {"beta_1": v[0], "beta_2": v[1]}}
-
-
 def build_optimizer(cfg, model, lr):
-    """The configured optimizer: the registry's Keras class with the YAML's hyper-parameters and
-    the options the name fixes (larc: clip=True)."""
+    """The configured optimizer: ``largebatch.keras.create_optimizer`` with the YAML's
+    hyper-parameters (the registry's keys for the name; SGD's exclusions: :func:`exclude_from_decay`)."""
     o = cfg["optimizer"]
     info = registry.get(o["name"])
-    cls = optimizer_class(info, "keras")
-    if not info.layerwise:          # Keras's own SGD; exclude_from_decay keeps decay off excluded tensors
-        return cls(learning_rate=lr, momentum=o["momentum"], nesterov=o["nesterov"],
-                   weight_decay=o["weight_decay"] or None)
-    kwargs = {}
-    for key in info.keys:
-        kwargs.update(_KERAS_ARGS[key](o[key]) if key in _KERAS_ARGS else {key: o[key]})
-    return cls(learning_rate=lr, **kwargs, **info.fixed)
+    hyper = {k: o[k] for k in info.keys if not (k == "exclude" and not info.layerwise)}
+    return importlib.import_module("largebatch.keras").create_optimizer(o["name"], learning_rate=lr, **hyper)
 
 
 def exclude_from_decay(optimizer, cfg, model):
