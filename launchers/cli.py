@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-__all__ = ["main", "run_dir_for", "launch_plan"]
+__all__ = ["main", "run_dir_for"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,39 +114,6 @@ def resume_problems(exp, run_dir):
     return []
 
 
-def _installed():
-    try:
-        from importlib.metadata import PackageNotFoundError, distribution
-        distribution("largebatch")
-        return True
-    except PackageNotFoundError:
-        return False
-
-
-def launch_plan(exp, run_dir, overrides):
-    """The LaunchCommand that runs ``exp`` with its ranks writing to ``run_dir``."""
-    from . import command
-    program = command.rank_program(exp.cfg["launcher"]["python"], exp.source["file"],
-                                   [*overrides, f"output.run_dir={run_dir}"])
-    cmd = command.build_command(exp.cfg["launcher"], exp.derived, program)
-    if not _installed():
-        # a source checkout: let every rank import this very package
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.environ.get("PYTHONPATH")
-        value = os.pathsep.join([root] + ([path] if path else []))
-        if cmd.argv and os.path.basename(cmd.argv[0]) == "mpirun":
-            cmd.argv = [a if a != "PYTHONPATH" else f"PYTHONPATH={value}" for a in cmd.argv]
-            if f"PYTHONPATH={value}" not in cmd.argv:
-                i = cmd.argv.index("-np")
-                cmd.argv[i:i] = ["-x", f"PYTHONPATH={value}"]
-        elif os.path.basename(cmd.argv[0]) == "srun":
-            cmd.argv = [a.replace("--export=ALL", f"--export=ALL,PYTHONPATH={value}", 1)
-                        if a.startswith("--export=") else a for a in cmd.argv]
-        else:
-            cmd.env["PYTHONPATH"] = value
-    return cmd
-
-
 def cmd_validate(args):
     from largebatch.config import ConfigError, describe, dump_yaml
     try:
@@ -164,6 +131,7 @@ def cmd_validate(args):
 
 def cmd_run(args):
     from largebatch.config import ConfigError, describe
+    from . import command
     data_notes = [] if args.dry_run else None        # a dry run reads no data: a missing folder is a note
     try:
         exp = _load(args, data_notes)
@@ -175,10 +143,10 @@ def cmd_run(args):
     if problems:
         return _fail(problems)
     try:
-        cmd = launch_plan(exp, run_dir, overrides)
+        cmd = command.launch_plan(exp, run_dir, overrides)
         # launch.sh continues this run when rerun (from its newest checkpoint, if any)
         again = cmd if exp.cfg["train"]["resume"] != "none" else \
-            launch_plan(exp, run_dir, overrides + ["train.resume=auto"])
+            command.launch_plan(exp, run_dir, overrides + ["train.resume=auto"])
     except ValueError as err:          # a hostfile that changed since validation, say
         return _fail([f"launcher: {err}"])
     print(describe(exp), file=sys.stderr)

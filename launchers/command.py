@@ -34,7 +34,7 @@ from .threads import plan_threads
 
 __all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind", "horovodrun_command",
            "mpirun_command", "srun_command", "build_command", "rank_program", "find_executable", "remote_hosts",
-           "host_timeout_settings",
+           "host_timeout_settings", "launch_plan",
            "LARGE_CLUSTER_HOSTS"]
 
 LARGE_CLUSTER_HOSTS = 64          # horovodrun's _LARGE_CLUSTER_THRESHOLD
@@ -270,3 +270,35 @@ def build_command(launcher, derived, program, *, environ=None):
                               environ=environ, **ssh, **common)
     return srun_command(program, hosts_given=la["hosts"] is not None or la["hostfile"] is not None,
                         ranks_per_host=la["ranks_per_host"], **common)
+
+
+def _installed():
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+        distribution("largebatch")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def launch_plan(exp, run_dir, overrides):
+    """The LaunchCommand that runs ``exp`` with its ranks writing to ``run_dir``."""
+    program = rank_program(exp.cfg["launcher"]["python"], exp.source["file"],
+                           [*overrides, f"output.run_dir={run_dir}"])
+    cmd = build_command(exp.cfg["launcher"], exp.derived, program)
+    if not _installed():
+        # a source checkout: let every rank import this very package
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # the checkout
+        path = os.environ.get("PYTHONPATH")
+        value = os.pathsep.join([root] + ([path] if path else []))
+        if cmd.argv and os.path.basename(cmd.argv[0]) == "mpirun":
+            cmd.argv = [a if a != "PYTHONPATH" else f"PYTHONPATH={value}" for a in cmd.argv]
+            if f"PYTHONPATH={value}" not in cmd.argv:
+                i = cmd.argv.index("-np")
+                cmd.argv[i:i] = ["-x", f"PYTHONPATH={value}"]
+        elif os.path.basename(cmd.argv[0]) == "srun":
+            cmd.argv = [a.replace("--export=ALL", f"--export=ALL,PYTHONPATH={value}", 1)
+                        if a.startswith("--export=") else a for a in cmd.argv]
+        else:
+            cmd.env["PYTHONPATH"] = value
+    return cmd

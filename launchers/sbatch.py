@@ -128,7 +128,7 @@ def batch_script(exp, run_dir, overrides=(), *, nodes=None, time=None, partition
     Raises ValueError for a layout or value Slurm would reject.
     """
     import os
-    from .cli import launch_plan
+    from .command import launch_plan
     from largebatch.config import describe
 
     overrides = [overrides] if isinstance(overrides, str) else list(overrides)
