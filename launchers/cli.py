@@ -72,7 +72,7 @@ def _load(args, data_notes=None):
 def run_dir_for(exp):
     """``output.run_dir``, else ``<output.dir>/<name>``, made unique with ``-2``, ``-3``, ...
     (``train.resume=auto`` continues ``<output.dir>/<name>`` itself)."""
-    from largebatch.runner.common import fresh_run_dir
+    from largebatch.rundir import fresh_run_dir
     if exp.cfg["output"]["run_dir"]:
         return os.path.abspath(exp.cfg["output"]["run_dir"])
     base = os.path.abspath(os.path.join(exp.cfg["output"]["dir"], exp.cfg["name"]))
@@ -83,7 +83,7 @@ def run_dir_for(exp):
 
 def run_dir_problems(exp, run_dir, resumes=None):
     """One line when ``run_dir`` holds another run and this one would not continue it."""
-    from largebatch.runner.common import holds_run, run_dir_refusal
+    from largebatch.rundir import holds_run, run_dir_refusal
     resumes = exp.cfg["train"]["resume"] != "none" if resumes is None else resumes
     found = None if resumes else holds_run(run_dir)
     return [run_dir_refusal(run_dir, found)] if found else []
@@ -130,6 +130,7 @@ def cmd_validate(args):
 
 
 def cmd_run(args):
+    from largebatch import rundir
     from largebatch.config import ConfigError, describe
     from . import command
     data_notes = [] if args.dry_run else None        # a dry run reads no data: a missing folder is a note
@@ -176,7 +177,7 @@ def cmd_run(args):
                          ["preflight: nothing launched (largebatch doctor --hosts ... rechecks; "
                           "launcher.preflight=false skips the check)"])
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "launch.sh"), "w") as fh:
+    with open(os.path.join(run_dir, rundir.LAUNCH_SCRIPT), "w") as fh:
         fh.write("#!/bin/sh\n# written by largebatch run; rerunning it continues this run (train.resume=auto: "
                  "from its newest checkpoint)\n")
         fh.write(f"cd {_quote(os.getcwd())}\n{again.shell()}\n")
@@ -349,19 +350,11 @@ def _record_stop(run_dir, exp, name):
     """The launcher's word in summary.json: the job was stopped by ``name``. Ranks that got the
     signal wrote their summary already; ranks that only saw their launcher go (Gloo's remote
     ranks) say 'launcher-gone', and none may have written one at all."""
-    import json
-    path = os.path.join(run_dir, "summary.json")
-    try:
-        with open(path) as fh:
-            summary = json.load(fh)
-    except (OSError, ValueError):
-        summary = {"name": exp.cfg["name"], "framework": exp.cfg["framework"]}
+    from largebatch import rundir
+    summary = rundir.read_summary(run_dir) or {"name": exp.cfg["name"], "framework": exp.cfg["framework"]}
     summary.update(status="stopped", stopped_by=name)
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as fh:
-            json.dump(summary, fh, indent=2)
-        os.replace(tmp, path)
+        rundir.write_summary(run_dir, summary)
     except OSError:
         pass
 
@@ -645,7 +638,7 @@ def main(argv=None):
     if command == "bench":
         return cmd_bench(rest)
     if command == "report":
-        from largebatch import report
+        from . import report
         return report.main(rest)
     if command in ("run", "validate", "sbatch"):
         horovod_np = next((i for i, a in enumerate(rest) if a == "-np" or a.startswith("-np=")), None)

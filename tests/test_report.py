@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from largebatch import report
+from largebatch.launchers import report
 
 ROOT = Path(__file__).resolve().parents[1]
 Image = pytest.importorskip("PIL.Image")

@@ -1,31 +1,22 @@
 """What the torch and Keras runners share: the run directory, metrics, schedule, summary.
 
-Run directory (written by rank 0 only):
-    config.yaml          the resolved experiment (every key, plus ``derived`` values)
-    metrics.csv          kind,step,epoch,lr,loss,accuracy,images_per_sec,elapsed_s (train and eval rows)
-    metrics.jsonl        the same rows as JSON objects
-    trust_ratios.csv     step,layer,trust_ratio (layer lr / global lr), every train.log_every steps
-    tensorboard/         event file: train/*, eval/*, trust_ratio/<layer> scalars
-    checkpoints/         epoch-NNNN.pt every output.checkpoint_every epochs and at the end, the newest
-                         output.checkpoint_keep kept (format: largebatch.checkpoint)
-    summary.json         final numbers (written last; its presence means the run finished)
+The run directory (written by rank 0 only) has the format of :mod:`largebatch.rundir`: trust
+ratios every train.log_every steps, a checkpoint every output.checkpoint_every epochs and at the
+end (the newest output.checkpoint_keep kept), summary.json last.
 """
 import csv
 import json
-import math
 import os
 import platform
 import sys
 import time
 
-from largebatch import __version__
+from largebatch import __version__, rundir
 from largebatch.config import dump_yaml, training_length
 from largebatch.schedules import build_schedule
 
-__all__ = ["RunLog", "make_schedule", "Progress", "Throughput", "versions", "holds_run", "choose_run_dir",
-           "claim_run_dir", "progress_mode"]
-
-METRIC_FIELDS = ("kind", "step", "epoch", "lr", "loss", "accuracy", "images_per_sec", "elapsed_s")
+__all__ = ["RunLog", "make_schedule", "Progress", "Throughput", "versions", "choose_run_dir", "claim_run_dir",
+           "progress_mode"]
 
 
 def make_schedule(exp):
@@ -155,17 +146,17 @@ class RunLog:
         if not self.active:
             return
         os.makedirs(run_dir, exist_ok=True)
-        for stale in ("summary.json",) + (() if append else ("trust_ratios.csv",)):   # a rerun into the same dir
+        for stale in (rundir.SUMMARY,) + (() if append else (rundir.TRUST_RATIOS,)):   # a rerun into the same dir
             path = os.path.join(run_dir, stale)
             if os.path.exists(path):
                 os.remove(path)
-        metrics = os.path.join(run_dir, "metrics.csv")
+        metrics = os.path.join(run_dir, rundir.METRICS)
         keep = append and os.path.exists(metrics) and os.path.getsize(metrics) > 0
         self._csv_fh = open(metrics, "a" if keep else "w", newline="")
-        self._csv = csv.DictWriter(self._csv_fh, METRIC_FIELDS)
+        self._csv = csv.DictWriter(self._csv_fh, rundir.METRIC_FIELDS)
         if not keep:
             self._csv.writeheader()
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a" if keep else "w")
+        self._jsonl = open(os.path.join(run_dir, rundir.METRICS_JSONL), "a" if keep else "w")
         from .tbevents import available
         missing = available() if exp.cfg["output"]["tensorboard"] else None
         if missing:
@@ -173,19 +164,19 @@ class RunLog:
                   file=sys.stderr, flush=True)
         elif exp.cfg["output"]["tensorboard"]:
             from .tbevents import EventWriter
-            tb_dir = os.path.join(run_dir, "tensorboard")
+            tb_dir = os.path.join(run_dir, rundir.TENSORBOARD)
             if os.path.isdir(tb_dir) and not append:   # a rerun into the same directory replaces the run
                 for name in os.listdir(tb_dir):
                     if name.startswith("events.out.tfevents."):
                         os.remove(os.path.join(tb_dir, name))
-            self.tb = EventWriter(os.path.join(run_dir, "tensorboard"))
+            self.tb = EventWriter(tb_dir)
 
     def path(self, *parts):
         return os.path.join(self.run_dir, *parts)
 
     def write_config(self):
         if self.active:
-            with open(self.path("config.yaml"), "w") as fh:
+            with open(self.path(rundir.CONFIG), "w") as fh:
                 fh.write("# resolved by largebatch: every key with its value, plus derived values\n")
                 fh.write("# `largebatch run` on this file repeats the run into a new run directory\n")
                 resolved = self.exp.resolved()
@@ -198,8 +189,8 @@ class RunLog:
             return
         row = {"kind": kind, "step": step, "epoch": round(epoch, 4),
                "elapsed_s": round(time.perf_counter() - self.t0, 3), **values}
-        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self._csv.writerow({k: row.get(k) for k in METRIC_FIELDS})
+        row = rundir.json_safe(row)
+        self._csv.writerow({k: row.get(k) for k in rundir.METRIC_FIELDS})
         self._csv_fh.flush()
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
@@ -212,12 +203,12 @@ class RunLog:
         if not self.active or not ratios:
             return
         if self._trust is None:
-            path = self.path("trust_ratios.csv")
+            path = self.path(rundir.TRUST_RATIOS)
             keep = self.append and os.path.exists(path) and os.path.getsize(path) > 0
             self._trust_fh = open(path, "a" if keep else "w", newline="")
             self._trust = csv.writer(self._trust_fh)
             if not keep:
-                self._trust.writerow(["step", "layer", "trust_ratio"])
+                self._trust.writerow(rundir.TRUST_FIELDS)
         for name, value in ratios.items():
             self._trust.writerow([step, name, f"{value:.6g}"])
         self._trust_fh.flush()
@@ -225,18 +216,12 @@ class RunLog:
             self.tb.scalars(step, {f"trust_ratio/{k}": v for k, v in ratios.items()})
 
     def checkpoint_path(self, name):
-        os.makedirs(self.path("checkpoints"), exist_ok=True)
-        return self.path("checkpoints", name)
+        os.makedirs(self.path(rundir.CHECKPOINTS), exist_ok=True)
+        return self.path(rundir.CHECKPOINTS, name)
 
     def summary(self, values):
-        if not self.active:
-            return
-        values = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
-        tmp = self.path(".summary.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(values, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, self.path("summary.json"))
+        if self.active:
+            rundir.write_summary(self.run_dir, values)
 
     def close(self):
         if not self.active:
@@ -304,43 +289,6 @@ def datasets_and_steps(exp):
     return train_set, val_set
 
 
-# files that show a folder holds a run (a folder `largebatch run` or `largebatch sbatch` has just
-# created holds only launch.sh, job.sbatch, slurm-*.out)
-RUN_FILES = ("summary.json", "metrics.csv", "metrics.jsonl", "trust_ratios.csv", "config.yaml")
-
-
-def holds_run(run_dir):
-    """What shows that ``run_dir`` holds a run (``'summary.json'``, ``'checkpoints/'``, ...), or
-    None: no such folder, an empty one, or one just created for this run."""
-    from largebatch import checkpoint as core
-    if not os.path.isdir(run_dir):
-        return None
-    for name in RUN_FILES:
-        if os.path.exists(os.path.join(run_dir, name)):
-            return name
-    if core.list_checkpoints(os.path.join(run_dir, "checkpoints")):
-        return "checkpoints/"
-    tb = os.path.join(run_dir, "tensorboard")
-    if os.path.isdir(tb) and any(n.startswith("events.out.tfevents.") for n in os.listdir(tb)):
-        return "tensorboard/"
-    return None
-
-
-def run_dir_refusal(run_dir, found):
-    """The one line for a run directory that holds another run."""
-    return (f"output.run_dir: {run_dir} holds another run ({found}); give this run a fresh output.run_dir, "
-            f"or set train.resume=auto (or train.resume=PATH) to continue that one")
-
-
-def fresh_run_dir(base):
-    """``base`` if it does not exist, else the first of ``base-2``, ``base-3``, ... that does not."""
-    candidate, n = base, 1
-    while os.path.exists(candidate):
-        n += 1
-        candidate = f"{base}-{n}"
-    return candidate
-
-
 def choose_run_dir(exp, run_dir):
     """Where this run writes: ``(run_dir, note)``. A run never writes over another run's files:
     with ``train.resume`` (auto or a path) it continues in ``run_dir``; a folder that holds no run
@@ -350,13 +298,13 @@ def choose_run_dir(exp, run_dir):
     from largebatch.config import ConfigError
     if exp.cfg["train"]["resume"] != "none":
         return run_dir, None
-    found = holds_run(run_dir)
+    found = rundir.holds_run(run_dir)
     if found is None:
         return run_dir, None
     if exp.cfg["output"]["run_dir"]:
-        raise ConfigError([run_dir_refusal(run_dir, found)])
+        raise ConfigError([rundir.run_dir_refusal(run_dir, found)])
     while True:
-        fresh = fresh_run_dir(run_dir)
+        fresh = rundir.fresh_run_dir(run_dir)
         try:
             os.makedirs(fresh)
             break

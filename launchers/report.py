@@ -1,7 +1,7 @@
 """``largebatch report RUN_DIR [RUN_DIR ...] [--out DIR] [--x step|epoch] [--no-plots]``: pictures and a
 one-screen summary of finished (or running) runs.
 
-For each run directory (see :mod:`largebatch.runner.common`) it reads ``metrics.csv``,
+For each run directory (its format: :mod:`largebatch.rundir`) it reads ``metrics.csv``,
 ``trust_ratios.csv`` (if any), ``summary.json`` (if the run finished) and ``config.yaml``, and
 writes PNGs:
 
@@ -20,7 +20,8 @@ of run name and global batch. Output: ``RUN_DIR/report/`` for one run, else ``--
 Bad input (not a run directory, no or empty metrics.csv, malformed files) is exit 2 with one
 line per problem naming the path and what was expected; nothing is written then.
 
-Core package: numpy and matplotlib (Agg, no pyplot) are imported only when plotting.
+It sits beside the CLI, above the core (matplotlib is a plotting dependency, not a core one):
+numpy and matplotlib (Agg, no pyplot) are imported only when plotting.
 """
 import argparse
 import csv
@@ -30,9 +31,10 @@ import os
 import sys
 import time
 
+from largebatch import rundir
+
 __all__ = ["main", "load_run", "summary_text", "write_plots", "Run", "ReportError"]
 
-METRIC_COLUMNS = ("kind", "step", "epoch", "lr", "loss", "accuracy", "images_per_sec", "elapsed_s")
 NUMERIC = ("epoch", "lr", "loss", "accuracy", "images_per_sec", "elapsed_s")
 LEGEND_LAYERS = 12          # up to this many layers: a legend of layer names; more: colour only
 
@@ -130,7 +132,7 @@ def _read_metrics(run, path):
     header, rows = _read_csv(path)
     missing = [c for c in ("kind", "step", "loss") if c not in header]
     if missing:
-        raise ReportError(f"{path}: expected the header {','.join(METRIC_COLUMNS)}, got {','.join(header)}")
+        raise ReportError(f"{path}: expected the header {','.join(rundir.METRIC_FIELDS)}, got {','.join(header)}")
     col = {name: i for i, name in enumerate(header)}
     by_kind = {"train": {}, "eval": {}}
     for n, cells in enumerate(rows, start=2):
@@ -157,13 +159,13 @@ def _read_metrics(run, path):
 
 def _read_trust(run, path):
     header, rows = _read_csv(path)
-    if header[:3] != ["step", "layer", "trust_ratio"]:
-        raise ReportError(f"{path}: expected the header step,layer,trust_ratio, got {','.join(header)}")
+    if tuple(header[:3]) != rundir.TRUST_FIELDS:
+        raise ReportError(f"{path}: expected the header {','.join(rundir.TRUST_FIELDS)}, got {','.join(header)}")
     trust = {}
     for n, cells in enumerate(rows, start=2):
         where = f"{path}: line {n}"
         if len(cells) < 3:
-            raise ReportError(f"{where}: expected step,layer,trust_ratio, got {','.join(cells)}")
+            raise ReportError(f"{where}: expected {','.join(rundir.TRUST_FIELDS)}, got {','.join(cells)}")
         step = _number(cells[0], where, "step")
         if step is None:
             raise ReportError(f"{where}: expected a step number, got {cells[0]!r}")
@@ -179,11 +181,11 @@ def load_run(path):
     if not os.path.isdir(path):
         raise ReportError(f"{path}: not a folder (expected a run directory with metrics.csv, e.g. runs/NAME)")
     run = Run(path)
-    metrics = os.path.join(path, "metrics.csv")
+    metrics = os.path.join(path, rundir.METRICS)
     if not os.path.isfile(metrics):
         raise ReportError(f"{path}: no metrics.csv (expected a run directory written by largebatch run)")
     _read_metrics(run, metrics)
-    summary = os.path.join(path, "summary.json")
+    summary = os.path.join(path, rundir.SUMMARY)
     if os.path.isfile(summary):
         try:
             with open(summary) as fh:
@@ -192,7 +194,7 @@ def load_run(path):
             raise ReportError(f"{summary}: expected the JSON object largebatch run writes ({err})") from None
         if not isinstance(run.summary, dict):
             raise ReportError(f"{summary}: expected a JSON object, got {type(run.summary).__name__}")
-    config = os.path.join(path, "config.yaml")
+    config = os.path.join(path, rundir.CONFIG)
     if os.path.isfile(config):
         try:
             import yaml
@@ -201,7 +203,7 @@ def load_run(path):
             run.config = loaded if isinstance(loaded, dict) else {}
         except Exception:          # only a fallback for runs without summary.json
             run.config = {}
-    trust = os.path.join(path, "trust_ratios.csv")
+    trust = os.path.join(path, rundir.TRUST_RATIOS)
     if os.path.isfile(trust) and os.path.getsize(trust) > 0:
         _read_trust(run, trust)
     run.name = str(run.summary.get("name") or run.config.get("name") or run.name)
