@@ -25,6 +25,7 @@ numpy and matplotlib (Agg, no pyplot) are imported only when plotting.
 """
 import argparse
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -183,6 +184,11 @@ def load_run(path):
     run = Run(path)
     metrics = os.path.join(path, rundir.METRICS)
     if not os.path.isfile(metrics):
+        ended = rundir.read_summary(path)
+        if ended is not None:                # stopped during start-up (a signal, a failed rank)
+            raise ReportError(f"{path}: the run stopped before its first step ({rundir.SUMMARY} says status "
+                              f"{ended.get('status', '?')!r}{', by ' + ended['stopped_by'] if ended.get('stopped_by') else ''}; "
+                              f"no {rundir.METRICS})")
         raise ReportError(f"{path}: no metrics.csv (expected a run directory written by largebatch run)")
     _read_metrics(run, metrics)
     summary = os.path.join(path, rundir.SUMMARY)
@@ -579,6 +585,9 @@ def main(argv=None):
             problems.append(str(err))
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         problems.append(f"--out {args.out}: not a folder (expected a folder for the PNGs, new or existing)")
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        problems.append("the PNGs need matplotlib, which is not installed (pip install matplotlib, or "
+                        "largebatch[report]); --no-plots prints the summary alone")
     if problems:
         for line in problems:
             print(f"largebatch report: {line}", file=sys.stderr)

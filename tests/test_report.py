@@ -240,6 +240,35 @@ def test_bad_input_is_exit_2_and_one_line(runs, tmp_path, capsys, case, expected
     assert not (tmp_path / "never").exists()              # nothing written
 
 
+def test_a_run_stopped_during_start_up_is_named_so(tmp_path, capsys):
+    """Only launch.sh and the launcher's summary.json (a Ctrl-C before the first step)."""
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "launch.sh").write_text("#!/bin/sh\n")
+    (run / "summary.json").write_text('{"status": "stopped", "stopped_by": "SIGINT"}')
+    assert report.main([str(run)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"largebatch report: {run}: the run stopped before its first step (summary.json says status 'stopped', "
+        f"by SIGINT; no metrics.csv)"]
+
+
+def test_without_matplotlib_plots_are_refused_in_one_line_and_the_summary_still_works(runs, tmp_path):
+    """matplotlib is not a core dependency: a torch-only install gets one line, not a traceback."""
+    code = ("import sys; sys.modules['matplotlib'] = None; "
+            "from largebatch.launchers import report; sys.exit(report.main(sys.argv[1:]))")
+    out = tmp_path / "pngs"
+    proc = subprocess.run([sys.executable, "-c", code, str(runs[16]), "--out", str(out)], env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["largebatch report: the PNGs need matplotlib, which is not installed (pip "
+                                        "install matplotlib, or largebatch[report]); --no-plots prints the summary "
+                                        "alone"]
+    assert not out.exists()
+    proc = subprocess.run([sys.executable, "-c", code, str(runs[16]), "--no-plots"], env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "trust ratio" in proc.stdout, proc.stderr
+
+
 def test_out_must_be_a_folder(runs, tmp_path, capsys):
     (tmp_path / "f").write_text("")
     assert report.main([str(runs[16]), "--out", str(tmp_path / "f")]) == 2
