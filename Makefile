@@ -13,6 +13,11 @@ setup:
 
 demo: setup
 	$(VENV)/bin/largebatch run examples/synthetic_torch.yaml --np $(NP)
+	@echo
+	@echo "next: the commands live in $(VENV); activate it first:  . $(VENV)/bin/activate"
+	@echo "      largebatch doctor                                  # what is installed and usable"
+	@echo "      largebatch report runs/synthetic_torch             # PNGs and a summary of the run above"
+	@echo "      largebatch run examples/synthetic_keras.yaml --np 2"
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

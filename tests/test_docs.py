@@ -349,3 +349,13 @@ def test_the_optimizer_key_table_is_the_registry():
         written = names if rows[key] == "all" else tuple(u.strip() for u in rows[key].split(","))
         assert sorted(written) == sorted(users), key
     assert all(f"`{n}`" in table.split("\n")[3] for n in names)
+
+
+def test_make_demo_ends_by_saying_how_to_use_the_commands():
+    """After `make demo` a new user's shell has no `largebatch` on PATH: the demo says to activate
+    the venv, and the README says it where the commands start."""
+    out = subprocess.run(["make", "-n", "-s", "demo", "VENV=/nonexistent"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60).stdout
+    assert "activate it first:  . /nonexistent/bin/activate" in out
+    assert "largebatch report runs/synthetic_torch" in out
+    assert "**activate it** (`. .venv/bin/activate`)" in (ROOT / "README.md").read_text()
