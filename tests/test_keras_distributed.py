@@ -60,9 +60,11 @@ def test_fit_equals_single_process_on_concatenated_batches(trained, single, scen
     expected, history = single[scenario]
     got = weights(trained[0], scenario)
     initial = kc.initial_weights()
-    for e, g, w0 in zip(expected, got, initial):
+    for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, rtol=0, atol=atol)
-        assert np.max(np.abs(e - w0)) > 1e-2          # training moved the weights
+    # training moved every tensor, the biases least (the default adapts them: γ·η·‖b‖/‖g‖)
+    moved = [float(np.max(np.abs(e - w0))) for e, w0 in zip(expected, initial)]
+    assert min(moved) > 1e-3 and max(moved) > 1e-2, moved
     # MetricAverage: the ranks' epoch losses averaged = the global batch's
     np.testing.assert_allclose(trained[0][f"{scenario}.loss"], history["loss"], rtol=1e-5 if atol < 1e-4 else 1e-3)
     np.testing.assert_array_equal(trained[0][f"{scenario}.loss"], trained[1][f"{scenario}.loss"])
