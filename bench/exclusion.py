@@ -35,8 +35,7 @@ from torch import nn  # noqa: E402
 import convergence as conv  # noqa: E402
 from _common import DEFAULT_OUT, machine_info, print_header, print_table, write_outputs  # noqa: E402
 from largebatch.torch import LARS, param_groups  # noqa: E402
-
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+from largebatch.torch.groups import normalization_parameters  # noqa: E402
 
 
 class DeepBNCNN(nn.Module):
@@ -61,11 +60,6 @@ class DeepBNCNN(nn.Module):
 NETS = {"plain": conv.DeepPlainCNN, "bn": DeepBNCNN}
 
 
-def norm_parameter_names(model):
-    return {f"{m}.{n}" if m else n for m, module in model.named_modules() if isinstance(module, NORM_LAYERS)
-            for n, _ in module.named_parameters(recurse=False)}
-
-
 def make_lars(rule, model, lr):
     options = dict(lr=lr, momentum=conv.MOMENTUM, weight_decay=conv.WD, trust_coefficient=conv.LARS_ETA)
     if rule == "default":
@@ -75,7 +69,7 @@ def make_lars(rule, model, lr):
     if rule == "none":
         return LARS(param_groups(model, exclude=False), **options)
     if rule == "norm":
-        norms = norm_parameter_names(model)
+        norms = normalization_parameters(model)
         return LARS(param_groups(model, exclude={"adaptation": lambda name, shape: name in norms, "decay": None}),
                     **options)
     if rule == "adapt":
