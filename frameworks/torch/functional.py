@@ -21,14 +21,16 @@ once (:func:`_implementation`) and runs it (:func:`_run`):
 The tensors may mix devices and dtypes: the foreach and fused paths run once per
 (device, dtype) part (:class:`TensorGroups`), as ``torch.optim`` does.
 
-Once a :class:`TensorGroups` exists, no path synchronises with the host (no ``.item()``, no
-Python branch on a tensor value, no ``torch.tensor(...)`` host-to-device copy), so steps queue
-asynchronously on GPUs: the small per-part tensors the kernels take (per-layer decay and adapt
-flags, the fused path's 0-d lr) are made on first use and kept, and the lr is written into its
-tensor in place with ``fill_``. The optimizers keep one TensorGroups per param group; a call
-without one makes it (one small host-to-device copy per flag tensor). ``fused=True`` may also
-synchronise while it compiles (its first steps per shape set).
+No path synchronises with the host (no ``.item()``, no Python branch on a tensor value, no
+blocking host-to-device copy), so steps queue asynchronously on GPUs: the small per-part tensors
+the kernels take (per-layer decay and adapt flags, the fused path's 0-d lr) are copied from
+pinned memory without waiting on first use and then kept, and the lr is written into its tensor
+in place with ``fill_``. The optimizers keep one TensorGroups per param group; a call without
+one makes it anew. ``fused=True`` may synchronise while it compiles (its first steps per shape
+set).
 """
+import inspect
+import types
 import warnings
 
 import torch
@@ -62,12 +64,12 @@ class _Part:
 
     def decay_tensor(self):
         if self._decay_t is None:
-            self._decay_t = torch.tensor(self.decays, device=self.device, dtype=self.dtype)
+            self._decay_t = _to_device(self.decays, self.device, self.dtype)
         return self._decay_t
 
     def adapt_tensor(self):
         if self._adapt_t is None:
-            self._adapt_t = torch.tensor(self.adapts, device=self.device)
+            self._adapt_t = _to_device(self.adapts, self.device, torch.bool)
         return self._adapt_t
 
     def scalar(self, name, value):
@@ -86,11 +88,23 @@ class _Part:
         its entries as it takes a list's; one guarded input, not one per tensor), made once: a
         TensorGroups is remade when the weight decay changes."""
         if self._decay_s is None:
-            self._decay_s = torch.tensor(self.decays, device=self.device, dtype=self._scalar_dtype())
+            self._decay_s = _to_device(self.decays, self.device, self._scalar_dtype())
         return self._decay_s
 
     def _scalar_dtype(self):
         return torch.float32 if self.device.type == "xpu" else torch.float64
+
+
+def _to_device(values, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Python numbers as a tensor on ``device`` without waiting for it: on CUDA through pinned
+    host memory and an asynchronous copy (``torch.tensor(x, device="cuda")`` blocks the host
+    until the copy is done; the caching host allocator keeps the pinned block until it is)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 class TensorGroups:
@@ -157,8 +171,23 @@ def _fused(fn, part, params):
     compiled, not a second spelling of them."""
     key = (fn, part.device, part.dtype, tuple(p.shape for p in params))
     if key not in _compiled:
-        _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, isolate_recompiles=True)
+        if _ISOLATES_RECOMPILES:
+            _compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False, isolate_recompiles=True)
+        else:
+            _compiled[key] = torch.compile(_fresh_code(fn), fullgraph=True, dynamic=False)
     return _compiled[key]
+
+
+# torch.compile(isolate_recompiles=) is newer than torch 2.11 (seen missing there, on a CUDA machine)
+_ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def _fresh_code(fn):
+    """``fn`` with a code object of its own: where torch.compile cannot isolate a region, dynamo
+    still keeps its cache and recompile count per code object, so each copy is a region apart."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 def _run_fused(single, part, picked, ratios, extra, lr, options):
