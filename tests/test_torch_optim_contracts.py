@@ -238,3 +238,27 @@ def test_fused_past_the_recompile_limit_runs_the_loop_and_says_so_once():
     assert fallbacks == ["largebatch: fused=True: torch.compile hit its recompile limit for _single_tensor_lars; "
                          "these steps run uncompiled (raise torch._dynamo.config.recompile_limit or "
                          "accumulated_recompile_limit to compile them)"]
+
+
+def test_fused_regions_stay_apart_on_a_torch_without_isolate_recompiles(monkeypatch):
+    """torch 2.11 (seen on a CUDA machine) has no torch.compile(isolate_recompiles=): each region
+    then compiles a copy of the kernel with a code object of its own. Three shape sets under a
+    recompile limit of 1 each compile (one shared code object would fall back to the loop from
+    the second on), and each equals the loop."""
+    import torch._dynamo
+    monkeypatch.setattr(functional, "_ISOLATES_RECOMPILES", False)
+    monkeypatch.setattr(functional, "_compiled", {})
+    monkeypatch.setattr(functional, "_fell_back", set())
+    options = dict(lr=0.5, momentum=0.9, weight_decay=1e-3)
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rows in (3, 4, 5):
+            shape_set = lambda: [torch.nn.Parameter(torch.randn(rows, 2, generator=torch.Generator().manual_seed(rows)))]  # noqa: E731,B023
+            fused = LARS(shape_set(), **options, fused=True)
+            loop = LARS(shape_set(), **options, foreach=False)
+            for step in range(2):
+                step_with(fused, step)
+                step_with(loop, step)
+            torch.testing.assert_close(params_of(fused)[0], params_of(loop)[0], rtol=1e-6, atol=1e-7)
+    assert not [w for w in caught if "recompile limit" in str(w.message)]
+    assert len({id(region) for region in functional._compiled.values()}) == 3
