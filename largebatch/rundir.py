@@ -19,7 +19,8 @@ from . import checkpoint
 
 __all__ = ["CONFIG", "METRICS", "METRICS_JSONL", "TRUST_RATIOS", "TENSORBOARD", "CHECKPOINTS", "SUMMARY",
            "LAUNCH_SCRIPT", "METRIC_FIELDS", "TRUST_FIELDS", "RUN_FILES", "json_safe", "write_summary", "read_summary",
-           "holds_run", "run_dir_refusal", "fresh_run_dir"]
+           "holds_run", "run_dir_refusal", "fresh_run_dir", "RunDirTaken", "base_run_dir", "resume_path",
+           "choose_run_dir"]
 
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
@@ -92,3 +93,56 @@ def fresh_run_dir(base: str) -> str:
         n += 1
         candidate = f"{base}-{n}"
     return candidate
+
+
+class RunDirTaken(ValueError):
+    """An explicit ``output.run_dir`` holds another run and this one would not continue it; the
+    message is the one line to show (:func:`run_dir_refusal`)."""
+
+
+def base_run_dir(output: dict, name: str) -> str:
+    """``output.run_dir``, else ``<output.dir>/<name>``, absolute (the same on every rank)."""
+    return os.path.abspath(output["run_dir"] or os.path.join(output["dir"], name))
+
+
+def resume_path(resume: str, run_dir: str):
+    """The checkpoint ``train.resume`` names: None for ``none`` (and for ``auto`` in a run
+    directory without checkpoints), the newest in ``run_dir`` for ``auto``, else the path given."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return checkpoint.latest(os.path.join(run_dir, CHECKPOINTS))
+    return resume
+
+
+def choose_run_dir(cfg: dict, *, create: bool = False, requeue: bool = False):
+    """Where a run writes: ``(path, note)``, the one rule for ``largebatch run``, ``largebatch
+    sbatch`` and the ranks started by hand. A run never writes over another run's files:
+
+    - an explicit ``output.run_dir`` is used; if it holds another run and this one does not
+      continue it (``train.resume`` none, and not a requeued Slurm job), :class:`RunDirTaken`;
+    - the default ``<output.dir>/<name>`` is continued by ``train.resume=auto`` (or a checkpoint
+      inside it), used when it holds no run, and else becomes the first free ``<name>-2``,
+      ``-3``, ... (``note`` says so; ``create=True`` makes the folder, so that two runs cannot
+      pick the same one)."""
+    out, resume = cfg["output"], cfg["train"]["resume"]
+    path = base_run_dir(out, cfg["name"])
+    if out["run_dir"]:
+        found = None if resume != "none" or requeue else holds_run(path)
+        if found:
+            raise RunDirTaken(run_dir_refusal(path, found))
+        return path, None
+    continues = resume == "auto" or (resume != "none" and os.path.abspath(resume).startswith(path + os.sep))
+    found = None if continues else holds_run(path)
+    if found is None:
+        return path, None
+    while True:
+        fresh = fresh_run_dir(path)
+        if not create:
+            break
+        try:
+            os.makedirs(fresh)
+            break
+        except FileExistsError:          # another run took it in between
+            continue
+    return fresh, f"{path} holds another run ({found}); this run writes to {fresh}"

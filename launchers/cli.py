@@ -69,24 +69,14 @@ def _load(args, data_notes=None):
     return load(args.experiment, list(args.overrides) + _flag_overrides(args), data_notes=data_notes)
 
 
-def run_dir_for(exp):
-    """``output.run_dir``, else ``<output.dir>/<name>``, made unique with ``-2``, ``-3``, ...
-    (``train.resume=auto`` continues ``<output.dir>/<name>`` itself)."""
-    from largebatch.rundir import fresh_run_dir
-    if exp.cfg["output"]["run_dir"]:
-        return os.path.abspath(exp.cfg["output"]["run_dir"])
-    base = os.path.abspath(os.path.join(exp.cfg["output"]["dir"], exp.cfg["name"]))
-    if exp.cfg["train"]["resume"] == "auto":
-        return base
-    return fresh_run_dir(base)
-
-
-def run_dir_problems(exp, run_dir, resumes=None):
-    """One line when ``run_dir`` holds another run and this one would not continue it."""
-    from largebatch.rundir import holds_run, run_dir_refusal
-    resumes = exp.cfg["train"]["resume"] != "none" if resumes is None else resumes
-    found = None if resumes else holds_run(run_dir)
-    return [run_dir_refusal(run_dir, found)] if found else []
+def run_dir_for(exp, requeue=False):
+    """``(run_dir, problems)``: where the run writes (:func:`largebatch.rundir.choose_run_dir`,
+    nothing created), or the one line refusing an explicit folder that holds another run."""
+    from largebatch import rundir
+    try:
+        return rundir.choose_run_dir(exp.cfg, requeue=requeue)[0], []
+    except rundir.RunDirTaken as err:
+        return None, [str(err)]
 
 
 def resume_problems(exp, run_dir):
@@ -94,11 +84,11 @@ def resume_problems(exp, run_dir):
     anything is launched: the file's integrity (size and SHA-256, largebatch.checkpoint.read), the
     framework that wrote it and its model's name. The ranks check the model's signature (the
     names and shapes of its tensors) when they have built the model."""
-    from largebatch import checkpoint as core
+    from largebatch import checkpoint as core, rundir
     resume = exp.cfg["train"]["resume"]
     if resume == "none":
         return []
-    path = core.latest(os.path.join(run_dir, "checkpoints")) if resume == "auto" else resume
+    path = rundir.resume_path(resume, run_dir)
     if path is None:
         return []
     try:
@@ -139,8 +129,8 @@ def cmd_run(args):
     except ConfigError as err:
         return _fail(err.problems)
     overrides = list(args.overrides) + _flag_overrides(args)
-    run_dir = run_dir_for(exp)
-    problems = run_dir_problems(exp, run_dir) or resume_problems(exp, run_dir)
+    run_dir, problems = run_dir_for(exp)
+    problems = problems or resume_problems(exp, run_dir)
     if problems:
         return _fail(problems)
     try:
@@ -532,9 +522,8 @@ def cmd_sbatch(args):
     except ConfigError as err:
         return _fail(err.problems)
     from . import sbatch
-    run_dir = run_dir_for(exp)
-    resumes = exp.cfg["train"]["resume"] != "none" or args.requeue
-    problems = run_dir_problems(exp, run_dir, resumes=resumes) or resume_problems(exp, run_dir)
+    run_dir, problems = run_dir_for(exp, requeue=args.requeue)
+    problems = problems or resume_problems(exp, run_dir)
     if problems:
         return _fail(problems)
     try:

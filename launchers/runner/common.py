@@ -15,7 +15,7 @@ from largebatch import __version__, rundir
 from largebatch.config import dump_yaml, training_length
 from largebatch.schedules import build_schedule
 
-__all__ = ["RunLog", "make_schedule", "Progress", "Throughput", "versions", "choose_run_dir", "claim_run_dir",
+__all__ = ["RunLog", "make_schedule", "Progress", "Throughput", "versions", "claim_run_dir", "read_resume",
            "progress_mode"]
 
 
@@ -289,83 +289,46 @@ def datasets_and_steps(exp):
     return train_set, val_set
 
 
-def choose_run_dir(exp, run_dir):
-    """Where this run writes: ``(run_dir, note)``. A run never writes over another run's files:
-    with ``train.resume`` (auto or a path) it continues in ``run_dir``; a folder that holds no run
-    is used as it is; over another run, an explicit ``output.run_dir`` is refused (ConfigError,
-    one line) and the default ``<output.dir>/<name>`` becomes ``<name>-2``, ``-3``, ... as with
-    ``largebatch run`` (created here, so that two runs cannot pick the same one)."""
-    from largebatch.config import ConfigError
-    if exp.cfg["train"]["resume"] != "none":
-        return run_dir, None
-    found = rundir.holds_run(run_dir)
-    if found is None:
-        return run_dir, None
-    if exp.cfg["output"]["run_dir"]:
-        raise ConfigError([rundir.run_dir_refusal(run_dir, found)])
-    while True:
-        fresh = rundir.fresh_run_dir(run_dir)
-        try:
-            os.makedirs(fresh)
-            break
-        except FileExistsError:          # another run took it in between
-            continue
-    return fresh, f"{run_dir} holds another run ({found}); this run writes to {fresh}"
-
-
-def claim_run_dir(exp, run_dir, hvd, rank, elastic=False):
-    """Rank 0 decides where the run writes (:func:`choose_run_dir`); every rank gets the answer
-    (or the refusal: ConfigError, exit 2, on every rank, before anything is written). Horovod
-    Elastic ranks skip it (a rank joining later could not take part in the broadcast):
-    ``largebatch run`` checks the folder before it launches."""
+def claim_run_dir(exp, comm, elastic=False):
+    """Rank 0 decides where the run writes (:func:`largebatch.rundir.choose_run_dir`, the folder
+    created); every rank gets the answer (or the refusal: ConfigError, exit 2, on every rank,
+    before anything is written). Horovod Elastic ranks skip it (a rank joining later could not
+    take part in the broadcast): ``largebatch run`` checks the folder before it launches."""
     from largebatch.config import ConfigError
     if elastic:
-        return run_dir
+        return rundir.base_run_dir(exp.cfg["output"], exp.cfg["name"])
     answer = None
-    if rank == 0:
+    if comm.rank() == 0:
         try:
-            answer = choose_run_dir(exp, run_dir) + (None,)
-        except ConfigError as err:
-            answer = (None, None, err.problems[0])
-    if hvd.size() > 1:
-        answer = hvd.broadcast_object(answer, root_rank=0, name="largebatch.run_dir")
-    path, note, problem = answer
+            answer = rundir.choose_run_dir(exp.cfg, create=True) + (None,)
+        except rundir.RunDirTaken as err:
+            answer = (None, None, str(err))
+    path, note, problem = comm.broadcast_object(answer, name="largebatch.run_dir")
     if problem:
         raise ConfigError([problem])
-    if note and rank == 0:
+    if note and comm.rank() == 0:
         print(f"largebatch: {note}", file=sys.stderr, flush=True)
     return path
 
 
-def resolve_resume(cfg, run_dir):
-    """The checkpoint to resume from, or None (train.resume: auto | PATH | none)."""
-    from largebatch import checkpoint as core
-    resume = cfg["train"]["resume"]
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return core.latest(os.path.join(run_dir, "checkpoints"))
-    return resume
-
-
-def read_resume(cfg, run_dir, hvd, rank, load, rng_state):
+def read_resume(cfg, run_dir, comm, load, rng_state):
     """Rank 0 resolves ``train.resume`` and calls ``load(path, cfg_hash)`` (the adapter's
     load_checkpoint, filling model and optimizer in place); every rank gets the same
     ``{path, step, epoch, extra, warning, rng}`` (or None). A bad checkpoint raises ConfigError
     (exit 2) on every rank, before anything in the run directory is written."""
     from largebatch import checkpoint as core
     from largebatch.config import ConfigError
-    path = resolve_resume(cfg, run_dir)
+    path = rundir.resume_path(cfg["train"]["resume"], run_dir)
     info, error = None, None
-    if path is not None and rank == 0:
+    if path is not None and comm.rank() == 0:
         try:
             got = load(path, core.config_hash(cfg))
             info = {"path": os.path.abspath(path), "step": got["step"], "epoch": got["epoch"],
                     "extra": got["extra"], "warning": got["warning"], "rng": rng_state()}
         except core.CheckpointError as err:
             error = f"train.resume: {err}"
-    if path is not None and hvd.size() > 1:
-        info, error = hvd.broadcast_object((info, error), root_rank=0, name="largebatch.resume")
+    if cfg["train"]["resume"] != "none":    # every rank takes part, found here or not (other hosts)
+        info, error = comm.broadcast_object((info, error), name="largebatch.resume")
     if error:
         raise ConfigError([error])
     return info

@@ -6,7 +6,9 @@ import sys
 from largebatch.config import ConfigError, load
 from largebatch.launchers import threads as thread_rules
 
-__all__ = ["main", "world_size_from_env", "world_rank_from_env", "run_dir_of"]
+from . import driver
+
+__all__ = ["main", "world_size_from_env", "world_rank_from_env"]
 
 
 def world_size_from_env(env=None):
@@ -32,12 +34,6 @@ def world_rank_from_env(env=None):
     if env.get("SLURM_STEP_ID") is not None and env.get("SLURM_PROCID", "").isdigit():
         return int(env["SLURM_PROCID"])
     return 0
-
-
-def run_dir_of(exp):
-    """``output.run_dir``, else ``<output.dir>/<name>`` (the same on every rank)."""
-    out = exp.cfg["output"]
-    return os.path.abspath(out["run_dir"] or os.path.join(out["dir"], exp.cfg["name"]))
 
 
 class Loader:
@@ -89,7 +85,7 @@ def main(argv=None):
 
     module = importlib.import_module(f".{exp.cfg['framework']}_train", __package__)
     try:
-        return module.run(exp, loader, threads)
+        return driver.run(module.FRAMEWORK(), exp, loader, threads)
     except ConfigError as err:          # found at run time (data folder contents, world size)
         if rank == 0:
             for line in err.problems:

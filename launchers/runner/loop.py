@@ -1,7 +1,7 @@
 """The training loop's skeleton, shared by the torch and Keras runners.
 
-A framework's runner builds its model, optimizer and data and drives its own steps (a Python
-loop for torch, ``model.fit`` for Keras). Everything around a step is here, once:
+The driver (:mod:`.driver`) sets a run up; a framework part drives its own steps (a Python loop
+for torch, ``model.fit`` for Keras). Everything around a step is here, once:
 
 - after every optimizer update (:meth:`TrainingLoop.after_step`): the loss averaged over ranks,
   images/s, metrics and trust ratios every ``train.log_every`` steps, progress, the divergence
@@ -11,8 +11,8 @@ loop for torch, ``model.fit`` for Keras). Everything around a step is here, once
 - at the end (:meth:`TrainingLoop.finish`): summary.json, the world record (hosts, identical
   weights), the closing line and the exit code; and the summary when a signal ends the run.
 
-The runner hands over what differs in a :class:`Hooks`: its collectives, evaluation,
-checkpoint writer, trust ratios, rank check and weights.
+The framework part hands over what differs in a :class:`Hooks` (evaluation, checkpoint writer,
+trust ratios, rank check, weights); the collectives are the engine's :class:`~.comm.Comm`.
 """
 import math
 import signal
@@ -27,7 +27,6 @@ from largebatch.consistency import RankDivergenceError
 from . import lifeline
 from .common import (Progress, RunLog, Throughput, announce_resume, claim_run_dir, datasets_and_steps, make_schedule,
                      save_run_checkpoint, summary_dict, versions, weights_digest, world_record)
-from .entry import run_dir_of
 
 __all__ = ["Hooks", "TrainingLoop", "prepare", "accumulation_for"]
 
@@ -44,28 +43,24 @@ def accumulation_for(derived, size, elastic):
     return acc
 
 
-def prepare(exp, loader, hvd, *, elastic=False):
-    """After ``hvd.init()``: the experiment for the real world size (``loader(size)``, unless an
+def prepare(exp, loader, comm, *, elastic=False):
+    """Once the engine runs: the experiment for the real world size (``loader(size)``, unless an
     elastic job, whose size changes), this rank's data, the schedule and the claimed run
     directory. Returns (exp, train_set, val_set, schedule, run_dir)."""
-    if not elastic and exp.derived["np"] != hvd.size():
-        exp = loader(hvd.size())
+    if not elastic and exp.derived["np"] != comm.size():
+        exp = loader(comm.size())
     train_set, val_set = datasets_and_steps(exp)
     schedule = make_schedule(exp)
-    run_dir = claim_run_dir(exp, run_dir_of(exp), hvd, hvd.rank(), elastic)    # never over another run's files
+    run_dir = claim_run_dir(exp, comm, elastic)    # never over another run's files
     return exp, train_set, val_set, schedule, run_dir
 
 
 @dataclass
 class Hooks:
-    """What a framework gives the loop. ``mean``/``maximum``: a float averaged / maximised over
-    ranks (one small allreduce); ``evaluate()``: {'loss', 'accuracy'} over the validation set
+    """What a framework gives the loop. ``evaluate()``: {'loss', 'accuracy'} over the validation set
     (every rank; None when there is none); ``save(path, model, optimizer, **kw)``: the adapter's
     save_checkpoint; ``weights()``: the parameters as NumPy arrays, in order; ``check_ranks(label)``
     raises RankDivergenceError; ``trust_ratios()``: {layer: ratio}."""
-    mean: Callable
-    maximum: Callable
-    allgather_object: Callable
     save: Callable
     model: object
     optimizer: Callable                  # () -> the optimizer to checkpoint (Keras wraps it late)
@@ -80,11 +75,11 @@ class TrainingLoop:
     updates done; ``status`` is 'completed' until something stops the run ('diverged',
     'nonfinite', 'ranks_diverged', 'stopped')."""
 
-    def __init__(self, exp, hooks, *, run_dir, rank, size, accumulation, threads, resumed, schedule,
+    def __init__(self, exp, hooks, comm, *, run_dir, accumulation, threads, resumed, schedule,
                  track_trust_ratios, check_ranks=True, elastic=False):
         cfg, d = exp.cfg, exp.derived
         self.exp, self.hooks, self.run_dir, self.threads, self.schedule = exp, hooks, run_dir, threads, schedule
-        self.rank, self.size = rank, size
+        self.comm, self.rank, self.size = comm, comm.rank(), comm.size()
         self.total, self.steps_per_epoch, self.global_batch = d["total_steps"], d["steps_per_epoch"], d["global_batch"]
         self.log_every, self.checkpoint_every = cfg["train"]["log_every"], cfg["output"]["checkpoint_every"]
         self.check_every = cfg["train"]["check_ranks_every"] if check_ranks and hooks.check_ranks else 0
@@ -95,13 +90,13 @@ class TrainingLoop:
         self.status, self.stopped_by, self.checkpoint = "completed", None, None
         self.final_loss, self.eval_result = float("nan"), None
         self.step = self.logged = int(resumed["step"]) if resumed else 0
-        self.log = RunLog(run_dir, exp, rank, append=resumed is not None)
+        self.log = RunLog(run_dir, exp, self.rank, append=resumed is not None)
         self.log.write_config()
-        self.progress = Progress(self.total, cfg["output"]["progress"], cfg["name"], rank)
+        self.progress = Progress(self.total, cfg["output"]["progress"], cfg["name"], self.rank)
         self.rate = Throughput()
         self.started = time.perf_counter()
         if resumed is not None:
-            announce_resume(resumed, rank, self.steps_per_epoch)
+            announce_resume(resumed, self.rank, self.steps_per_epoch)
             self.progress.update(self.step)
         lifeline.set_on_signal(self._on_signal)
         lifeline.set_graceful()
@@ -130,7 +125,7 @@ class TrainingLoop:
             except RankDivergenceError as err:
                 return self._stop("ranks_diverged", f"largebatch: {err}; stopping")
         # a stop signal on any rank: every rank stops after this same step (one small allreduce)
-        stop = int(self.hooks.maximum(float(lifeline.stop_requested())))
+        stop = int(self.comm.maximum(float(lifeline.stop_requested()), name="largebatch.stop"))
         if stop:
             self.stopped_by = signal.Signals(stop).name
             if self.rank == 0 and step < self.total:
@@ -140,7 +135,7 @@ class TrainingLoop:
         return True
 
     def _log_step(self, step, local_loss):
-        self.final_loss = loss = float(self.hooks.mean(local_loss))
+        self.final_loss = loss = self.comm.mean(local_loss, name="largebatch.loss")
         lr = float(self.schedule(step - 1))              # the rate this update used
         ips = self.rate.tick(self.global_batch * max(step - self.logged, 0))
         self.logged = step
@@ -184,11 +179,13 @@ class TrainingLoop:
         last update commits after its evaluation and checkpoint instead, the last one not at all)."""
         return self.elastic and step % self.commit_every == 0 and step % self.steps_per_epoch and step < self.total
 
-    def rebind(self, rank, size, step):
-        """An elastic reset: this process is now ``rank`` of ``size``, with the accumulation steps
-        that keep the global batch (``self.accumulation``), going on from ``step`` (it logs if it
-        became rank 0; the reset is recorded in summary.json's ``elastic.resets``)."""
+    def rebind(self, step):
+        """An elastic reset: this process is now ``comm.rank()`` of ``comm.size()``, with the
+        accumulation steps that keep the global batch (``self.accumulation``), going on from
+        ``step`` (it logs if it became rank 0; the reset is recorded in summary.json's
+        ``elastic.resets``)."""
         cfg, d = self.exp.cfg, self.exp.derived
+        rank, size = self.comm.rank(), self.comm.size()
         accumulation = accumulation_for(d, size, self.elastic)
         if (rank == 0) != self.log.active:      # the former rank 0 left: this process logs now
             self.log.close()
@@ -226,7 +223,7 @@ class TrainingLoop:
         if self.status == "stopped":
             summary.update(stopped_by=self.stopped_by, checkpoint=self.checkpoint)
         if self.status == "completed":
-            summary.update(world_record(self.hooks.allgather_object, weights_digest(self.hooks.weights())))
+            summary.update(world_record(self.comm.allgather_object, weights_digest(self.hooks.weights())))
         if self.elastic:
             d = self.exp.derived
             fields = dict(fields, accumulation_steps=self.accumulation,

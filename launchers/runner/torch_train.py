@@ -1,7 +1,6 @@
-"""The PyTorch training loop each rank runs (Horovod, largebatch.torch optimizers)."""
+"""PyTorch's part of a run (:class:`TorchPart`, the driver's :class:`~.driver.Framework`):
+Horovod, the largebatch.torch optimizers, and a Python loop over micro-batches."""
 import importlib
-import os
-import types
 
 import numpy as np
 
@@ -9,12 +8,13 @@ from largebatch import registry
 from largebatch.horovod_support import import_horovod
 from largebatch.schedules import momentum_correction
 from . import faults
+from .comm import HorovodComm
 from .common import read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
-from .loop import Hooks, TrainingLoop, accumulation_for, prepare
-from .params import announce_exclusion
+from .driver import Framework
+from .loop import Hooks
 
-__all__ = ["run", "build_model", "build_optimizer"]
+__all__ = ["TorchPart", "FRAMEWORK", "build_model", "build_optimizer"]
 
 
 def build_model(cfg, derived):
@@ -46,42 +46,6 @@ def _to_torch(batch, torch):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(y)
 
 
-def _evaluate(model, val, cfg, derived, hvd, torch, rank, size):
-    model.eval()
-    loss_sum = correct = count = 0.0
-    batches = eval_batches(len(val), rank=rank, size=size, batch=derived["per_worker_batch"])
-    with torch.no_grad():
-        for batch in Prefetcher(val, batches, train=False, workers=cfg["data"]["loader_workers"]):
-            x, y = _to_torch(batch, torch)
-            out = model(x)
-            loss_sum += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
-            correct += float((out.argmax(1) == y).sum())
-            count += len(y)
-    totals = hvd.allreduce(torch.tensor([loss_sum, correct, count], dtype=torch.float64), op=hvd.Sum,
-                           name="largebatch.eval")
-    model.train()
-    loss_sum, correct, count = totals.tolist()
-    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
-
-
-def _load_resume(cfg, run_dir, model, optimizer, hvd, rank):
-    """Rank 0 reads and checks the checkpoint into model and optimizer (before the Horovod
-    broadcast); every rank gets step, epoch, extra and RNG (see common.read_resume)."""
-    lbt_ckpt = importlib.import_module("largebatch.torch.checkpoint")
-    info = read_resume(cfg, run_dir, hvd, rank, rng_state=lbt_ckpt.rng_state,
-                       load=lambda path, cfg_hash: lbt_ckpt.load_checkpoint(path, model, optimizer, cfg_hash=cfg_hash))
-    if info is not None and hvd.size() > 1:
-        # hvd.broadcast_optimizer_state needs the same state layout on every rank (rank 0's
-        # loaded state may hold slots, e.g. trust ratios, that the others create lazily):
-        # send the layout (shapes, dtypes, scalars), not the values, which the broadcast sends
-        layout = _state_layout(optimizer.state_dict()) if rank == 0 else None
-        layout = hvd.broadcast_object(layout, root_rank=0, name="largebatch.resume_layout")
-        if rank != 0:
-            optimizer.load_state_dict(_from_layout(layout))
-            lbt_ckpt.set_rng_state(info["rng"])
-    return info
-
-
 def _state_layout(sd):
     import torch
     state = {pid: {k: (("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v))
@@ -96,84 +60,134 @@ def _from_layout(layout):
     return {"state": state, "param_groups": layout["param_groups"]}
 
 
-def run(exp, loader, threads):
-    import torch
-    faults.horovod_timeouts()
-    hvd = import_horovod("torch")
-    hvd.init()
-    t, i, _ = threads
-    torch.set_num_threads(t)
-    try:
-        torch.set_num_interop_threads(i)
-    except RuntimeError:       # already set (a parallel region ran), keep going
-        pass
-    # elastic only when horovodrun started an elastic job (a plain launch of the YAML trains as usual)
-    elastic = exp.cfg["launcher"]["elastic"] and os.environ.get("HOROVOD_ELASTIC") == "1"
-    torch.manual_seed(exp.cfg["train"]["seed"])
-    exp, train_set, val_set, schedule, run_dir = prepare(exp, loader, hvd, elastic=elastic)
-    cfg, derived = exp.cfg, exp.derived
-    rank, size = hvd.rank(), hvd.size()
-    pw, spe, total = derived["per_worker_batch"], derived["steps_per_epoch"], derived["total_steps"]
+class TorchPart(Framework):
+    """A run with PyTorch over Horovod: ``largebatch.torch.distributed_optimizer`` averages the
+    gradients, ``broadcast_state`` sends rank 0's parameters and state, the loop below steps."""
 
-    model = build_model(cfg, derived)
-    model.train()
-    announce_exclusion(exp, model, rank)
-    o = cfg["optimizer"]
-    info = registry.get(o["name"])
-    track = cfg["output"]["trust_ratios"] and info.layerwise
-    optimizer = build_optimizer(cfg, model, schedule(0), track)
-    lbt = importlib.import_module("largebatch.torch")
-    lbt_ckpt = importlib.import_module("largebatch.torch.checkpoint")
-    acc = accumulation_for(derived, size, elastic)
-    # Horovod re-creates the optimizer (its state is not carried over): load into the wrapped one
-    optimizer = lbt.distributed_optimizer(optimizer, model, backward_passes_per_step=acc, broadcast=False)
-    resumed = _load_resume(cfg, run_dir, model, optimizer, hvd, rank)   # before anything is written
-    if not elastic:
-        lbt.broadcast_state(model, optimizer)                           # rank 0's parameters and state
-    rank_check = lbt.RankConsistencyCheck(model, optimizer, hvd=hvd)
-    loop = TrainingLoop(
-        exp, Hooks(mean=lambda x: float(hvd.allreduce(torch.tensor(x), op=hvd.Average, name="largebatch.loss")),
-                   maximum=lambda x: float(hvd.allreduce(torch.tensor(x), op=hvd.Max, name="largebatch.stop")),
-                   allgather_object=hvd.allgather_object, save=lbt_ckpt.save_checkpoint, model=model,
-                   optimizer=lambda: optimizer, weights=lambda: (p.detach().cpu().numpy() for p in model.parameters()),
-                   evaluate=(lambda: _evaluate(model, val_set, cfg, derived, hvd, torch, loop.rank, loop.size))
-                   if val_set is not None else None,
-                   check_ranks=rank_check.check, trust_ratios=optimizer.trust_ratios if track else None),
-        run_dir=run_dir, rank=rank, size=size, accumulation=acc, threads=threads, resumed=resumed,
-        schedule=schedule, track_trust_ratios=track, check_ranks=size > 1 or elastic, elastic=elastic)
+    def start_engine(self, threads):
+        import torch
+        self.torch = torch
+        faults.horovod_timeouts()
+        self.hvd = hvd = import_horovod("torch")
+        hvd.init()
+        torch.set_num_threads(threads[0])
+        try:
+            torch.set_num_interop_threads(threads[1])
+        except RuntimeError:       # already set (a parallel region ran), keep going
+            pass
+        self.comm = HorovodComm(hvd, lambda v: torch.tensor(v, dtype=torch.float64), lambda t: t.tolist())
+        self.lbt = importlib.import_module("largebatch.torch")
+        return self.comm
 
-    guard = importlib.import_module("largebatch.torch.guard").NonFiniteGuard(model, optimizer, hvd=hvd)
-    on_nonfinite = cfg["train"]["on_nonfinite"]
-    fault = faults.from_env(rank)
-    smoothing = cfg["train"]["label_smoothing"]
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=smoothing) if smoothing else torch.nn.CrossEntropyLoss()
-    clars = info.per_example_norms
-    correct_momentum = cfg["schedule"]["momentum_correction"] and info.holds_lr("torch")
-    autocast, scaler = _precision(cfg["train"]["precision"], torch, next(model.parameters()).device.type)
-    if scaler is not None and resumed is not None and resumed["extra"].get("grad_scaler"):
-        scaler.load_state_dict(resumed["extra"]["grad_scaler"])          # the fp16 loss scale goes on
-    workers = cfg["data"]["loader_workers"]
-    world = {"scaler_skips": 0}
+    def seed(self, seed):
+        self.torch.manual_seed(seed)
 
-    def extra(state):
+    def build_model(self, exp):
+        self.exp = exp
+        self.model = build_model(exp.cfg, exp.derived)
+        self.model.train()
+        return self.model
+
+    def build_optimizer(self, exp, model, schedule, accumulation, elastic):
+        cfg = exp.cfg
+        self.info = registry.get(cfg["optimizer"]["name"])
+        self.track = cfg["output"]["trust_ratios"] and self.info.layerwise
+        optimizer = build_optimizer(cfg, model, schedule(0), self.track)
+        # Horovod re-creates the optimizer (its state is not carried over): load into the wrapped one
+        self.optimizer = self.lbt.distributed_optimizer(optimizer, model, backward_passes_per_step=accumulation,
+                                                        broadcast=False)
+
+    def load_resume(self, exp, run_dir):
+        """Rank 0 reads and checks the checkpoint into model and optimizer (before the broadcast);
+        every rank gets step, epoch, extra and RNG (see common.read_resume)."""
+        ckpt = importlib.import_module("largebatch.torch.checkpoint")
+        model, optimizer, comm = self.model, self.optimizer, self.comm
+        info = read_resume(exp.cfg, run_dir, comm, rng_state=ckpt.rng_state,
+                           load=lambda path, cfg_hash: ckpt.load_checkpoint(path, model, optimizer, cfg_hash=cfg_hash))
+        if info is not None and comm.size() > 1:
+            # the optimizer-state broadcast needs the same state layout on every rank (rank 0's
+            # loaded state may hold slots, e.g. trust ratios, that the others create lazily):
+            # send the layout (shapes, dtypes, scalars), not the values, which the broadcast sends
+            layout = _state_layout(optimizer.state_dict()) if comm.rank() == 0 else None
+            layout = comm.broadcast_object(layout, name="largebatch.resume_layout")
+            if comm.rank() != 0:
+                optimizer.load_state_dict(_from_layout(layout))
+                ckpt.set_rng_state(info["rng"])
+        self.resumed = info
+        return info
+
+    def broadcast_initial(self):
+        self.lbt.broadcast_state(self.model, self.optimizer)
+
+    def hooks(self, val_set):
+        self.val_set = val_set
+        ckpt = importlib.import_module("largebatch.torch.checkpoint")
+        model, optimizer = self.model, self.optimizer
+        return Hooks(save=ckpt.save_checkpoint, model=model, optimizer=lambda: optimizer,
+                     weights=lambda: (p.detach().cpu().numpy() for p in model.parameters()),
+                     evaluate=self.evaluate if val_set is not None else None,
+                     check_ranks=self.lbt.RankConsistencyCheck(model, optimizer, hvd=self.hvd).check,
+                     trust_ratios=optimizer.trust_ratios if self.track else None)
+
+    def attach(self, loop, train_set, schedule, resumed):
+        torch, cfg = self.torch, self.exp.cfg
+        self.loop, self.train_set, self.schedule = loop, train_set, schedule
+        self.guard = importlib.import_module("largebatch.torch.guard").NonFiniteGuard(self.model, self.optimizer,
+                                                                                     hvd=self.hvd)
+        self.fault = faults.from_env(loop.rank)
+        smoothing = cfg["train"]["label_smoothing"]
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=smoothing) if smoothing else torch.nn.CrossEntropyLoss()
+        self.correct_momentum = cfg["schedule"]["momentum_correction"] and self.info.holds_lr("torch")
+        self.autocast, self.scaler = _precision(cfg["train"]["precision"], torch,
+                                                next(self.model.parameters()).device.type)
+        if self.scaler is not None and resumed is not None and resumed["extra"].get("grad_scaler"):
+            self.scaler.load_state_dict(resumed["extra"]["grad_scaler"])     # the fp16 loss scale goes on
+        self.scaler_skips = 0
+        start = dict(step=loop.step, skipped=0, last_lr=schedule(0))
+        if resumed is not None:
+            start.update(skipped=int(resumed["extra"].get("skipped_steps", 0)),
+                         last_lr=resumed["extra"].get("last_lr", schedule(max(loop.step - 1, 0))))
+        return start
+
+    # -- training -------------------------------------------------------------------------
+    def evaluate(self):
+        """Loss and accuracy over the validation set, every rank its share, summed over ranks."""
+        torch, model, derived, loop = self.torch, self.model, self.exp.derived, self.loop
+        model.eval()
+        loss_sum = correct = count = 0.0
+        batches = eval_batches(len(self.val_set), rank=loop.rank, size=loop.size, batch=derived["per_worker_batch"])
+        with torch.no_grad():
+            for batch in Prefetcher(self.val_set, batches, train=False, workers=self.exp.cfg["data"]["loader_workers"]):
+                x, y = _to_torch(batch, torch)
+                out = model(x)
+                loss_sum += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
+                correct += float((out.argmax(1) == y).sum())
+                count += len(y)
+        loss_sum, correct, count = self.comm.sum([loss_sum, correct, count], name="largebatch.eval")
+        model.train()
+        return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
+
+    def _extra(self, state):
         out = {"last_lr": state.last_lr, "skipped_steps": state.skipped}
-        if scaler is not None:
-            out["grad_scaler"] = {k: (float(v) if isinstance(v, float) else v) for k, v in scaler.state_dict().items()}
+        if self.scaler is not None:
+            out["grad_scaler"] = {k: (float(v) if isinstance(v, float) else v)
+                                  for k, v in self.scaler.state_dict().items()}
         return out
 
-    def set_lr(state, lr):
-        factor = momentum_correction(lr, state.last_lr) if correct_momentum else 1.0
-        for group in optimizer.param_groups:
+    def _set_lr(self, state, lr):
+        factor = momentum_correction(lr, state.last_lr) if self.correct_momentum else 1.0
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
             if factor != 1.0:
                 for p in group["params"]:
-                    buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                    buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
                     if buf is not None:
                         buf.mul_(factor)
         state.last_lr = lr
 
-    def apply_update(state, step):
+    def _apply_update(self, state, step):
         """Average, check and apply this step's gradients; False stops the run."""
+        optimizer, scaler = self.optimizer, self.scaler
         optimizer.synchronize()                      # gradients averaged over ranks
         if scaler is not None:
             # fp16: unscale the averaged gradients; an inf from the loss scale skips the step (the
@@ -183,24 +197,45 @@ def run(exp, loader, threads):
             with optimizer.skip_synchronize():
                 scaler.step(optimizer)
             scaler.update()
-            world["scaler_skips"] += scaler.get_scale() < scale
+            self.scaler_skips += scaler.get_scale() < scale
             return True
-        bad = guard.check(step, include_ratios=track)   # one reduced flag, one host read
+        bad = self.guard.check(step, include_ratios=self.track)   # one reduced flag, one host read
         if bad is None:
             with optimizer.skip_synchronize():
                 optimizer.step()
             return True
-        if on_nonfinite == "stop":
-            return loop.stop_nonfinite(f"largebatch: {bad.message}; stopping (train.on_nonfinite=stop)")
+        if self.exp.cfg["train"]["on_nonfinite"] == "stop":
+            return self.loop.stop_nonfinite(f"largebatch: {bad.message}; stopping (train.on_nonfinite=stop)")
         state.skipped += 1
-        loop.say(f"largebatch: {bad.message}; step skipped (train.on_nonfinite=skip, {state.skipped} skipped so far)")
+        self.loop.say(f"largebatch: {bad.message}; step skipped (train.on_nonfinite=skip, "
+                      f"{state.skipped} skipped so far)")
         return True
 
-    def train(state):
+    def _forward_backward(self, micro, acc, window):
+        """One update's micro-batches: forward, scaled backward, CLARS's per-example norms."""
+        torch, model, scaler = self.torch, self.model, self.scaler
+        clars = self.info.per_example_norms
+        norm_sums, seen = None, 0
+        for _ in range(acc):
+            x, y = _to_torch(next(micro), torch)
+            with self.autocast():
+                loss = self.loss_fn(model(x), y)
+            (scaler.scale(loss / acc) if scaler else loss / acc).backward()
+            window[0] += float(loss.detach())
+            window[1] += 1
+            if clars:
+                sums, n = self.lbt.per_example_norm_sums(model, self.loss_fn, x, y, allreduce=True)
+                norm_sums = sums if norm_sums is None else {p: norm_sums[p] + s for p, s in sums.items()}
+                seen += n
+        if clars:
+            self.optimizer.set_per_example_norms(norm_sums, seen)
+
+    def train(self, state):
         """Steps from ``state.step`` to the end; an elastic restart calls it again after a reset
-        (``on_reset`` has set the new rank, world size and accumulation steps; model, optimizer
+        (``_on_reset`` has set the new rank, world size and accumulation steps; model, optimizer
         and counters are restored)."""
-        rank, size, acc = loop.rank, loop.size, loop.accumulation
+        loop, d, cfg = self.loop, self.exp.derived, self.exp.cfg
+        spe, total = d["steps_per_epoch"], d["total_steps"]
         loop.seek(state.step)
         window = [0.0, 0]                            # this rank's loss sum and micro-batches since the last log
 
@@ -210,67 +245,49 @@ def run(exp, loader, threads):
             return mean
         while state.step < total:
             epoch, first_in_epoch = divmod(state.step, spe)
-            batches = epoch_batches(len(train_set), epoch, seed=cfg["train"]["seed"], rank=rank, size=size,
-                                    per_worker=pw, accumulation=acc, steps=spe)[first_in_epoch * acc:]
-            micro = iter(Prefetcher(train_set, batches, epoch=epoch, train=True, workers=workers))
+            acc = loop.accumulation
+            batches = epoch_batches(len(self.train_set), epoch, seed=cfg["train"]["seed"], rank=loop.rank,
+                                    size=loop.size, per_worker=d["per_worker_batch"], accumulation=acc,
+                                    steps=spe)[first_in_epoch * acc:]
+            micro = iter(Prefetcher(self.train_set, batches, epoch=epoch, train=True,
+                                    workers=cfg["data"]["loader_workers"]))
             for _ in range(spe - first_in_epoch):
                 if state.step >= total:
                     break
-                set_lr(state, schedule(state.step))
-                optimizer.zero_grad()
-                norm_sums, seen = None, 0
-                if fault is not None:
-                    fault.before_step(state.step + 1, model)
-                for _ in range(acc):
-                    x, y = _to_torch(next(micro), torch)
-                    with autocast():
-                        loss = loss_fn(model(x), y)
-                    (scaler.scale(loss / acc) if scaler else loss / acc).backward()
-                    window[0] += float(loss.detach())
-                    window[1] += 1
-                    if clars:
-                        sums, n = lbt.per_example_norm_sums(model, loss_fn, x, y, allreduce=True)
-                        norm_sums = sums if norm_sums is None else {p: norm_sums[p] + s for p, s in sums.items()}
-                        seen += n
-                if clars:
-                    optimizer.set_per_example_norms(norm_sums, seen)
+                self._set_lr(state, self.schedule(state.step))
+                self.optimizer.zero_grad()
+                if self.fault is not None:
+                    self.fault.before_step(state.step + 1, self.model)
+                self._forward_backward(micro, acc, window)
                 state.step += 1
                 loop.step = state.step
-                if not apply_update(state, state.step):
+                if not self._apply_update(state, state.step):
                     return
-                if not loop.after_step(state.step, epoch, local_loss, lambda: extra(state)):
+                if not loop.after_step(state.step, epoch, local_loss, lambda: self._extra(state)):
                     return
                 if loop.commit_due(state.step):
                     state.commit()
-            loop.end_epoch(epoch + 1, lambda: extra(state))
-            if elastic:
+            loop.end_epoch(epoch + 1, lambda: self._extra(state))
+            if loop.elastic:
                 state.commit()
 
-    start = dict(step=loop.step, skipped=0, last_lr=schedule(0))
-    if resumed is not None:
-        start.update(skipped=int(resumed["extra"].get("skipped_steps", 0)),
-                     last_lr=resumed["extra"].get("last_lr", schedule(max(loop.step - 1, 0))))
-    try:
-        if elastic:
-            state = lbt.elastic_state(model, optimizer, **start)
+    def elastic_state(self, start):
+        self.state = state = self.lbt.elastic_state(self.model, self.optimizer, **start)
+        state.register_reset_callbacks([self._on_reset])
+        return state
 
-            def on_reset():
-                """After Horovod re-formed the ring: new rank, world size and accumulation steps."""
-                loop.rebind(hvd.rank(), hvd.size(), state.step)
-                optimizer.set_backward_passes_per_step(loop.accumulation)
+    def _on_reset(self):
+        """After Horovod re-formed the ring: new rank, world size and accumulation steps."""
+        self.loop.rebind(self.state.step)
+        self.optimizer.set_backward_passes_per_step(self.loop.accumulation)
 
-            state.register_reset_callbacks([on_reset])
-            hvd.elastic.run(train)(state)
-        else:
-            state = types.SimpleNamespace(**start)       # the counters an elastic state would carry
-            train(state)
-    finally:
-        loop.progress.close()
-    loop.step = state.step
-    fields = {}
-    if scaler is not None:
-        fields["loss_scale_skips"] = world["scaler_skips"]     # fp16 steps skipped for an inf from the scale
-    return loop.finish(state.skipped, **fields)
+    def outcome(self, state):
+        # fp16 steps skipped for an inf from the loss scale
+        fields = {"loss_scale_skips": self.scaler_skips} if self.scaler is not None else {}
+        return state.skipped, fields
+
+
+FRAMEWORK = TorchPart
 
 
 def _precision(precision, torch, device):

@@ -1,0 +1,108 @@
+"""One rank's run, in one order, for every framework.
+
+:func:`run` owns the order of a run: the engine and threads, elastic detection, the experiment
+for the real world size with this rank's data, schedule and run directory, the model, the
+optimizer with its distributed wrapper, resume, the first broadcast, the loop's hooks, plain or
+elastic training, and the end. What differs between frameworks is a :class:`Framework`, one
+small class per framework (``torch_train.TorchPart``, ``keras_train.KerasPart``); the shared
+work around each step is :class:`~.loop.TrainingLoop`; the collectives are a :class:`~.comm.Comm`.
+"""
+import os
+import types
+from typing import Any, Dict, Optional, Tuple
+
+from .comm import Comm
+from .loop import Hooks, TrainingLoop, accumulation_for, prepare
+from .params import announce_exclusion
+
+__all__ = ["Framework", "run"]
+
+
+class Framework:
+    """What one framework does in a run, called by :func:`run` in this order. State that later
+    calls need (model, optimizer, data) stays on the instance."""
+
+    track = False                       # trust ratios logged (set by build_optimizer)
+
+    def start_engine(self, threads: Tuple[int, int, str]) -> Comm:
+        """Set the CPU threads, start the distributed engine; return its collectives."""
+        raise NotImplementedError
+
+    def seed(self, seed: int) -> None:
+        raise NotImplementedError
+
+    def build_model(self, exp) -> Any:
+        """The configured model (not yet trained, identical on every rank after the broadcast)."""
+        raise NotImplementedError
+
+    def build_optimizer(self, exp, model, schedule, accumulation: int, elastic: bool) -> None:
+        """The configured optimizer at ``schedule(0)`` in its distributed wrapper (averaging over
+        ranks every ``accumulation`` micro-batches). Sets ``self.track``: trust ratios logged."""
+        raise NotImplementedError
+
+    def load_resume(self, exp, run_dir: str) -> Optional[Dict]:
+        """``train.resume``'s checkpoint into model and optimizer on rank 0, before anything is
+        written (see ``common.read_resume``); every rank gets the same answer."""
+        raise NotImplementedError
+
+    def broadcast_initial(self) -> None:
+        """Rank 0's parameters and optimizer state to every rank (not in an elastic job, whose
+        state object does it)."""
+        raise NotImplementedError
+
+    def hooks(self, val_set) -> Hooks:
+        """What the loop calls: evaluation, the checkpoint writer, weights, rank check, trust ratios."""
+        raise NotImplementedError
+
+    def attach(self, loop: TrainingLoop, train_set, schedule, resumed: Optional[Dict]) -> Dict:
+        """The loop and data to train with; returns the counters a run starts from."""
+        raise NotImplementedError
+
+    def train(self, state) -> None:
+        """Updates from ``state.step`` to the end (again after an elastic reset)."""
+        raise NotImplementedError
+
+    def elastic_state(self, start: Dict) -> Any:
+        """The engine's elastic state over model, optimizer and ``start``, its reset callbacks set."""
+        raise NotImplementedError
+
+    def outcome(self, state) -> Tuple[int, Dict]:
+        """(updates skipped for NaN/Inf, extra summary.json fields) once training ended at ``state``."""
+        raise NotImplementedError
+
+
+def is_elastic(exp, env=None) -> bool:
+    """Elastic only when horovodrun started an elastic job (a plain launch of the YAML trains as usual)."""
+    env = os.environ if env is None else env
+    return bool(exp.cfg["launcher"]["elastic"]) and env.get("HOROVOD_ELASTIC") == "1"
+
+
+def run(part: Framework, exp, loader, threads) -> int:
+    """One rank's run with ``part``; returns the exit code (0 completed, 128+signal stopped, 1 otherwise)."""
+    comm = part.start_engine(threads)
+    elastic = is_elastic(exp)
+    part.seed(exp.cfg["train"]["seed"])
+    exp, train_set, val_set, schedule, run_dir = prepare(exp, loader, comm, elastic=elastic)
+    accumulation = accumulation_for(exp.derived, comm.size(), elastic)
+    model = part.build_model(exp)
+    announce_exclusion(exp, model, comm.rank())
+    part.build_optimizer(exp, model, schedule, accumulation, elastic)
+    resumed = part.load_resume(exp, run_dir)                # before anything is written
+    if not elastic:
+        part.broadcast_initial()
+    loop = TrainingLoop(exp, part.hooks(val_set), comm, run_dir=run_dir, accumulation=accumulation,
+                        threads=threads, resumed=resumed, schedule=schedule, track_trust_ratios=part.track,
+                        check_ranks=comm.size() > 1 or elastic, elastic=elastic)
+    start = part.attach(loop, train_set, schedule, resumed)
+    try:
+        if elastic:
+            state = part.elastic_state(start)
+            comm.elastic_run(part.train, state)
+        else:
+            state = types.SimpleNamespace(**start)          # the counters an elastic state would carry
+            part.train(state)
+    finally:
+        loop.progress.close()
+    loop.step = state.step
+    skipped, fields = part.outcome(state)
+    return loop.finish(skipped, **fields)
