@@ -98,10 +98,48 @@ def resume_problems(exp, run_dir):
                               signature={"hash": theirs.get("hash"), "tensors": theirs.get("tensors")})
     except core.CheckpointError as err:
         return [f"train.resume: {err}"]
-    model, ours = manifest.get("model"), exp.cfg["model"]["name"]
+    model, ours = manifest.get("model"), exp.derived["model"]
     if model is not None and model != ours:
         return [f"train.resume: checkpoint {path}: from another model (model {model!r}; this run: model {ours!r})"]
     return []
+
+
+def user_code(exp):
+    """``(problems, facts)``: the user's model (``model.factory``) and data (``data.kind`` arrays
+    or python) built once on this node before anything is launched (largebatch.runner.user)."""
+    import importlib
+    from largebatch.runner import user
+    if not (user.uses_user_model(exp.cfg) or user.uses_user_data(exp.cfg)):
+        return [], []
+    if os.environ.get("LARGEBATCH_TF_LOGS") == "1":
+        builder = importlib.import_module(f"largebatch.runner.{exp.cfg['framework']}_train").build_model
+        return user.check(exp, builder)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _without_tf_noise():          # TensorFlow's C++ start-up lines, written to fd 2 directly
+        builder = importlib.import_module(f"largebatch.runner.{exp.cfg['framework']}_train").build_model
+        return user.check(exp, builder)
+
+
+class _without_tf_noise:
+    """Standard error (the file descriptor: C++ writes there directly) into a temporary file for
+    the block, then passed on without TensorFlow's info and warning lines (TF_NOISE)."""
+
+    def __enter__(self):
+        import tempfile
+        sys.stderr.flush()
+        self.saved, self.tmp = os.dup(2), tempfile.TemporaryFile(mode="w+b")
+        os.dup2(self.tmp.fileno(), 2)
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.tmp.seek(0)
+        for line in self.tmp.read().decode(errors="replace").splitlines(keepends=True):
+            if not TF_NOISE.fullmatch(line):
+                sys.stderr.write(line)
+        self.tmp.close()
+        return False
 
 
 def cmd_validate(args):
@@ -110,6 +148,9 @@ def cmd_validate(args):
         exp = _load(args)
     except ConfigError as err:
         return _fail(err.problems)
+    problems, _ = user_code(exp)
+    if problems:
+        return _fail(problems)
     if args.print:
         from largebatch.runner.params import decisions_table
         sys.stdout.write(dump_yaml(exp.resolved()))
@@ -131,6 +172,8 @@ def cmd_run(args):
     overrides = list(args.overrides) + _flag_overrides(args)
     run_dir, problems = run_dir_for(exp)
     problems = problems or resume_problems(exp, run_dir)
+    if not problems:
+        problems, user_facts = user_code(exp)
     if problems:
         return _fail(problems)
     try:
@@ -151,6 +194,8 @@ def cmd_run(args):
     for line in data_notes or ():
         print(f"note: {line}; --dry-run goes on (a real run stops here)", file=sys.stderr)
     if args.dry_run:
+        for line in user_facts:
+            print(line, file=sys.stderr)
         print(f"run dir: {run_dir} (not created: --dry-run)", file=sys.stderr)
         print(cmd.shell())
         return 0

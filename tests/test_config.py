@@ -212,8 +212,8 @@ def test_top_level_must_be_a_mapping(tmp_path):
     ({"train": {"per_worker": 3}}, "train.per_worker: unknown key (did you mean 'batch.per_worker'?)"),
     ({"bogus": 1}, "bogus: unknown key; expected one of: name, description, framework, model, data, batch, "
                    "optimizer, schedule, train, output, launcher"),
-    ({"model": {"xyz": 1}}, "model.xyz: unknown key; expected one of: name, num_classes, batch_norm, "
-                            "zero_init_residual"),
+    ({"model": {"xyz": 1}}, "model.xyz: unknown key; expected one of: name, factory, args, num_classes, "
+                            "batch_norm, zero_init_residual"),
 ])
 def test_unknown_keys_with_did_you_mean(doc, message):
     assert one(doc) == message

@@ -3,10 +3,12 @@ training length, peak and warm-up learning rates. Pure functions of their inputs
 checks read them, and the runners call them (:func:`training_length` once the data set's size
 is known) instead of computing them again.
 """
+import os
+
 from .. import hostfile as _hostfile
 from ..schedules import scaled_lr
 
-__all__ = ["derive", "placement", "batch_sizes", "image_sizes", "training_length", "learning_rates",
+__all__ = ["derive", "model_label", "placement", "batch_sizes", "image_sizes", "training_length", "learning_rates",
            "elastic_range", "elastic_accumulation"]
 
 
@@ -84,6 +86,15 @@ def elastic_accumulation(global_batch, per_worker, size):
     return global_batch // ranks_batch if global_batch % ranks_batch == 0 else None
 
 
+def model_label(model):
+    """The model's name in summaries and checkpoints: the built-in's name, or the factory as
+    ``file.py:callable`` / ``module:callable`` (a file without its folder, which may move)."""
+    if model["factory"] is None:
+        return model["name"]
+    where, _, attr = model["factory"].rpartition(":")
+    return f"{os.path.basename(where) if where.endswith('.py') else where}:{attr}"
+
+
 def derive(cfg, host_list=None, folder_classes=None):
     """Every derived value of ``cfg`` (see the module docstring). ``host_list``: the hosts read
     from launcher.hosts/hostfile; ``folder_classes``: the class subfolders found in data.path
@@ -91,7 +102,7 @@ def derive(cfg, host_list=None, folder_classes=None):
     la, data = cfg["launcher"], cfg["data"]
     np_, placed = placement(la, host_list)
     per_worker, acc, global_batch = batch_sizes(cfg["batch"], np_)
-    d = {"np": np_, "placement": placed, "per_worker_batch": per_worker, "accumulation_steps": acc,
+    d = {"model": model_label(cfg["model"]), "np": np_, "placement": placed, "per_worker_batch": per_worker, "accumulation_steps": acc,
          "global_batch": global_batch}
     if la["elastic"]:
         d["min_np"], d["max_np"] = elastic_range(la, np_)
@@ -100,8 +111,10 @@ def derive(cfg, host_list=None, folder_classes=None):
         d["num_classes"] = data["num_classes"] or 10
         d["steps_per_epoch"] = data["samples"] // global_batch
         d["train_samples"] = data["samples"]
-    else:
+    elif data["kind"] == "folder":
         d["num_classes"] = data["num_classes"] or (len(folder_classes) if folder_classes else None)
+    else:                               # the user's data: from its labels when read, unless given
+        d["num_classes"] = data["num_classes"] or cfg["model"]["num_classes"]
     d.update(training_length(cfg["train"], d.get("steps_per_epoch")))
     d.update(learning_rates(cfg["schedule"], global_batch))
     return d

@@ -83,6 +83,25 @@ def string(key, value):
     raise _Bad(f"expected a non-empty string, got {value!r}")
 
 
+def factory_ref(key, value):
+    """``"pkg.module:callable"`` or ``"path/to/file.py:callable"``: a callable named by where it lives."""
+    if isinstance(value, str) and value.count(":") >= 1:
+        where, _, attr = value.rpartition(":")
+        if where.strip() and attr.strip().isidentifier():
+            return value.strip()
+    raise _Bad(f"expected 'pkg.module:callable' or 'path/to/file.py:callable', got {value!r}")
+
+
+def keyword_args(key, value):
+    """A mapping of keyword arguments (names that are Python identifiers)."""
+    if not isinstance(value, dict):
+        raise _Bad(f"expected a mapping of keyword arguments (name: value), got {value!r}")
+    for k in value:
+        if not isinstance(k, str) or not k.isidentifier():
+            raise _Bad(f"expected keyword argument names, got {k!r}")
+    return dict(value)
+
+
 def text(key, value):
     if isinstance(value, str):
         return value

@@ -156,6 +156,8 @@ def load_dict(doc, overrides=(), *, name="experiment", source_path=None, check_p
         # a relative script in the YAML is the YAML's neighbour, wherever largebatch runs from
         cfg["launcher"]["host_discovery_script"] = os.path.normpath(os.path.join(os.path.dirname(source_path),
                                                                                script))
+    for section in ("model", "data"):     # a factory's relative file is the YAML's neighbour too
+        cfg[section]["factory"] = _beside(cfg[section]["factory"], source_path, overrides, f"{section}.factory")
     host_list, host_problems = rules.read_hosts(cfg["launcher"], check_paths)
     folders = _read_folders(cfg["data"], check_paths)
     derived = derive(cfg, host_list, folders.get("classes"))
@@ -216,6 +218,17 @@ def _unknown(schema, key, dotted, prefix):
     keys = ", ".join(schema)
     return f"{dotted}: unknown key; expected one of: {keys}"
 
+
+
+def _beside(ref, source_path, overrides, key):
+    """``file.py:callable`` with a relative file named in the YAML: the path from the YAML's
+    folder (one given on the command line is taken from where largebatch runs, as any path there)."""
+    if ref is None or source_path is None:
+        return ref
+    where, _, attr = ref.rpartition(":")
+    if not where.endswith(".py") or os.path.isabs(where) or any(o.split("=", 1)[0].strip() == key for o in overrides):
+        return ref
+    return f"{os.path.normpath(os.path.join(os.path.dirname(source_path), where))}:{attr}"
 
 
 def _fill_defaults(cfg):

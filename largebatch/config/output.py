@@ -33,7 +33,7 @@ def describe(exp):
     decay = c["schedule"]["decay"] + (f" {c['schedule']['power']:g}" if c["schedule"]["decay"] == "poly" else "")
     smooth = c["train"]["label_smoothing"]
     length += f", label smoothing {smooth:g}" if smooth else ""
-    return (f"{c['name']}: {c['framework']} {c['model']['name']} on {c['data']['kind']} data, "
+    return (f"{c['name']}: {c['framework']} {exp.derived['model']} on {c['data']['kind']} data, "
             f"{c['optimizer']['name']}, global batch {d['global_batch']} = {d['per_worker_batch']} per worker × "
             f"{d['np']} ranks × {d['accumulation_steps']} accumulation, peak lr {d['peak_lr']:g} "
             f"({c['schedule']['scaling']} from {c['schedule']['base_lr']:g} at {c['schedule']['base_batch']}), "

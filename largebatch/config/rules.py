@@ -8,7 +8,7 @@ import os
 
 from .. import hostfile, registry
 from .derive import elastic_accumulation
-from .schema import ELASTIC_KEYS, FRAMEWORK_OPTIMIZERS, MODELS, SCHEMA
+from .schema import ELASTIC_KEYS, FRAMEWORK_OPTIMIZERS, MODELS, SCHEMA, USER_DATA_KINDS
 
 __all__ = ["check", "inapplicable", "read_hosts", "read_folder"]
 
@@ -66,7 +66,10 @@ def model_and_optimizer(cfg, explicit):
     fw, model, opt = cfg["framework"], cfg["model"], cfg["optimizer"]
     out = []
     known = {m for ms in MODELS.values() for m in ms}
-    if model["name"] not in known:
+    if model["factory"] is not None:
+        if "model.name" in explicit:
+            out.append("model.factory: set either model.name (a built-in model) or model.factory (your own), not both")
+    elif model["name"] not in known:
         close = difflib.get_close_matches(model["name"], MODELS[fw], n=1, cutoff=0.6)
         out.append(f"model.name: expected one of {_choices(MODELS[fw])} (framework {fw!r}), got {model['name']!r}"
                    + (f" (did you mean {close[0]!r}?)" if close else ""))
@@ -178,7 +181,29 @@ def elastic(cfg, explicit, derived, host_list, check_paths, batch_ok):
     return out
 
 
-def data(cfg, explicit, derived, folder_problems, batch_ok):
+def user_data(cfg, explicit, check_paths):
+    """data.kind arrays / python: the keys each needs; the file's contents and the factory's
+    results are checked where the data is read (``largebatch.runner.user``)."""
+    d = cfg["data"]
+    out = inapplicable("data", cfg, explicit, keys=("samples", "val_samples", "val_path", "image_size", "resize",
+                                                     "channels", "augment"))
+    if d["kind"] == "arrays":
+        out += inapplicable("data", cfg, explicit, keys=("factory", "args"))
+        if d["path"] is None:
+            out.append("data.path: required when data.kind is 'arrays' (an .npz file with x_train, y_train "
+                       "and optionally x_val, y_val)")
+        elif check_paths and not os.path.isfile(d["path"]):
+            what = "a folder" if os.path.isdir(d["path"]) else "no such file"
+            out.append(f"data.path: expected an .npz file with x_train, y_train, got {d['path']!r} ({what})")
+    else:
+        out += inapplicable("data", cfg, explicit, keys=("path",))
+        if d["factory"] is None:
+            out.append("data.factory: required when data.kind is 'python' ('module:callable' or "
+                       "'file.py:callable' returning (train, val))")
+    return out
+
+
+def data(cfg, explicit, derived, folder_problems, batch_ok, check_paths=True):
     """``folder_problems``: {'path': [...], 'val_path': [...]} from reading the folders (a dry run
     collects them as notes instead: they are not passed here then)."""
     fw, model, d = cfg["framework"], cfg["model"], cfg["data"]
@@ -186,7 +211,9 @@ def data(cfg, explicit, derived, folder_problems, batch_ok):
     if d["resize"] is not None and d["resize"] < derived["image_size"]:
         out.append(f"data.resize: expected at least data.image_size ({derived['image_size']}), got {d['resize']}")
     synthetic = d["kind"] == "synthetic"
-    if synthetic:
+    if d["kind"] in USER_DATA_KINDS:
+        out += user_data(cfg, explicit, check_paths)
+    elif synthetic:
         out += inapplicable("data", cfg, explicit, keys=("path", "val_path"))
         gb = derived["global_batch"]
         if d["samples"] < gb and batch_ok:
@@ -203,7 +230,7 @@ def data(cfg, explicit, derived, folder_problems, batch_ok):
                 out.append(f"data.num_classes: expected {len(classes)} (the class subfolders of data.path), "
                            f"got {d['num_classes']}")
         out += folder_problems.get("val_path", [])
-    if model["name"] == "alexnet_bn" and derived["image_size"] < 64:
+    if model["factory"] is None and model["name"] == "alexnet_bn" and derived["image_size"] < 64:
         out.append(f"data.image_size: model 'alexnet_bn' needs images of at least 64 pixels, "
                    f"got {derived['image_size']}")
     if model["num_classes"] is not None and derived.get("num_classes") is not None \
@@ -265,5 +292,5 @@ def check(cfg, explicit, derived, *, host_list, host_problems, folder_problems, 
     return (model_and_optimizer(cfg, explicit) + precision(cfg)
             + launcher(cfg, explicit, derived, host_list, host_problems, check_paths) + batch_problems
             + elastic(cfg, explicit, derived, host_list, check_paths, batch_ok)
-            + data(cfg, explicit, derived, folder_problems, batch_ok) + resume(cfg, check_paths)
+            + data(cfg, explicit, derived, folder_problems, batch_ok, check_paths) + resume(cfg, check_paths)
             + length(explicit) + schedule(cfg, explicit, derived))

@@ -5,8 +5,8 @@ defaults, and which optimizer uses which key).
 """
 from .. import registry
 from ..schedules import DECAYS, SCALING_RULES, WARMUPS
-from .fields import (F, When, args_list, auto_integer, betas, boolean, choice, env_mapping, exclude, hosts,
-                     integer, milestones, number, string, text)
+from .fields import (F, When, args_list, auto_integer, betas, boolean, choice, env_mapping, exclude, factory_ref,
+                     hosts, integer, keyword_args, milestones, number, string, text)
 
 FRAMEWORKS = ("torch", "keras")
 MODELS = {"torch": ("small_cnn", "resnet18", "resnet50", "alexnet_bn"),
@@ -17,7 +17,8 @@ OPTIMIZER_KEYS = {name: info.keys for name, info in registry.OPTIMIZERS.items()}
 LAUNCHERS = ("horovodrun", "mpirun", "srun")
 CONTROLLERS = ("mpi", "gloo")
 BINDINGS = ("none", "core", "socket", "numa")
-DATA_KINDS = ("synthetic", "folder")
+DATA_KINDS = ("synthetic", "folder", "arrays", "python")
+USER_DATA_KINDS = ("arrays", "python")         # the user's own data: reaches the model as given
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 RECOMPUTED = ("derived", "source")      # sections of a resolved config.yaml, ignored on load
 SHORTHAND = {"model": "name", "optimizer": "name", "data": "kind", "launcher": "type"}
@@ -49,8 +50,19 @@ _ONLY_MULTISTEP = When(_multistep, lambda c: f"only used with schedule.decay 'mu
                                              f"{c['schedule']['decay']!r}")
 _ONLY_ELASTIC = When(_elastic, lambda c: "only used with launcher.elastic: true")
 _ONLY_SYNTHETIC = When(lambda c: c["data"]["kind"] == "synthetic", lambda c: "only used with data.kind 'synthetic'")
-_ONLY_FOLDER = When(lambda c: c["data"]["kind"] != "synthetic",
-                    lambda c: "not used with data.kind 'synthetic' (set data.kind: folder)", drop=False)
+_PATH_MESSAGE = {"synthetic": "not used with data.kind 'synthetic' (set data.kind: folder)",
+                 "python": "not used with data.kind 'python' (data.factory returns the data)",
+                 "arrays": "not used with data.kind 'arrays' (put x_val, y_val in data.path's .npz)"}
+_FILE_DATA = When(lambda c: c["data"]["kind"] in ("folder", "arrays"), lambda c: _PATH_MESSAGE[c["data"]["kind"]],
+                  drop=False)
+_ONLY_FOLDER_DATA = When(lambda c: c["data"]["kind"] == "folder", lambda c: _PATH_MESSAGE[c["data"]["kind"]],
+                         drop=False)
+_ONLY_PYTHON_DATA = When(lambda c: c["data"]["kind"] == "python",
+                         lambda c: f"only used with data.kind 'python', got {c['data']['kind']!r}")
+_ONLY_IMAGE_DATA = When(lambda c: c["data"]["kind"] not in USER_DATA_KINDS,
+                        lambda c: f"not used with data.kind {c['data']['kind']!r} (your data reaches the model "
+                                  f"as given)", drop=False)
+_ONLY_FACTORY = When(lambda c: c["model"]["factory"] is not None, lambda c: "only used with model.factory")
 _NOT_SRUN = {
     "network_interface": "not used with launcher.type 'srun' (set it in your Slurm/MPI configuration)",
     "ssh_identity": "not used with launcher.type 'srun' (Slurm starts the ranks, not ssh)",
@@ -68,6 +80,9 @@ SCHEMA = {
     "framework": F(choice(FRAMEWORKS), "torch"),
     "model": {
         "name": F(string, "small_cnn", doc="checked against the framework's models (MODELS)"),
+        "factory": F(factory_ref, None, nullable=True,
+                     doc="your model: 'pkg.module:callable' or 'file.py:callable' (relative to the YAML's folder)"),
+        "args": F(keyword_args, {}, doc="keyword arguments for model.factory", when=_ONLY_FACTORY),
         "num_classes": F(integer(1), None, nullable=True, doc="default: from data"),
         "batch_norm": F(boolean, True, doc="small_cnn: BatchNorm after each convolution",
                         when=When(lambda c: c["model"]["name"] == "small_cnn",
@@ -79,16 +94,21 @@ SCHEMA = {
     },
     "data": {
         "kind": F(choice(DATA_KINDS), "synthetic"),
-        "path": F(string, None, nullable=True, doc="folder: root with one subfolder of images per class",
-                  when=_ONLY_FOLDER),
-        "val_path": F(string, None, nullable=True, when=_ONLY_FOLDER),
-        "image_size": F(integer(1), None, nullable=True, doc="default 32 (synthetic), 224 (folder)"),
-        "resize": F(integer(1), None, nullable=True, doc="shorter side before cropping; default size×256/224"),
-        "channels": F(choice((1, 3)), 3),
+        "path": F(string, None, nullable=True, doc="folder: root with one subfolder of images per class; "
+                  "arrays: an .npz file with x_train, y_train (and x_val, y_val)", when=_FILE_DATA),
+        "val_path": F(string, None, nullable=True, when=_ONLY_FOLDER_DATA),
+        "factory": F(factory_ref, None, nullable=True, doc="python: 'module:callable' returning (train, val)",
+                     when=_ONLY_PYTHON_DATA),
+        "args": F(keyword_args, {}, doc="keyword arguments for data.factory", when=_ONLY_PYTHON_DATA),
+        "image_size": F(integer(1), None, nullable=True, doc="default 32 (synthetic), 224 (folder)",
+                        when=_ONLY_IMAGE_DATA),
+        "resize": F(integer(1), None, nullable=True, doc="shorter side before cropping; default size×256/224",
+                    when=_ONLY_IMAGE_DATA),
+        "channels": F(choice((1, 3)), 3, when=_ONLY_IMAGE_DATA),
         "num_classes": F(integer(1), None, nullable=True, doc="default 10 (synthetic), subfolders (folder)"),
         "samples": F(integer(1), 1024, doc="synthetic training images (all ranks together)", when=_ONLY_SYNTHETIC),
         "val_samples": F(integer(0), 256, doc="synthetic validation images; 0 = none", when=_ONLY_SYNTHETIC),
-        "augment": F(boolean, True),
+        "augment": F(boolean, True, when=_ONLY_IMAGE_DATA),
         "loader_workers": F(integer(0), 2),
     },
     "batch": {

@@ -237,7 +237,7 @@ def summary_dict(exp, *, status, steps, epochs_done, final_loss, eval_result, th
                  framework_versions, size):
     c, d = exp.cfg, exp.derived
     return {
-        "name": c["name"], "status": status, "framework": c["framework"], "model": c["model"]["name"],
+        "name": c["name"], "status": status, "framework": c["framework"], "model": d["model"],
         "optimizer": c["optimizer"]["name"], "data": c["data"]["kind"], "ranks": size,
         "per_worker_batch": d["per_worker_batch"], "accumulation_steps": d["accumulation_steps"],
         "global_batch": d["global_batch"], "base_lr": c["schedule"]["base_lr"], "peak_lr": d["peak_lr"],
@@ -282,7 +282,8 @@ def datasets_and_steps(exp):
     gb = derived["global_batch"]
     spe = len(train_set) // gb
     if spe < 1:
-        raise ConfigError([f"data.path: expected at least the global batch ({gb}) images for one step, "
+        key = "data.factory" if cfg["data"]["kind"] == "python" else "data.path"
+        raise ConfigError([f"{key}: expected at least the global batch ({gb}) samples for one step, "
                            f"got {len(train_set)}"])
     derived["steps_per_epoch"] = spe
     derived.update(training_length(cfg["train"], spe))
@@ -353,5 +354,5 @@ def save_run_checkpoint(log, exp, save, model, optimizer, *, step, epoch, extra)
     cfg = exp.cfg
     path = log.checkpoint_path(core.checkpoint_name(epoch, cfg["framework"]))
     save(path, model, optimizer, step=step, epoch=epoch, config=exp.resolved(), cfg_hash=core.config_hash(cfg),
-         model_name=cfg["model"]["name"], extra=extra, keep=cfg["output"]["checkpoint_keep"])
+         model_name=exp.derived["model"], extra=extra, keep=cfg["output"]["checkpoint_keep"])
     return path

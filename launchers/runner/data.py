@@ -1,7 +1,8 @@
 """Framework-independent data: synthetic images, an image-folder loader, sharding by rank.
 
 Batches are NumPy arrays: images NHWC float32 (normalised), labels int64. The torch runner
-transposes to NCHW; Keras takes them as they are.
+transposes the built-in images (``nhwc_images``) to NCHW; Keras takes them as they are. The
+user's own data (:mod:`.user`) reaches the model as given.
 
 Sharding (Goyal et al. §3: "shuffled and partitioned across workers each epoch"): every epoch
 all ranks draw the same permutation (seeded by train.seed and the epoch), keep the first
@@ -32,6 +33,8 @@ class SyntheticImages:
     Image i of split s has label labels[i] and pixels pattern[label] + noise, the noise drawn
     from a fixed bank; the same (seed, split, i) always gives the same image on every rank.
     """
+
+    nhwc_images = True                  # the torch runner transposes to NCHW
 
     def __init__(self, samples, image_size, channels, num_classes, seed, split="train"):
         shape = (image_size, image_size, channels)
@@ -64,6 +67,8 @@ class ImageFolder:
     horizontal flip (``augment``); eval: resize, centre crop. Randomness is seeded by
     (seed, epoch, index), so runs are repeatable.
     """
+
+    nhwc_images = True
 
     def __init__(self, root, image_size, resize, channels, classes=None, key="data.path", augment=True, seed=0):
         self.root, self.image_size, self.resize, self.channels = root, image_size, resize, channels
@@ -129,8 +134,12 @@ class ImageFolder:
 
 
 def build_datasets(cfg, derived):
-    """(train, val or None) for the resolved config; ``derived`` gets num_classes, sizes."""
+    """(train, val or None) for the resolved config; ``derived`` gets num_classes, sizes. The
+    user's own data (data.kind arrays / python): :func:`largebatch.runner.user.build_data`."""
     data, seed = cfg["data"], cfg["train"]["seed"]
+    if data["kind"] in ("arrays", "python"):
+        from .user import build_data
+        return build_data(cfg, derived)
     size, channels = derived["image_size"], data["channels"]
     if data["kind"] == "synthetic":
         n_classes = derived["num_classes"]

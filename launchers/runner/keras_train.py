@@ -24,7 +24,7 @@ from largebatch import registry
 from largebatch.config import ConfigError
 from largebatch.horovod_support import import_horovod
 from largebatch.policy import ParamPolicy
-from . import faults
+from . import faults, user
 from .comm import HorovodComm
 from .common import read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
@@ -37,6 +37,12 @@ KERAS_POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
 def build_model(cfg, derived):
+    """The built-in model ``model.name``, or the user's ``model.factory`` (offered ``input_shape``:
+    (size, size, channels) for the built-in images)."""
+    if user.uses_user_model(cfg):
+        if "input_shape" not in derived:
+            derived = dict(derived, input_shape=(derived["image_size"], derived["image_size"], cfg["data"]["channels"]))
+        return user.build_model(cfg, derived, "keras")
     lbk_models = importlib.import_module("largebatch.keras.models")
     name, classes = cfg["model"]["name"], derived["num_classes"]
     shape = (derived["image_size"], derived["image_size"], cfg["data"]["channels"])

@@ -7,7 +7,7 @@ import numpy as np
 from largebatch import registry
 from largebatch.horovod_support import import_horovod
 from largebatch.schedules import momentum_correction
-from . import faults
+from . import faults, user
 from .comm import HorovodComm
 from .common import read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
@@ -18,7 +18,12 @@ __all__ = ["TorchPart", "FRAMEWORK", "build_model", "build_optimizer"]
 
 
 def build_model(cfg, derived):
-    import torch  # noqa: F401
+    """The built-in model ``model.name``, or the user's ``model.factory`` (offered ``input_shape``
+    as the model sees it: (channels, size, size) for the built-in images, NCHW)."""
+    if user.uses_user_model(cfg):
+        if "input_shape" not in derived:
+            derived = dict(derived, input_shape=(cfg["data"]["channels"], derived["image_size"], derived["image_size"]))
+        return user.build_model(cfg, derived, "torch")
     name, classes, channels = cfg["model"]["name"], derived["num_classes"], cfg["data"]["channels"]
     small = derived["image_size"] <= 64
     models = importlib.import_module("largebatch.torch.models")
@@ -41,9 +46,11 @@ def build_optimizer(cfg, model, lr, track_trust_ratios):
     return create(o["name"], model, lr=lr, **{k: o[k] for k in info.keys}, **extra)
 
 
-def _to_torch(batch, torch):
+def _to_torch(batch, torch, nhwc_images=True):
+    """A batch as tensors: the built-in images NHWC -> NCHW, the user's data as given."""
     x, y = batch
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(y)
+    x = np.ascontiguousarray(x.transpose(0, 3, 1, 2) if nhwc_images else x)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _state_layout(sd):
@@ -158,7 +165,7 @@ class TorchPart(Framework):
         batches = eval_batches(len(self.val_set), rank=loop.rank, size=loop.size, batch=derived["per_worker_batch"])
         with torch.no_grad():
             for batch in Prefetcher(self.val_set, batches, train=False, workers=self.exp.cfg["data"]["loader_workers"]):
-                x, y = _to_torch(batch, torch)
+                x, y = _to_torch(batch, torch, self.val_set.nhwc_images)
                 out = model(x)
                 loss_sum += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
                 correct += float((out.argmax(1) == y).sum())
@@ -217,7 +224,7 @@ class TorchPart(Framework):
         clars = self.info.per_example_norms
         norm_sums, seen = None, 0
         for _ in range(acc):
-            x, y = _to_torch(next(micro), torch)
+            x, y = _to_torch(next(micro), torch, self.train_set.nhwc_images)
             with self.autocast():
                 loss = self.loss_fn(model(x), y)
             (scaler.scale(loss / acc) if scaler else loss / acc).backward()
