@@ -115,7 +115,7 @@ def resume_path(resume: str, run_dir: str):
     return resume
 
 
-def choose_run_dir(cfg: dict, *, create: bool = False, requeue: bool = False):
+def choose_run_dir(cfg: dict, *, create: bool = False, requeue: bool = False, launching: bool = False):
     """Where a run writes: ``(path, note)``, the one rule for ``largebatch run``, ``largebatch
     sbatch`` and the ranks started by hand. A run never writes over another run's files:
 
@@ -124,7 +124,9 @@ def choose_run_dir(cfg: dict, *, create: bool = False, requeue: bool = False):
     - the default ``<output.dir>/<name>`` is continued by ``train.resume=auto`` (or a checkpoint
       inside it), used when it holds no run, and else becomes the first free ``<name>-2``,
       ``-3``, ... (``note`` says so; ``create=True`` makes the folder, so that two runs cannot
-      pick the same one)."""
+      pick the same one). ``launching`` (``largebatch run`` / ``sbatch``, which then name the
+      folder to the ranks): any existing default folder counts as taken, since a launch that
+      stopped before its first step leaves one with only ``launch.sh``."""
     out, resume = cfg["output"], cfg["train"]["resume"]
     path = base_run_dir(out, cfg["name"])
     if out["run_dir"]:
@@ -134,6 +136,8 @@ def choose_run_dir(cfg: dict, *, create: bool = False, requeue: bool = False):
         return path, None
     continues = resume == "auto" or (resume != "none" and os.path.abspath(resume).startswith(path + os.sep))
     found = None if continues else holds_run(path)
+    if found is None and launching and not continues and os.path.exists(path):
+        found = "an earlier launch"
     if found is None:
         return path, None
     while True:

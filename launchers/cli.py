@@ -74,7 +74,7 @@ def run_dir_for(exp, requeue=False):
     nothing created), or the one line refusing an explicit folder that holds another run."""
     from largebatch import rundir
     try:
-        return rundir.choose_run_dir(exp.cfg, requeue=requeue)[0], []
+        return rundir.choose_run_dir(exp.cfg, requeue=requeue, launching=True)[0], []
     except rundir.RunDirTaken as err:
         return None, [str(err)]
 
@@ -399,8 +399,23 @@ def _host_problems(exp):
     from .doctor import check_hosts
     la = exp.cfg["launcher"]
     problems, _ = check_hosts([h for h, _ in exp.derived["placement"]], ssh_port=la["ssh_port"],
-                              ssh_identity=la["ssh_identity"], network_interface=la["network_interface"])
+                              ssh_identity=la["ssh_identity"], network_interface=la["network_interface"],
+                              files=user_files(exp.cfg))
     return problems
+
+
+def user_files(cfg):
+    """{absolute path: YAML key} of the user's model and data files every host must have."""
+    out = {}
+    for key in ("model.factory", "data.factory"):
+        section, name = key.split(".")
+        ref = cfg[section][name]
+        where = ref.rpartition(":")[0] if ref else ""
+        if where.endswith(".py"):
+            out[os.path.abspath(where)] = key
+    if cfg["data"]["kind"] == "arrays" and cfg["data"]["path"]:
+        out[os.path.abspath(cfg["data"]["path"])] = "data.path"
+    return out
 
 
 def _remote_hosts(exp):

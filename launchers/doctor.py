@@ -74,7 +74,7 @@ def collect():
     return rows, problems, warnings
 
 
-def check_hosts(hosts, *, ssh_port=None, ssh_identity=None, network_interface=None, timeout=None):
+def check_hosts(hosts, *, ssh_port=None, ssh_identity=None, network_interface=None, timeout=None, files=None):
     """The multi-host preflight (see :mod:`largebatch.launchers.preflight`): (problems, reports).
     This machine is the launch node: a port is opened here for the hosts to reach it back, as
     Horovod's Gloo rendezvous server would be."""
@@ -88,7 +88,7 @@ def check_hosts(hosts, *, ssh_port=None, ssh_identity=None, network_interface=No
         launch = None if me in hosts else me
         return preflight.check_hosts(hosts, preflight.SSH(port=ssh_port, identity=ssh_identity),
                                      launch_node=launch, rendezvous_port=listener.getsockname()[1] if launch else None,
-                                     network_interface=network_interface,
+                                     network_interface=network_interface, files=files,
                                      timeout=timeout or preflight.PROBE_TIMEOUT_S)
     finally:
         listener.close()

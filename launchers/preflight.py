@@ -44,6 +44,7 @@ _REPORT = r"""
 import json, os, socket, sys
 out = {"hostname": socket.gethostname(), "python": sys.version.split()[0], "executable": sys.executable,
        "prefix": sys.prefix, "cores": len(os.sched_getaffinity(0)), "packages": {}, "resolves": {}, "reach": {},
+       "files": {path: os.path.isfile(path) for path in FILES},
        "interfaces": sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []}
 try:
     from importlib.metadata import version
@@ -82,8 +83,9 @@ class HostReport:
     facts: Dict = field(default_factory=dict)
 
 
-def _probe(host, ssh, python, names, reach, timeout):
-    script = _REPORT.replace("NAMES", repr(list(names))).replace("REACH", repr(list(reach)))
+def _probe(host, ssh, python, names, reach, timeout, files=()):
+    script = _REPORT.replace("NAMES", repr(list(names))).replace("REACH", repr(list(reach))) \
+        .replace("FILES", repr(list(files)))
     command = f"{shlex.quote(python)} -c {shlex.quote(script)}"
     started = time.monotonic()
     try:
@@ -112,11 +114,11 @@ def _on_every_host(fn, hosts):
         return list(pool.map(fn, hosts))
 
 
-def probe_hosts(hosts, ssh=None, *, python=None, names=(), reach=(), timeout=PROBE_TIMEOUT_S):
-    """One :class:`HostReport` per host, probed concurrently."""
+def probe_hosts(hosts, ssh=None, *, python=None, names=(), reach=(), timeout=PROBE_TIMEOUT_S, files=()):
+    """One :class:`HostReport` per host, probed concurrently (``files``: paths whose presence each reports)."""
     ssh = ssh or SSH()
     python = python or sys.executable
-    return _on_every_host(lambda h: _probe(h, ssh, python, names, reach, timeout), hosts)
+    return _on_every_host(lambda h: _probe(h, ssh, python, names, reach, timeout, files), hosts)
 
 
 def unreachable(hosts, ssh=None, timeout=PROBE_TIMEOUT_S):
@@ -151,14 +153,16 @@ def _local_versions():
 
 
 def check_hosts(hosts, ssh=None, *, launch_node=None, rendezvous_port=None, network_interface=None,
-                python=None, timeout=PROBE_TIMEOUT_S):
+                python=None, timeout=PROBE_TIMEOUT_S, files=None):
     """Problems (one line each, naming the host and the fix) and the per-host reports.
 
     Checks: ssh in batch mode; the same Python, venv path and torch / TensorFlow / Horovod /
     largebatch versions as this machine; every host's name resolves on every host; a network
     interface present on every host (``network_interface`` if given); TCP from every host to
     every other host's sshd and back to ``launch_node`` (``rendezvous_port``: a port listening
-    here, the Gloo rendezvous); cores per host (reported)."""
+    here, the Gloo rendezvous); cores per host (reported); ``files`` ({path: the YAML key that
+    names it}: the user's model and data files) present at the same path on every host."""
+    files = dict(files or {})
     ssh = ssh or SSH()
     python = python or sys.executable
     hosts = list(hosts)
@@ -167,7 +171,7 @@ def check_hosts(hosts, ssh=None, *, launch_node=None, rendezvous_port=None, netw
     if launch_node and rendezvous_port:
         reach.append((launch_node, rendezvous_port))
     reports = probe_hosts(hosts, ssh, python=python, names=hosts + ([launch_node] if launch_node else []),
-                          reach=reach, timeout=timeout)
+                          reach=reach, timeout=timeout, files=sorted(files))
     problems = []
     mine = {"python": sys.version.split()[0], "prefix": sys.prefix, "packages": _local_versions()}
     for r in reports:
@@ -200,6 +204,10 @@ def check_hosts(hosts, ssh=None, *, launch_node=None, rendezvous_port=None, netw
                 else:
                     problems.append(f"host {r.host}: cannot reach {target} ({result}); the hosts must reach each "
                                     f"other over TCP (firewall, routes)")
+        for path, present in f.get("files", {}).items():
+            if not present:
+                problems.append(f"host {r.host}: {files[path]}: {path} is not there; copy it to the same path on "
+                                f"every host (or keep it on a shared filesystem)")
         if network_interface and network_interface not in f["interfaces"]:
             problems.append(f"host {r.host}: no network interface {network_interface!r} (has "
                             f"{', '.join(f['interfaces'])}); set launcher.network_interface to one every host has")

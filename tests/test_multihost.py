@@ -329,3 +329,21 @@ def test_a_hostname_that_does_not_resolve_on_another_host_is_named(cluster, tmp_
             fh.write(original)
             fh.truncate()
     assert _wait_empty(cluster, 30), _left_on_hosts(cluster)
+
+
+def test_the_preflight_finds_the_users_files_missing_on_a_host(cluster, tmp_path):
+    """Issue 22: the user's model/data files must be at the same path on every host; the hosts
+    share this machine's filesystem, so a file present here is present there and a missing one is
+    missing on both, each named with its YAML key."""
+    present = tmp_path / "my_model.py"
+    present.write_text("def mlp(): pass\n")
+    code = ("import json, sys; from largebatch.launchers.doctor import check_hosts; "
+            f"problems, _ = check_hosts(sys.argv[1].split(','), ssh_port={cluster.ssh_port}, "
+            f"ssh_identity={cluster.identity!r}, files={{{str(present)!r}: 'model.factory', "
+            f"'/nonexistent/arrays.npz': 'data.path'}}); print(json.dumps(problems))")
+    proc = cluster.run("lblaunch", [sys.executable, "-c", code, "lbh1,lbh2"], capture_output=True, text=True,
+                       timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    problems = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert problems == [f"host {h}: data.path: /nonexistent/arrays.npz is not there; copy it to the same path on "
+                        f"every host (or keep it on a shared filesystem)" for h in ("lbh1", "lbh2")]
