@@ -19,6 +19,7 @@ pytest.importorskip("keras")
 pytest.importorskip("horovod.tensorflow")
 
 from largebatch import checkpoint as core  # noqa: E402
+from largebatch.runner.faults import inject_keras_nan  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -154,13 +155,13 @@ def test_guard_skips_the_update_and_leaves_the_state_untouched(hvd):
     after = [v.numpy() for v in list(model.variables) + list(opt.variables)
              if "iteration" not in v.path and "lb_" not in v.path]
     assert all(np.array_equal(a, b) for a, b in zip(state, after))
-    assert int(opt.iterations.numpy()) == 2 and int(opt._lb_skipped.numpy()) == 1
-    assert int(opt._lb_update_count().numpy()) == 1
+    assert int(opt.iterations.numpy()) == 2 and int(opt.skipped_updates().numpy()) == 1
+    assert int(opt.applied_updates().numpy()) == 1
     found = NonFiniteGuard.describe(opt)
     assert found.message == "step 2: non-finite gradient (inf) in layer 'fc/kernel'"
-    assert list(opt._lb_codes.numpy()) == [0, 0, 2, 1]
+    assert list(opt.nonfinite_codes().numpy()) == [0, 0, 2, 1]
     opt.apply(grads, variables)                                     # finite again: applied
-    assert int(opt._lb_update_count().numpy()) == 2 and list(opt._lb_codes.numpy()) == [0, 0, 0, 0]
+    assert int(opt.applied_updates().numpy()) == 2 and list(opt.nonfinite_codes().numpy()) == [0, 0, 0, 0]
     assert not np.array_equal(model.variables[0].numpy(), state[0])
 
 
@@ -169,7 +170,7 @@ def test_guard_callback_in_fit_stops_with_the_layer_name(hvd):
     import largebatch.keras as lbk
     from largebatch.keras.callbacks import NonFiniteGuard
     model, opt = kc.tiny_model(), lbk.DistributedOptimizer(kc.lars(), nonfinite_guard=True)
-    opt._lb_inject_nan = (2, "conv/bias")
+    inject_keras_nan(opt, 2, "conv/bias")
     lines = []
     guard = NonFiniteGuard("stop", log=lines.append)
     x, y = kc.data()

@@ -320,7 +320,8 @@ class RankConsistencyCheck(_Callback):
         optimizer = self.model.optimizer
         if self.include_optimizer and optimizer is not None and optimizer.built:
             # gradient accumulators are rank-local by design
-            local = {p for opt in _inner_optimizers(optimizer) for p in getattr(opt, "_lb_rank_local_paths", ())}
+            local = {p for opt in _inner_optimizers(optimizer) if hasattr(opt, "rank_local_paths")
+                     for p in opt.rank_local_paths()}
             variables += [v for v in optimizer.variables if v.path not in local]
         return variables
 
@@ -381,7 +382,8 @@ class NonFiniteGuard(_Callback):
         self._seen = None
 
     def _guarded(self):
-        return next((o for o in _inner_optimizers(self.model.optimizer) if getattr(o, "_lb_guard", False)), None)
+        return next((o for o in _inner_optimizers(self.model.optimizer) if getattr(o, "guards_nonfinite", False)),
+                    None)
 
     def on_train_begin(self, logs=None):
         optimizer = self._check_model_optimizer()
@@ -395,7 +397,7 @@ class NonFiniteGuard(_Callback):
         optimizer = self._guarded() if self.model is not None else None
         if optimizer is None or not optimizer.built:
             return 0
-        return int(optimizer._lb_skipped.numpy())
+        return int(optimizer.skipped_updates().numpy())
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._seen is None:       # after every on_train_begin (the broadcast of a resumed count)
@@ -403,7 +405,7 @@ class NonFiniteGuard(_Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         optimizer = self._guarded()
-        count = int(optimizer._lb_skipped.numpy())           # the one host read per batch
+        count = int(optimizer.skipped_updates().numpy())     # the one host read per batch
         if self._seen is None:
             self._seen = count
             return
@@ -423,7 +425,7 @@ class NonFiniteGuard(_Callback):
     def describe(optimizer):
         """The :class:`NonFinite` of the last skipped update (host reads: only after a trip)."""
         step = int(optimizer.iterations.numpy())
-        codes = optimizer._lb_codes.numpy()
+        codes = optimizer.nonfinite_codes().numpy()
         names = [getattr(v, "path", None) or v.name for v in optimizer._trainable_variables]
         for wanted in ((1, 2), (4,)):                    # gradients first, then trust ratios
             for name, code in zip(names, codes):

@@ -77,7 +77,31 @@ class _DistributedMixin:
     _lb_accumulation_steps = 1
     _lb_guard = False
     _lb_elastic = False              # keep the accumulators whatever k (set_accumulation_steps)
-    _lb_inject_nan = None            # (update step, variable path): testing only, see largebatch.runner.faults
+
+    # ---- what callbacks, checkpoints and the runner read (the wrapper's public interface) ----
+    @property
+    def guards_nonfinite(self) -> bool:
+        """True when built with ``nonfinite_guard=True``: NaN/Inf updates are skipped and counted."""
+        return bool(self._lb_guard)
+
+    def skipped_updates(self):
+        """Updates skipped for a NaN/Inf (an int64 variable; None without the guard or before build)."""
+        return getattr(self, "_lb_skipped", None)
+
+    def nonfinite_codes(self):
+        """Per variable, the last update's finding: 1 NaN gradient, 2 Inf gradient, 4 non-finite
+        trust ratio, 0 fine (an int32 variable in the order of the optimizer's variables)."""
+        return self._lb_codes
+
+    def rank_local_paths(self) -> tuple:
+        """Paths of the variables that legitimately differ across ranks (each rank's own partial
+        gradient sums between updates): left out of the rank-consistency check."""
+        return getattr(self, "_lb_rank_local_paths", ())
+
+    def applied_updates(self):
+        """Updates applied so far: ``iterations`` less the skipped ones (LAMB's bias correction)."""
+        skipped = getattr(self, "_lb_skipped", None)
+        return self.iterations if skipped is None else self.iterations - skipped
 
     def _lb_average(self, grads):
         hvd = _hvd()
@@ -172,23 +196,6 @@ class _DistributedMixin:
 
         keras.ops.cond(finite, apply, skip)
 
-    def _lb_update_count(self):
-        """Updates applied so far: ``iterations`` less the skipped ones (LAMB's bias correction)."""
-        skipped = getattr(self, "_lb_skipped", None)
-        return self.iterations if skipped is None else self.iterations - skipped
-
-    def _lb_inject(self, grads, trainable_variables):
-        step, name = self._lb_inject_nan
-        if trainable_variables is None:
-            trainable_variables = self._trainable_variables
-        hit = tf.equal(self.iterations + 1, step)
-        out = list(grads)
-        for i, (g, v) in enumerate(zip(grads, trainable_variables)):
-            if g is not None and (getattr(v, "path", None) or v.name) == name:
-                g = tf.convert_to_tensor(g)
-                out[i] = g * tf.where(hit, tf.constant(float("nan"), g.dtype), tf.constant(1, g.dtype))
-        return out
-
     def apply_gradients(self, grads_and_vars):
         grads, trainable_variables = zip(*grads_and_vars)
         self.apply(grads, trainable_variables)
@@ -200,8 +207,6 @@ class _DistributedMixin:
         grads = list(grads)
         if not grads:
             return
-        if self._lb_inject_nan is not None:
-            grads = self._lb_inject(grads, trainable_variables)
         clars = getattr(type(self), "_lb_clars", False)
         if clars and trainable_variables is not None and not self.built:
             with keras.name_scope(self.name, caller=self):
@@ -283,8 +288,8 @@ class _CountedLossScale(keras.optimizers.LossScaleOptimizer):
 
     def _lb_build_skip_counter(self):
         self._lb_scale_skips = self.add_variable(shape=(), dtype="int64", name="lb_loss_scale_skips")
-        if hasattr(self.inner_optimizer, "_lb_update_count"):      # LARS/LAMB: count applied updates
-            self.inner_optimizer._lb_outer_skips = self._lb_scale_skips
+        if hasattr(self.inner_optimizer, "count_skips_of"):       # LARS/LAMB: count applied updates
+            self.inner_optimizer.count_skips_of(self._lb_scale_skips)
 
     def _stateful_handle_non_finite_grads(self):
         super()._stateful_handle_non_finite_grads()

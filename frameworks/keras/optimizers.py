@@ -213,13 +213,18 @@ class _LayerwiseOptimizer(keras.optimizers.Optimizer):
             self._layer_lrs.assign(new)
             self._last_lr.assign(tf.cast(learning_rate, tf.float32))
 
-    _lb_outer_skips = None            # a loss-scale optimizer's skip counter, when one wraps this
+    _outer_skips = None               # a loss-scale optimizer's skip counter, when one wraps this
 
-    def _lb_update_count(self):
+    def count_skips_of(self, counter) -> None:
+        """A loss-scale optimizer around this one hands over its skip counter: those updates
+        advance ``iterations`` but apply nothing, and :meth:`applied_updates` leaves them out."""
+        self._outer_skips = counter
+
+    def applied_updates(self):
         """Updates applied so far: ``iterations`` less the updates a loss-scale optimizer around
-        this one skipped (they advance ``iterations`` but apply nothing; LAMB's bias correction
-        counts applied updates). DistributedOptimizer's non-finite guard subtracts its own skips."""
-        skips = self._lb_outer_skips
+        this one skipped (LAMB's bias correction counts applied updates). DistributedOptimizer's
+        non-finite guard subtracts its own skips (its override)."""
+        skips = self._outer_skips
         return self.iterations if skips is None else self.iterations - skips
 
     def _record(self, index, layer_lr):
@@ -485,7 +490,7 @@ class LAMB(_LayerwiseOptimizer):
         g = _dense(gradient, dtype)
         lr = tf.cast(learning_rate, dtype)
         # t >= 1: updates applied (per update, also with accumulation; skipped non-finite ones excluded)
-        step = tf.cast(self._lb_update_count() + 1, tf.float64)
+        step = tf.cast(self.applied_updates() + 1, tf.float64)
         beta = self.weight_decay if self._lb_decay[index] else 0.0
         if self._use_fused(w):
             u = _lamb_kernel(_signature(w), self.beta_1, self.beta_2, self.eps, beta)(w.handle, g, m.handle, v.handle, step)

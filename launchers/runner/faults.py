@@ -97,7 +97,25 @@ class Fault:
         name = self.layer or paths[0]
         if name not in paths:
             raise ValueError(f"{FAULT_ENV}: no variable {name!r} (have {', '.join(paths[:8])}, ...)")
-        optimizer._lb_inject_nan = (self.step, name)
+        inject_keras_nan(optimizer, self.step, name)
+
+
+def inject_keras_nan(optimizer, step, name):
+    """From now on ``optimizer.apply`` (this instance only; Keras's train step calls it) gets the
+    gradient of variable ``name`` times NaN at update ``step`` (in the graph: no host read)."""
+    import tensorflow as tf
+    apply = optimizer.apply
+
+    def apply_with_nan(grads, trainable_variables=None):
+        variables = optimizer._trainable_variables if trainable_variables is None else trainable_variables
+        hit = tf.equal(optimizer.iterations + 1, step)
+        grads = list(grads)
+        for i, (g, v) in enumerate(zip(grads, variables)):
+            if g is not None and (getattr(v, "path", None) or v.name) == name:
+                g = tf.convert_to_tensor(g)
+                grads[i] = g * tf.where(hit, tf.constant(float("nan"), g.dtype), tf.constant(1, g.dtype))
+        return apply(grads, trainable_variables)
+    optimizer.apply = apply_with_nan
 
 
 def _drift(model, layer):

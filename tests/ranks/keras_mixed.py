@@ -22,6 +22,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import largebatch.keras as lbk  # noqa: E402
+from largebatch.runner.faults import inject_keras_nan  # noqa: E402
 from multirank import error_of, report  # noqa: E402
 
 policy = sys.argv[1]
@@ -48,7 +49,7 @@ if policy == "mixed_float16":
     inner = keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0 ** 10)
 optimizer = lbk.DistributedOptimizer(inner)
 if nan_step is not None and rank == size - 1:
-    optimizer._lb_inject_nan = (nan_step, "fc/kernel")
+    inject_keras_nan(optimizer, nan_step, "fc/kernel")
 kc.compile_model(model, optimizer)
 model.fit(x, y, batch_size=kc.GLOBAL_BATCH // size, epochs=kc.EPOCHS, shuffle=False, verbose=0,
           callbacks=[lbk.callbacks.BroadcastGlobalVariables(0)])
@@ -59,5 +60,5 @@ out["iterations"] = int(optimizer.iterations.numpy())
 out["skips"] = lbk.loss_scale_skips(optimizer)
 out["scale"] = float(optimizer.dynamic_scale.numpy()) if policy == "mixed_float16" else 0.0
 out["ratios"] = np.array([float(v) for v in lbk.innermost(optimizer).trust_ratios().values()])
-out["applied"] = int(lbk.innermost(optimizer)._lb_update_count().numpy())      # LAMB's bias-correction count
+out["applied"] = int(lbk.innermost(optimizer).applied_updates().numpy())      # LAMB's bias-correction count
 report(rank, **out)
