@@ -40,12 +40,52 @@ import numpy as np
 from .trust import lars_layer_lr
 
 __all__ = ["ParamPolicy", "NDIM_RULE", "EXCLUDED_RATES", "MLPERF", "SGD_SAFE_RATE", "ExclusionWarning",
-           "exclusion_warning"]
+           "exclusion_warning", "check_spec"]
 
 NDIM_RULE = None                # the rule that excludes tensors with ndim <= 1
 DEFAULT_ADAPTATION = False      # every tensor adapted
 DEFAULT_DECAY = NDIM_RULE       # no weight decay on biases and normalisation parameters
 EXCLUDED_RATES = ("global", "trust")
+
+
+SPEC_KEYS = ("adaptation", "decay", "rate")
+_YAML_RULES = ("expected null (ndim <= 1 excluded), true, false, a regular expression or a list of those, or "
+               "a mapping with 'adaptation', 'decay' and/or 'rate'")
+
+
+def check_spec(exclude, *, yaml: bool = False):
+    """The one parser of an ``exclude`` spec: return it checked (rules compiled once to find
+    errors), or raise ValueError with one line. ``yaml``: the YAML's forms and wording (no
+    callables; the message is the part after ``optimizer.exclude: ``); else the Python API's."""
+    if isinstance(exclude, dict):
+        unknown = [k for k in exclude if k not in SPEC_KEYS]
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} in the mapping, expected 'adaptation', 'decay' and/or "
+                             f"'rate'" if yaml else f"exclude: unknown key {sorted(unknown)[0]!r}, expected "
+                             f"'adaptation', 'decay' and/or 'rate'")
+        if "rate" in exclude and exclude["rate"] not in EXCLUDED_RATES:
+            raise ValueError(f"rate: expected one of {', '.join(EXCLUDED_RATES)} (how the excluded tensors step: "
+                             f"γ·η, or γ as in MLPerf), got {exclude['rate']!r}" if yaml else
+                             f"exclude: rate: expected one of {', '.join(map(repr, EXCLUDED_RATES))}, "
+                             f"got {exclude['rate']!r}")
+        return {k: v if k == "rate" else _check_rule(v, k, yaml) for k, v in exclude.items()}
+    return _check_rule(exclude, "exclude_from_adaptation", yaml)
+
+
+def _check_rule(rule, what, yaml):
+    if yaml:
+        if rule is None or isinstance(rule, (bool, str, list)):
+            if isinstance(rule, str):
+                try:
+                    re.compile(rule)
+                except re.error as err:
+                    raise ValueError(f"expected a regular expression, got {rule!r} ({err})") from None
+            if isinstance(rule, list):
+                return [_check_rule(r, what, yaml) for r in rule]
+            return rule
+        raise ValueError(f"{_YAML_RULES}, got {rule!r}")
+    _compile(rule, what if what.startswith("exclude_from") else f"exclude_from_{what}")
+    return rule
 
 
 def _compile(rule, what):
@@ -104,10 +144,7 @@ class ParamPolicy:
         if isinstance(exclude, ParamPolicy):
             return exclude
         if isinstance(exclude, dict):
-            unknown = set(exclude) - {"adaptation", "decay", "rate"}
-            if unknown:
-                raise ValueError(f"exclude: unknown key {sorted(unknown)[0]!r}, expected 'adaptation', 'decay' "
-                                 f"and/or 'rate'")
+            check_spec(exclude)
             return cls(exclude.get("adaptation", DEFAULT_ADAPTATION), exclude.get("decay", DEFAULT_DECAY),
                        exclude.get("rate", "global"))
         return cls(exclude, exclude)

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import registry, trust
 from .policy import ParamPolicy
-from .registry import BETAS, MOMENTUM, TRUST_COEFFICIENT
+from .registry import BETAS, MOMENTUM, NORM_OF_SUM, SUM_OF_NORMS, TRUST_COEFFICIENT
 from .validation import check_choice, check_hyperparameters, check_number
 
 __all__ = ["ReferenceOptimizer", "ALGORITHMS"]
@@ -46,7 +46,7 @@ class ReferenceOptimizer:
     """
 
     def __init__(self, algorithm="lars", *, lr, momentum=MOMENTUM, weight_decay=0.0,
-                 trust_coefficient=TRUST_COEFFICIENT, eps=None, trust_denominator="sum_of_norms", clip=False,
+                 trust_coefficient=TRUST_COEFFICIENT, eps=None, trust_denominator=SUM_OF_NORMS, clip=False,
                  nesterov=False, betas=BETAS, exclude=None):
         self.algorithm = check_choice("algorithm", algorithm, ALGORITHMS)
         entry = _ENTRIES[algorithm]
@@ -90,7 +90,7 @@ class ReferenceOptimizer:
             g_norm = trust.clars_mean_example_norm(pe_sum, batch)              # (1/B)Σ‖∇f_i‖
         else:
             g_norm = _norm(g)                                                   # ‖∇L(w)‖
-        update_norm = _norm(g + beta * w) if self.trust_denominator == "norm_of_sum" else None
+        update_norm = _norm(g + beta * w) if self.trust_denominator == NORM_OF_SUM else None
         layer_lr = trust.lars_layer_lr(np, w_norm, g_norm, lr, trust_coefficient=self.trust_coefficient,
                                        weight_decay=beta, eps=self.eps, update_norm=update_norm,
                                        clip=self.clip, adapt=adapt,

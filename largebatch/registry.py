@@ -23,10 +23,11 @@ checks YAML values against them and the adapters check constructor arguments aga
 from dataclasses import dataclass, field
 
 __all__ = ["Hyperparameter", "Constraint", "OptimizerInfo", "HYPERPARAMETERS", "OPTIMIZERS", "get", "names",
-           "for_framework", "class_paths", "TRUST_DENOMINATORS", "TRUST_COEFFICIENT", "LARS_EPS", "LAMB_EPS",
+           "for_framework", "class_paths", "TRUST_DENOMINATORS", "SUM_OF_NORMS", "NORM_OF_SUM", "TRUST_COEFFICIENT", "LARS_EPS", "LAMB_EPS",
            "MOMENTUM", "BETAS", "check_constraints"]
 
-TRUST_DENOMINATORS = ("sum_of_norms", "norm_of_sum")
+SUM_OF_NORMS, NORM_OF_SUM = "sum_of_norms", "norm_of_sum"     # ‖g‖ + β‖w‖ (the paper's), ‖g + βw‖
+TRUST_DENOMINATORS = (SUM_OF_NORMS, NORM_OF_SUM)
 TRUST_COEFFICIENT = 0.001      # η of the LARS paper (You, Gitman, Ginsburg 2017, §3)
 MOMENTUM = 0.9
 LARS_EPS = 0.0                 # the paper's denominator has no ε
@@ -38,7 +39,7 @@ BETAS = (0.9, 0.999)
 class Hyperparameter:
     """One hyper-parameter: its kind, default and accepted interval (or choices).
 
-    ``kind``: 'number' (bounds apply), 'bool', 'choice', 'betas' (a pair in [0, 1)) or 'exclude'
+    ``kind``: 'number' (bounds apply), 'bool', 'choice', 'betas' (a pair, each within the bounds) or 'exclude'
     (a :class:`largebatch.policy.ParamPolicy` spec). ``default`` None: each optimizer entry
     supplies it (eps), or null is a value of its own (exclude)."""
     name: str
@@ -62,9 +63,9 @@ HYPERPARAMETERS = {hp.name: hp for hp in (
     Hyperparameter("weight_decay", "number", 0.0, low=0.0, doc="β"),
     Hyperparameter("trust_coefficient", "number", TRUST_COEFFICIENT, low=0.0, low_open=True, doc="η"),
     Hyperparameter("eps", "number", None, low=0.0, doc="default 0 (LARS family), 1e-6 (LAMB)"),
-    Hyperparameter("trust_denominator", "choice", "sum_of_norms", choices=TRUST_DENOMINATORS),
+    Hyperparameter("trust_denominator", "choice", SUM_OF_NORMS, choices=TRUST_DENOMINATORS),
     Hyperparameter("nesterov", "bool", False),
-    Hyperparameter("betas", "betas", list(BETAS)),
+    Hyperparameter("betas", "betas", list(BETAS), low=0.0, high=1.0, high_open=True, doc="each of the pair"),
     Hyperparameter("exclude", "exclude", None, doc="null: every tensor adapted, ndim <= 1 (biases, BN) not decayed"),
 )}
 
@@ -85,7 +86,7 @@ _NESTEROV = Constraint(
     "nesterov: needs momentum > 0, got momentum={momentum}",
     "optimizer.nesterov: needs optimizer.momentum > 0, got momentum {momentum:g}")
 _CLARS_DENOMINATOR = Constraint(
-    "trust_denominator", lambda hp: hp["trust_denominator"] != "sum_of_norms",
+    "trust_denominator", lambda hp: hp["trust_denominator"] != SUM_OF_NORMS,
     "trust_denominator: CLARS defines its own denominator, expected 'sum_of_norms', got {trust_denominator!r}",
     "optimizer.trust_denominator: CLARS uses the mean per-example gradient norm; expected 'sum_of_norms', "
     "got {trust_denominator!r}")

@@ -98,5 +98,5 @@ def check_hyperparameters(*, lr=None, momentum=None, weight_decay=None, trust_co
 
 
 def check_beta(name, value):
-    """An Adam/LAMB moment decay: a number in [0, 1)."""
-    return check_number(name, value, low=0.0, high=1.0, high_open=True)
+    """An Adam/LAMB moment decay: a number within the registry's bounds for betas ([0, 1))."""
+    return check_number(name, value, **HYPERPARAMETERS["betas"].bounds)

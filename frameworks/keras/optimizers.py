@@ -21,8 +21,9 @@ import tensorflow as tf
 
 from largebatch import registry, trust
 from largebatch.policy import ExclusionWarning, ParamPolicy, exclusion_warning
-from largebatch.registry import BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, TRUST_COEFFICIENT
-from largebatch.validation import check_hyperparameters, check_number
+from largebatch.registry import (BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, NORM_OF_SUM, SUM_OF_NORMS,
+                                 TRUST_COEFFICIENT)
+from largebatch.validation import check_beta, check_hyperparameters, check_number
 
 from ._checks import HOROVOD_KERAS_MESSAGE, HorovodKerasError, guard_horovod_callbacks, is_horovod_keras_optimizer
 
@@ -354,7 +355,7 @@ class LARS(_LayerwiseOptimizer):
     _registry_name = "lars"       # whose constraints (largebatch.registry) the arguments must meet
 
     def __init__(self, learning_rate=1.0, momentum=MOMENTUM, weight_decay=0.0, trust_coefficient=TRUST_COEFFICIENT,
-                 eps=LARS_EPS, trust_denominator="sum_of_norms", clip=False, nesterov=False, exclude=None,
+                 eps=LARS_EPS, trust_denominator=SUM_OF_NORMS, clip=False, nesterov=False, exclude=None,
                  fused=None, name=None, **kwargs):
         check_hyperparameters(momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                               eps=eps, trust_denominator=trust_denominator)
@@ -409,7 +410,7 @@ class LARS(_LayerwiseOptimizer):
         g = _dense(gradient, dtype)
         beta = self.weight_decay if self._lb_decay[index] else 0.0
         adapt = self._lb_adapt[index]
-        norm_of_sum = self.trust_denominator == "norm_of_sum"
+        norm_of_sum = self.trust_denominator == NORM_OF_SUM
         # norms in float32 (float64 for float64 variables), as halved sums of squares
         if adapt:
             w_half, g_half = _half_sum_sq(w), self._lb_grad_half(index, g)
@@ -459,8 +460,7 @@ class LAMB(_LayerwiseOptimizer):
 
     def __init__(self, learning_rate=1e-3, beta_1=BETAS[0], beta_2=BETAS[1], eps=LAMB_EPS, weight_decay=0.0,
                  exclude=None, fused=None, name="lamb", **kwargs):
-        beta_1 = check_number("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
-        beta_2 = check_number("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
+        beta_1, beta_2 = check_beta("beta_1", beta_1), check_beta("beta_2", beta_2)
         eps_name = "eps"
         if "epsilon" in kwargs:
             if eps != LAMB_EPS:

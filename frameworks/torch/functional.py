@@ -37,7 +37,8 @@ import torch
 
 from largebatch import trust
 from largebatch.policy import EXCLUDED_RATES
-from largebatch.registry import BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, TRUST_COEFFICIENT, TRUST_DENOMINATORS
+from largebatch.registry import (BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, NORM_OF_SUM, SUM_OF_NORMS, TRUST_COEFFICIENT,
+                                 TRUST_DENOMINATORS)
 from largebatch.validation import check_choice, check_one_element
 
 __all__ = ["lars", "lamb", "TensorGroups"]
@@ -311,7 +312,7 @@ def _multi_tensor_lars(params, grads, bufs, lr, part, *, momentum, trust_coeffic
 
 
 def lars(params, grads, momentum_buffers, *, lr, momentum=MOMENTUM, weight_decay=0.0,
-         trust_coefficient=TRUST_COEFFICIENT, eps=LARS_EPS, trust_denominator="sum_of_norms", clip=False,
+         trust_coefficient=TRUST_COEFFICIENT, eps=LARS_EPS, trust_denominator=SUM_OF_NORMS, clip=False,
          nesterov=False, decay=None, adapt=None, excluded_rate="trust", grad_norms=None, trust_ratios=None,
          foreach=None, fused=None, groups=None):
     r"""One LARS step (You, Gitman, Ginsburg 2017, Algorithm 1) on lists of tensors, in place:
@@ -338,7 +339,7 @@ def lars(params, grads, momentum_buffers, *, lr, momentum=MOMENTUM, weight_decay
     extra = {} if grad_norms is None else {"grad_norms": grad_norms}
     _run(impl, (_single_tensor_lars, _multi_tensor_lars), groups, (params, grads, momentum_buffers), lr,
          trust_ratios, extra, momentum=momentum, trust_coefficient=trust_coefficient, eps=eps,
-         norm_of_sum=trust_denominator == "norm_of_sum", clip=bool(clip), nesterov=bool(nesterov),
+         norm_of_sum=trust_denominator == NORM_OF_SUM, clip=bool(clip), nesterov=bool(nesterov),
          excluded_rate=check_choice("excluded_rate", excluded_rate, EXCLUDED_RATES))
 
 

@@ -16,7 +16,7 @@ from torch.optim.optimizer import Optimizer
 
 from largebatch import registry, trust
 from largebatch.policy import ExclusionWarning, ParamPolicy, exclusion_warning
-from largebatch.registry import BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, TRUST_COEFFICIENT
+from largebatch.registry import BETAS, LAMB_EPS, LARS_EPS, MOMENTUM, SUM_OF_NORMS, TRUST_COEFFICIENT
 from largebatch.validation import check_hyperparameters
 
 from . import functional
@@ -191,7 +191,7 @@ class LARS(_LayerwiseOptimizer):
     _registry_name = "lars"       # whose constraints (largebatch.registry) the arguments must meet
 
     def __init__(self, params, lr=1.0, momentum=MOMENTUM, weight_decay=0.0, trust_coefficient=TRUST_COEFFICIENT,
-                 eps=LARS_EPS, trust_denominator="sum_of_norms", clip=False, nesterov=False, exclude=None,
+                 eps=LARS_EPS, trust_denominator=SUM_OF_NORMS, clip=False, nesterov=False, exclude=None,
                  foreach=None, fused=None, track_trust_ratios=False):
         check_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay,
                               trust_coefficient=trust_coefficient, eps=eps, trust_denominator=trust_denominator)

@@ -102,7 +102,8 @@ def derive(cfg, host_list=None, folder_classes=None):
     la, data = cfg["launcher"], cfg["data"]
     np_, placed = placement(la, host_list)
     per_worker, acc, global_batch = batch_sizes(cfg["batch"], np_)
-    d = {"model": model_label(cfg["model"]), "np": np_, "placement": placed, "per_worker_batch": per_worker, "accumulation_steps": acc,
+    d = {"model": model_label(cfg["model"]), "np": np_, "placement": placed, "per_worker_batch": per_worker,
+         "accumulation_steps": acc,
          "global_batch": global_batch}
     if la["elastic"]:
         d["min_np"], d["max_np"] = elastic_range(la, np_)

@@ -11,7 +11,7 @@ import shlex
 
 from .. import hostfile as _hostfile
 from ..validation import check_number
-from ..policy import EXCLUDED_RATES
+from ..policy import check_spec
 
 class ConfigError(ValueError):
     """Invalid experiment: ``problems`` holds one line per problem."""
@@ -134,44 +134,32 @@ def milestones(key, value):
     return out
 
 
-def betas(key, value):
-    if not isinstance(value, list) or len(value) != 2:
-        raise _Bad(f"expected a pair [beta_1, beta_2] of numbers in [0, 1), got {value!r}")
-    out = []
-    for v in value:
-        v = _numeric_string(v)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1:
-            raise _Bad(f"expected a pair [beta_1, beta_2] of numbers in [0, 1), got {value!r}")
-        out.append(float(v))
-    return out
+def betas(low=None, high=None, low_open=False, high_open=False):
+    """A pair [beta_1, beta_2], each a number within the bounds (the registry's)."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
-
-def _exclude_rule(key, rule):
-    if rule is None or isinstance(rule, bool):
-        return rule
-    if isinstance(rule, str):
-        try:
-            re.compile(rule)
-        except re.error as err:
-            raise _Bad(f"expected a regular expression, got {rule!r} ({err})") from None
-        return rule
-    if isinstance(rule, list):
-        return [_exclude_rule(key, r) for r in rule]
-    raise _Bad(f"expected null (ndim <= 1 excluded), true, false, a regular expression or a list of "
-               f"those, or a mapping with 'adaptation', 'decay' and/or 'rate', got {rule!r}")
+    def check(key, value):
+        bad = _Bad(f"expected a pair [beta_1, beta_2] of numbers in {interval}, got {value!r}")
+        if not isinstance(value, list) or len(value) != 2:
+            raise bad
+        out = []
+        for v in value:
+            try:
+                out.append(float(check_number(key, _numeric_string(v), low=low, high=high, low_open=low_open,
+                                              high_open=high_open)))
+            except ValueError:
+                raise bad from None
+        return out
+    return check
 
 
 def exclude(key, value):
-    """The optimizer's ``exclude`` as in the Python API (largebatch.policy.ParamPolicy.from_spec)."""
-    if isinstance(value, dict):
-        for k in value:
-            if k not in ("adaptation", "decay", "rate"):
-                raise _Bad(f"unknown key {k!r} in the mapping, expected 'adaptation', 'decay' and/or 'rate'")
-        if "rate" in value and value["rate"] not in EXCLUDED_RATES:
-            raise _Bad(f"rate: expected one of {', '.join(EXCLUDED_RATES)} (how the excluded tensors step: "
-                       f"γ·η, or γ as in MLPerf), got {value['rate']!r}")
-        return {k: v if k == "rate" else _exclude_rule(key, v) for k, v in value.items()}
-    return _exclude_rule(key, value)
+    """The optimizer's ``exclude`` as in the Python API, checked by the policy's own parser
+    (:func:`largebatch.policy.check_spec`, YAML forms)."""
+    try:
+        return check_spec(value, yaml=True)
+    except ValueError as err:
+        raise _Bad(str(err)) from None
 
 
 def env_mapping(key, value):

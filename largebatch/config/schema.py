@@ -29,7 +29,7 @@ ZERO_INIT_MODELS = ("resnet18", "resnet50")
 def _optimizer_field(key):
     """optimizer.<key> from the registry: its check, default and the optimizers that use it."""
     hp = registry.HYPERPARAMETERS[key]
-    check = {"number": lambda: number(**hp.bounds), "bool": lambda: boolean, "betas": lambda: betas,
+    check = {"number": lambda: number(**hp.bounds), "bool": lambda: boolean, "betas": lambda: betas(**hp.bounds),
              "choice": lambda: choice(hp.choices), "exclude": lambda: exclude}[hp.kind]()
     users = [n for n in OPTIMIZERS if key in OPTIMIZER_KEYS[n]]
     when = When(lambda c: key in OPTIMIZER_KEYS[c["optimizer"]["name"]],

@@ -143,7 +143,7 @@ class TorchPart(Framework):
                                                                                      hvd=self.hvd)
         self.fault = faults.from_env(loop.rank)
         smoothing = cfg["train"]["label_smoothing"]
-        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=smoothing) if smoothing else torch.nn.CrossEntropyLoss()
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)
         self.correct_momentum = cfg["schedule"]["momentum_correction"] and self.info.holds_lr("torch")
         self.autocast, self.scaler = _precision(cfg["train"]["precision"], torch,
                                                 next(self.model.parameters()).device.type)
