@@ -508,3 +508,14 @@ def test_a_dry_run_notes_missing_data_folders_and_goes_on(tmp_path, capsys):
             "(no such folder); --dry-run goes on (a real run stops here)") in err
     assert cli.main(["run", str(exp)]) == 2                                   # a real run stops
     assert cli.main(["validate", str(exp)]) == 2
+
+
+def test_a_name_in_other_letters_gets_its_did_you_mean_and_a_bad_model_name_is_reported_alone():
+    """Issue 27 item 7: `optimizer: LARS` suggests 'lars'; after a bad model.name, the keys that
+    depend on the name (model.batch_norm) are not reported too."""
+    with pytest.raises(ConfigError) as err:
+        load_dict({"framework": "torch", "model": {"name": "resnt50", "batch_norm": False}, "optimizer": "LARS"})
+    assert err.value.problems == [
+        "optimizer.name: expected one of 'sgd', 'lars', 'larc', 'lamb', 'clars', got 'LARS' (did you mean 'lars'?)",
+        "model.name: expected one of 'small_cnn', 'resnet18', 'resnet50', 'alexnet_bn' (framework 'torch'), "
+        "got 'resnt50' (did you mean 'resnet50'?)"]

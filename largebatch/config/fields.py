@@ -114,7 +114,8 @@ def choice(options):
             return value
         hint = ""
         if isinstance(value, str):
-            close = difflib.get_close_matches(value, options, n=1, cutoff=0.6)
+            same_letters = [o for o in options if isinstance(o, str) and o.lower() == value.lower()]
+            close = same_letters or difflib.get_close_matches(value, options, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise _Bad(f"expected one of {', '.join(repr(o) for o in options)}, got {value!r}{hint}")
     return check

@@ -76,10 +76,12 @@ def model_and_optimizer(cfg, explicit):
     elif model["name"] not in MODELS[fw]:
         out.append(f"model.name: {model['name']!r} is not available for framework {fw!r} "
                    f"(available: {_choices(MODELS[fw])})")
+    bad_model = bool(out)
     if opt["name"] not in FRAMEWORK_OPTIMIZERS[fw]:
         out.append(f"optimizer.name: {opt['name']!r} is not available for framework {fw!r} "
                    f"(available: {_choices(FRAMEWORK_OPTIMIZERS[fw])})")
-    out += inapplicable("model", cfg, explicit)
+    if not bad_model:          # after a bad model.name, its keys' "only used with" lines would mislead
+        out += inapplicable("model", cfg, explicit)
     out += inapplicable("optimizer", cfg, explicit, keys=sorted(k for k in SCHEMA["optimizer"] if k != "name"))
     out += registry.get(opt["name"]).violations(opt, config=True)
     return out
