@@ -1,6 +1,6 @@
 """The ``largebatch`` command.
 
-    largebatch run EXP.yaml [--np N] [--launcher horovodrun|mpirun|srun] [--hosts H | --hostfile F]
+    largebatch run EXP.yaml [--np N] [--launcher horovodrun|mpirun|srun|torchrun] [--hosts H | --hostfile F]
                             [--dry-run] [--tf-logs] [key.sub=value ...]
     largebatch validate EXP.yaml [--np N] [--launcher L] [--hosts H | --hostfile F] [--print]
                                  [key.sub=value ...]
@@ -634,7 +634,7 @@ def _experiment_parser(command):
                    help="override a YAML key, e.g. optimizer.trust_coefficient=0.02")
     p.add_argument("--np", type=int, metavar="N", help="number of ranks (launcher.np)")
     if command in ("run", "validate"):
-        p.add_argument("--launcher", choices=("horovodrun", "mpirun", "srun"), help="launcher.type")
+        p.add_argument("--launcher", choices=("horovodrun", "mpirun", "srun", "torchrun"), help="launcher.type")
         p.add_argument("-H", "--hosts", metavar="H1:N,H2:N", help="launcher.hosts")
         p.add_argument("--hostfile", metavar="FILE", help="launcher.hostfile ('host slots=N' lines)")
     if command == "run":
@@ -661,7 +661,7 @@ def _experiment_parser(command):
 
 USAGE = """usage: largebatch {run,validate,sbatch,doctor,bench,report} ...
 
-  run EXP.yaml [--np N] [--launcher horovodrun|mpirun|srun] [-H HOSTS | --hostfile F]
+  run EXP.yaml [--np N] [--launcher horovodrun|mpirun|srun|torchrun] [-H HOSTS | --hostfile F]
                [--dry-run] [--tf-logs] [key.sub=value ...]
                                                    launch an experiment
   validate EXP.yaml [--np N] [--launcher L] [-H HOSTS | --hostfile F] [--print] [key.sub=value ...]

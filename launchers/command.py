@@ -33,7 +33,8 @@ from largebatch import hostfile as _hostfile
 from .threads import plan_threads
 
 __all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind", "horovodrun_command",
-           "mpirun_command", "srun_command", "build_command", "rank_program", "find_executable", "remote_hosts",
+           "mpirun_command", "srun_command", "torchrun_command", "build_command", "rank_program", "find_executable",
+           "remote_hosts",
            "host_timeout_settings", "launch_plan",
            "LARGE_CLUSTER_HOSTS"]
 
@@ -243,6 +244,16 @@ def srun_command(program, *, np, placed, hosts_given=False, ranks_per_host=None,
     return LaunchCommand(argv, {}, list(plan.notes), plan)
 
 
+def torchrun_command(program, *, np, plan, extra_args=(), env=None, **_):
+    """``torchrun --standalone --nproc-per-node N --no-python PYTHON -m largebatch.runner ...``:
+    torch.distributed's launcher on this host (a local c10d rendezvous on a free port); the
+    ranks run the same program as under the other launchers. OMP_NUM_THREADS and the other
+    thread variables come from the thread plan (torchrun would set OMP_NUM_THREADS=1)."""
+    argv = [find_executable("torchrun"), "--standalone", f"--nproc-per-node={np}", *extra_args,
+            "--no-python", *program]
+    return LaunchCommand(argv, {**plan.env, **(env or {})}, list(plan.notes), plan)
+
+
 def build_command(launcher, derived, program, *, environ=None):
     """The launch command for a validated experiment's ``launcher`` section and ``derived``
     values (np, placement): see :func:`largebatch.config.load`."""
@@ -265,6 +276,8 @@ def build_command(launcher, derived, program, *, environ=None):
                            elastic_timeout=la["elastic_timeout"], reset_limit=la["reset_limit"])
         return horovodrun_command(program, hostfile=la["hostfile"], controller=la["controller"],
                                   network_interface=la["network_interface"], elastic=elastic, **ssh, **common)
+    if la["type"] == "torchrun":
+        return torchrun_command(program, **common)
     if la["type"] == "mpirun":
         return mpirun_command(program, hostfile=la["hostfile"], network_interface=la["network_interface"],
                               environ=environ, **ssh, **common)

@@ -54,10 +54,14 @@ def _wait_training(run_dir, proc, limit=120):
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, sig):
+@pytest.mark.parametrize("sig,launcher", [(signal.SIGTERM, "horovodrun"), (signal.SIGINT, "horovodrun"),
+                                          (signal.SIGTERM, "torchrun")],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-torchrun"])
+def test_a_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, sig, launcher):
+    """The same promises under both engines: Horovod (horovodrun) and torch.distributed (torchrun)."""
     run_dir = tmp_path / "run"
-    proc, log = _start(run_dir, tmp_path / "log")
+    engine = ["--launcher", launcher]
+    proc, log = _start(run_dir, tmp_path / "log", engine)
     try:
         assert _wait_training(run_dir, proc), (tmp_path / "log").read_text()[-3000:]
         proc.send_signal(sig)
@@ -75,11 +79,11 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, sig):
     print(f"{signal.Signals(sig).name}: exit {code} after {took:.1f} s, stopped after step {summary['steps_done']}")
     if sig != signal.SIGTERM:
         return
-    resumed = subprocess.run([LARGEBATCH, "run", *RUN, f"output.run_dir={run_dir}", "train.resume=auto"],
+    resumed = subprocess.run([LARGEBATCH, "run", *RUN, *engine, f"output.run_dir={run_dir}", "train.resume=auto"],
                              cwd=str(ROOT), capture_output=True, text=True, timeout=150, env=environ_copy())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = tmp_path / "straight"
-    ref = subprocess.run([LARGEBATCH, "run", *RUN, f"output.run_dir={straight}"], cwd=str(ROOT),
+    ref = subprocess.run([LARGEBATCH, "run", *RUN, *engine, f"output.run_dir={straight}"], cwd=str(ROOT),
                          capture_output=True, text=True, timeout=150, env=environ_copy())
     assert ref.returncode == 0, ref.stderr[-3000:]
     got, want = (json.loads((d / "summary.json").read_text()) for d in (run_dir, straight))

@@ -247,22 +247,38 @@ def _final_weights(framework, folder, run_dir):
 @pytest.mark.skipif(horovodrun_path() is None, reason="horovodrun not installed")
 @pytest.mark.parametrize("framework", ["torch", "keras"])
 def test_two_ranks_end_with_the_weights_of_one_process_on_the_concatenated_batch(project, framework):
+    """2 ranks (each its half of every global batch of 64) against 1 process on all 64; torch
+    also under torchrun (torch.distributed, DDP), in an environment where ``import horovod``
+    fails, against the same YAML under horovodrun."""
     folder, write = project
     exp = write(experiment(framework=framework, model=f"models.py:{framework}_mlp"))
-    two = largebatch(folder, "run", exp, "--np", "2", "output.run_dir=runs/np2", "batch.per_worker=32", timeout=240)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = largebatch(folder, "run", exp, "--np", "1", "output.run_dir=runs/np1", "batch.per_worker=64", timeout=240)
-    assert one.returncode == 0, one.stderr[-3000:]
-    s2, s1 = (json.loads((folder / "runs" / d / "summary.json").read_text()) for d in ("np2", "np1"))
-    assert s2["global_batch"] == s1["global_batch"] == 64 and s2["steps_done"] == s1["steps_done"] == 6
-    assert s2["ranks_agree"] is True
-    w2, w1 = (_final_weights(framework, folder, folder / "runs" / d) for d in ("np2", "np1"))
-    assert set(w2) == set(w1) and len(w2) == 4
-    worst = max(float(np.max(np.abs(w2[k] - w1[k]))) for k in w2)
-    print(f"{framework}: 2 ranks vs 1 process, max abs weight difference {worst:.3g}")
-    assert worst <= 1e-5
-    moved = min(float(np.max(np.abs(w1[k]))) for k in w1)
-    assert moved > 0
+    runs = {"np2": ["--np", "2", "batch.per_worker=32"], "np1": ["--np", "1", "batch.per_worker=64"]}
+    if framework == "torch":
+        runs["torchrun"] = ["--np", "2", "batch.per_worker=32", "--launcher", "torchrun"]
+    no_horovod = folder / "no_horovod" / "horovod"
+    no_horovod.mkdir(parents=True)
+    (no_horovod / "__init__.py").write_text("raise ImportError('horovod is not installed here (a test)')\n")
+    for name, args in runs.items():
+        env = environ_copy()
+        if name == "torchrun":
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(no_horovod.parent), env.get("PYTHONPATH")]))
+        proc = subprocess.run([LARGEBATCH, "run", str(exp), *args, f"output.run_dir=runs/{name}"], cwd=folder,
+                              capture_output=True, text=True, timeout=240, env=env)
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    summaries = {n: json.loads((folder / "runs" / n / "summary.json").read_text()) for n in runs}
+    assert {s["global_batch"] for s in summaries.values()} == {64} and {s["steps_done"] for s in summaries.values()} == {6}
+    assert all(summaries[n]["ranks_agree"] is True for n in runs if n != "np1")
+    if framework == "torch":
+        assert "horovod" not in summaries["torchrun"]["versions"]       # never imported there
+    weights = {n: _final_weights(framework, folder, folder / "runs" / n) for n in runs}
+    for name in runs:
+        assert set(weights[name]) == set(weights["np1"]) and len(weights[name]) == 4
+    for a, b in [("np2", "np1"), ("torchrun", "np1"), ("torchrun", "np2")]:
+        if a in weights:
+            worst = max(float(np.max(np.abs(weights[a][k] - weights[b][k]))) for k in weights[a])
+            print(f"{framework}: {a} vs {b}, max abs weight difference {worst:.3g}")
+            assert worst <= 1e-5, (a, b, worst)
+    assert min(float(np.max(np.abs(w))) for w in weights["np1"].values()) > 0
 
 
 @pytest.mark.multirank

@@ -35,12 +35,15 @@ def _batchnorm_without_running_stats(model):
             module.track_running_stats = flag
 
 
-def per_example_norm_sums(model, loss_fn, inputs, targets, *, chunk_size=None, allreduce=False, method="auto"):
+def per_example_norm_sums(model, loss_fn, inputs, targets, *, chunk_size=None, allreduce=False, method="auto",
+                          engine=None):
     """Σ_i ‖∇_l f_i(w)‖ for each trainable parameter l, over the examples of this batch.
 
     ``loss_fn(outputs, targets)`` is the mean loss of a batch; applied to one example it is the
     per-example loss f_i. With ``allreduce=True`` the sums are summed across Horovod ranks
-    (one allreduce for all layers) and the returned batch size is the global one.
+    (``engine``: or another object with Horovod's ``allreduce``/``size``, such as
+    :class:`largebatch.torch.TorchDistributed`; one allreduce for all layers) and the returned
+    batch size is the global one.
 
     ``method``: ``"hooks"`` (Linear/Conv2d models, see the module docstring), ``"vmap"`` (any
     model), or ``"auto"`` (hooks where they apply, else vmap). Parameter gradients (``.grad``)
@@ -66,7 +69,7 @@ def per_example_norm_sums(model, loss_fn, inputs, targets, *, chunk_size=None, a
     sums = torch.stack([norms[p].sum() for _, p in named])
     batch = inputs.shape[0]
     if allreduce:
-        hvd = import_horovod("torch")
+        hvd = engine or import_horovod("torch")
         sums = hvd.allreduce(sums, op=hvd.Sum, name="largebatch.clars.norm_sums")
         batch *= hvd.size()
     return {p: s for (_, p), s in zip(named, sums.unbind())}, batch

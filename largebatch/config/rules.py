@@ -109,6 +109,8 @@ def launcher(cfg, explicit, derived, host_list, host_problems, check_paths):
     if la["type"] == "srun" and host_list is not None and len({n for _, n in placed}) > 1:
         out.append(f"launcher.{'hosts' if la['hosts'] is not None else 'hostfile'}: srun needs the same "
                    f"ranks on every host, got {hostfile.hosts_arg(placed)}")
+    if la["type"] == "torchrun":
+        out += _torchrun(cfg, placed)
     if la["controller"] == "gloo" and la["type"] != "horovodrun":
         out.append(f"launcher.controller: 'gloo' needs launcher.type 'horovodrun', got {la['type']!r}")
     if la["controller"] == "gloo" and la["binding"] != "none":
@@ -120,6 +122,26 @@ def launcher(cfg, explicit, derived, host_list, host_problems, check_paths):
                    f"(no such file)")
     if la["python"] is not None and check_paths and os.sep in la["python"] and not os.path.exists(la["python"]):
         out.append(f"launcher.python: expected an existing interpreter, got {la['python']!r} (no such file)")
+    return out
+
+
+def _torchrun(cfg, placed):
+    """launcher.type torchrun: torch.distributed (DDP) on one host, so far."""
+    la, out = cfg["launcher"], []
+    if cfg["framework"] != "torch":
+        out.append(f"launcher.type: 'torchrun' runs framework 'torch' (torch.distributed), got framework "
+                   f"{cfg['framework']!r}; use horovodrun, mpirun or srun")
+    if any(not hostfile.is_local(h) for h, _ in placed):
+        out.append("launcher.hosts: launcher.type 'torchrun' runs on one host so far; across hosts use "
+                   "horovodrun or mpirun")
+    if la["elastic"]:
+        out.append("launcher.elastic: not available with launcher.type 'torchrun' yet (Horovod Elastic: "
+                   "launcher.type horovodrun)")
+    if la["binding"] != "none":
+        out.append(f"launcher.binding: torchrun does not bind ranks to cores; expected 'none', got {la['binding']!r}")
+    if cfg["optimizer"]["name"] == "clars":
+        out.append("optimizer.name: 'clars' under launcher.type 'torchrun' is not available yet (its per-example "
+                   "norms need a backward pass outside DistributedDataParallel); use horovodrun")
     return out
 
 

@@ -14,6 +14,8 @@ __all__ = ["main", "world_size_from_env", "world_rank_from_env"]
 def world_size_from_env(env=None):
     """The world size the launcher announced (Horovod gloo, Open MPI, PMI, Slurm step), or None."""
     env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env and env.get("WORLD_SIZE", "").isdigit():       # torchrun
+        return int(env["WORLD_SIZE"])
     for var in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE"):
         value = env.get(var, "")
         if value.isdigit() and int(value) > 0:
@@ -27,6 +29,8 @@ def world_size_from_env(env=None):
 
 def world_rank_from_env(env=None):
     env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env and env.get("RANK", "").isdigit():             # torchrun
+        return int(env["RANK"])
     for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
         value = env.get(var, "")
         if value.isdigit():

@@ -1,6 +1,18 @@
-"""PyTorch's part of a run (:class:`TorchPart`, the driver's :class:`~.driver.Framework`):
-Horovod, the largebatch.torch optimizers, and a Python loop over micro-batches."""
+"""PyTorch's part of a run (:class:`TorchPart`, the driver's :class:`~.driver.Framework`): the
+largebatch.torch optimizers and a Python loop over micro-batches, on one of two engines:
+
+- Horovod (horovodrun, mpirun, srun): ``largebatch.torch.distributed_optimizer`` averages the
+  gradients when the optimizer steps (``backward_passes_per_step`` = accumulation steps);
+- torch.distributed (torchrun): ``DistributedDataParallel`` averages them during the last
+  micro-batch's backward (bucketed, overlapped; the others run under ``no_sync()``), gloo on CPU.
+
+Everything else (schedule, trust ratios from the averaged gradients, guard, rank check, agreed
+stop, checkpoints, resume) is the same code on both; the small collectives go through Horovod's
+call names (``largebatch.torch.TorchDistributed`` gives torch.distributed those names).
+"""
+import contextlib
 import importlib
+import os
 
 import numpy as np
 
@@ -53,6 +65,12 @@ def _to_torch(batch, torch, nhwc_images=True):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def started_by_torchrun(env=None) -> bool:
+    """True in a process torchrun started (it sets TORCHELASTIC_RUN_ID and the env:// variables)."""
+    env = os.environ if env is None else env
+    return "TORCHELASTIC_RUN_ID" in env and "MASTER_ADDR" in env
+
+
 def _state_layout(sd):
     import torch
     state = {pid: {k: (("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v))
@@ -71,19 +89,27 @@ class TorchPart(Framework):
     """A run with PyTorch over Horovod: ``largebatch.torch.distributed_optimizer`` averages the
     gradients, ``broadcast_state`` sends rank 0's parameters and state, the loop below steps."""
 
+    ddp = None                          # the DistributedDataParallel wrapper (torchrun), once made
+
     def start_engine(self, threads):
         import torch
         self.torch = torch
-        faults.horovod_timeouts()
-        self.hvd = hvd = import_horovod("torch")
-        hvd.init()
+        self.lbt = importlib.import_module("largebatch.torch")
+        self.torchrun = started_by_torchrun()
+        if self.torchrun:
+            import torch.distributed as dist
+            dist.init_process_group("gloo")              # the runner's models stay on the CPU
+            self.hvd = hvd = self.lbt.TorchDistributed()
+        else:
+            faults.horovod_timeouts()
+            self.hvd = hvd = import_horovod("torch")
+            hvd.init()
         torch.set_num_threads(threads[0])
         try:
             torch.set_num_interop_threads(threads[1])
         except RuntimeError:       # already set (a parallel region ran), keep going
             pass
         self.comm = HorovodComm(hvd, lambda v: torch.tensor(v, dtype=torch.float64), lambda t: t.tolist())
-        self.lbt = importlib.import_module("largebatch.torch")
         return self.comm
 
     def seed(self, seed):
@@ -100,6 +126,9 @@ class TorchPart(Framework):
         self.info = registry.get(cfg["optimizer"]["name"])
         self.track = cfg["output"]["trust_ratios"] and self.info.layerwise
         optimizer = build_optimizer(cfg, model, schedule(0), self.track)
+        if self.torchrun:                  # DDP wraps the model instead (broadcast_initial)
+            self.optimizer = optimizer
+            return
         # Horovod re-creates the optimizer (its state is not carried over): load into the wrapped one
         self.optimizer = self.lbt.distributed_optimizer(optimizer, model, backward_passes_per_step=accumulation,
                                                         broadcast=False)
@@ -111,7 +140,14 @@ class TorchPart(Framework):
         model, optimizer, comm = self.model, self.optimizer, self.comm
         info = read_resume(exp.cfg, run_dir, comm, rng_state=ckpt.rng_state,
                            load=lambda path, cfg_hash: ckpt.load_checkpoint(path, model, optimizer, cfg_hash=cfg_hash))
-        if info is not None and comm.size() > 1:
+        if info is not None and comm.size() > 1 and self.torchrun:
+            # DDP sends the parameters when it wraps the model; the optimizer state goes here
+            state = comm.broadcast_object(optimizer.state_dict() if comm.rank() == 0 else None,
+                                          name="largebatch.resume_state")
+            if comm.rank() != 0:
+                optimizer.load_state_dict(state)
+                ckpt.set_rng_state(info["rng"])
+        elif info is not None and comm.size() > 1:
             # the optimizer-state broadcast needs the same state layout on every rank (rank 0's
             # loaded state may hold slots, e.g. trust ratios, that the others create lazily):
             # send the layout (shapes, dtypes, scalars), not the values, which the broadcast sends
@@ -124,7 +160,20 @@ class TorchPart(Framework):
         return info
 
     def broadcast_initial(self):
-        self.lbt.broadcast_state(self.model, self.optimizer)
+        if not self.torchrun:
+            self.lbt.broadcast_state(self.model, self.optimizer)
+            return
+        # DDP broadcasts rank 0's parameters and buffers when it wraps the model
+        self.ddp = self.torch.nn.parallel.DistributedDataParallel(self.model)
+
+    def _synchronize(self):
+        """Horovod: the gradients averaged now (the optimizer's allreduce); DDP did it in backward."""
+        if self.ddp is None:
+            self.optimizer.synchronize()
+
+    def _synchronized(self):
+        """The step itself, without a second allreduce."""
+        return contextlib.nullcontext() if self.ddp is not None else self.optimizer.skip_synchronize()
 
     def hooks(self, val_set):
         self.val_set = val_set
@@ -195,20 +244,20 @@ class TorchPart(Framework):
     def _apply_update(self, state, step):
         """Average, check and apply this step's gradients; False stops the run."""
         optimizer, scaler = self.optimizer, self.scaler
-        optimizer.synchronize()                      # gradients averaged over ranks
+        self._synchronize()                          # gradients averaged over ranks
         if scaler is not None:
             # fp16: unscale the averaged gradients; an inf from the loss scale skips the step (the
             # same on every rank: the gradients are already averaged) and lowers the scale
             scaler.unscale_(optimizer)
             scale = scaler.get_scale()
-            with optimizer.skip_synchronize():
+            with self._synchronized():
                 scaler.step(optimizer)
             scaler.update()
             self.scaler_skips += scaler.get_scale() < scale
             return True
         bad = self.guard.check(step, include_ratios=self.track)   # one reduced flag, one host read
         if bad is None:
-            with optimizer.skip_synchronize():
+            with self._synchronized():
                 optimizer.step()
             return True
         if self.exp.cfg["train"]["on_nonfinite"] == "stop":
@@ -223,15 +272,19 @@ class TorchPart(Framework):
         torch, model, scaler = self.torch, self.model, self.scaler
         clars = self.info.per_example_norms
         norm_sums, seen = None, 0
-        for _ in range(acc):
+        forward = self.ddp if self.ddp is not None else model
+        for i in range(acc):
             x, y = _to_torch(next(micro), torch, self.train_set.nhwc_images)
-            with self.autocast():
-                loss = self.loss_fn(model(x), y)
-            (scaler.scale(loss / acc) if scaler else loss / acc).backward()
+            # DDP: only the last micro-batch's backward communicates
+            quiet = self.ddp.no_sync() if self.ddp is not None and i < acc - 1 else contextlib.nullcontext()
+            with quiet:
+                with self.autocast():
+                    loss = self.loss_fn(forward(x), y)
+                (scaler.scale(loss / acc) if scaler else loss / acc).backward()
             window[0] += float(loss.detach())
             window[1] += 1
             if clars:
-                sums, n = self.lbt.per_example_norm_sums(model, self.loss_fn, x, y, allreduce=True)
+                sums, n = self.lbt.per_example_norm_sums(model, self.loss_fn, x, y, allreduce=True, engine=self.hvd)
                 norm_sums = sums if norm_sums is None else {p: norm_sums[p] + s for p, s in sums.items()}
                 seen += n
         if clars:
