@@ -1,7 +1,8 @@
 """``largebatch doctor``: what the stack is, and whether it can run multi-rank training.
 
 Prints Python / NumPy / torch / TensorFlow / Keras / Horovod / MPI versions, which Horovod
-frameworks and controllers are built, and known traps (Horovod's Keras integration under
+frameworks and controllers are built, which engines are usable (torch + torchrun needs no
+Horovod), and known traps (Horovod's Keras integration under
 Keras 3). Exit code 0 when the stack works, 1 when something is broken, with one line per
 problem saying how to fix it.
 """
@@ -71,7 +72,28 @@ def collect():
                 warnings.append(KERAS3_TRAP.format(keras=keras))
             except Exception:  # noqa: BLE001 - Horovod's Keras module failing to import is no trap
                 pass
+    rows.append(("engines usable", ", ".join(usable_engines()) or "none"))
     return rows, problems, warnings
+
+
+def usable_engines():
+    """The (framework, engine) pairs this installation can run: 'torch + torchrun' (torch.distributed
+    with gloo and the torchrun launcher; no Horovod needed), 'torch + horovod', 'keras + horovod'."""
+    out = []
+    try:
+        import torch.distributed as dist
+        from .command import find_executable
+        if dist.is_available() and dist.is_gloo_available() and shutil.which(find_executable("torchrun")):
+            out.append("torch + torchrun")
+    except Exception:  # noqa: BLE001 - no torch, or one without torch.distributed
+        pass
+    for framework, label in (("torch", "torch + horovod"), ("tensorflow", "keras + horovod")):
+        try:
+            import_horovod(framework)
+            out.append(label)
+        except Exception:  # noqa: BLE001 - HorovodUnavailable, or the framework itself missing
+            pass
+    return out
 
 
 def check_hosts(hosts, *, ssh_port=None, ssh_identity=None, network_interface=None, timeout=None, files=None):

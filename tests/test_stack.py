@@ -43,6 +43,7 @@ def test_doctor_reports_stack_and_keras3_trap():
     assert "stack OK" in proc.stdout
     assert "torch [MPI, Gloo]" in proc.stdout and "tensorflow [MPI, Gloo]" in proc.stdout
     assert "does NOT average gradients" in proc.stdout
+    assert "engines usable  torch + torchrun, torch + horovod, keras + horovod" in proc.stdout
 
 
 def test_doctor_fails_with_one_line_fix_when_horovod_missing(tmp_path):
@@ -55,3 +56,4 @@ def test_doctor_fails_with_one_line_fix_when_horovod_missing(tmp_path):
     assert proc.returncode == 1
     assert "PROBLEM: horovod is not importable; run `make setup`" in proc.stdout
     assert "stack BROKEN" in proc.stdout
+    assert "engines usable  torch + torchrun\n" in proc.stdout       # torch.distributed needs no Horovod
