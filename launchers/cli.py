@@ -236,9 +236,10 @@ def cmd_run(args):
                for _ in range(2)]
     proc = subprocess.Popen(cmd.argv, env=env, start_new_session=True, preexec_fn=_default_signals,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    relays = [_relay(proc.stdout, sys.stdout, watches[0], OutputFilter(quiet_tf=not tf_logs)),
-              _relay(proc.stderr, sys.stderr, watches[1], OutputFilter(quiet_tf=not tf_logs))]
-    code = supervise(proc)
+    stopping = []                     # non-empty once a signal made us stop the job
+    relays = [_relay(proc.stdout, sys.stdout, watches[0], OutputFilter(quiet_tf=not tf_logs, stopping=stopping)),
+              _relay(proc.stderr, sys.stderr, watches[1], OutputFilter(quiet_tf=not tf_logs, stopping=stopping))]
+    code = supervise(proc, on_stop=stopping.append)
     for thread in relays:
         thread.join(timeout=5)
     stopped = {128 + s: signal.Signals(s).name for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}.get(code)
@@ -275,14 +276,21 @@ TF_NOISE = re.compile(
     r"|To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.)\s*")
 
 
+_AGENT_SIGNAL = re.compile(r"torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: ")
+
+
 class OutputFilter:
     """What ``largebatch run`` shows of the launcher's output: rank 0's tags taken off (its
     progress and summary read as if it ran here; other ranks keep theirs) and, with
     ``quiet_tf``, TensorFlow's C++ info/warning lines left out. Text is passed on as soon as it
     cannot be one of those (a progress bar's frames included); ``feed`` returns what to write."""
 
-    def __init__(self, quiet_tf=True):
+    def __init__(self, quiet_tf=True, stopping=None):
+        """``stopping``: a list that is non-empty once we stopped the job ourselves; torchrun's
+        agent then prints the signal as a traceback (``SignalException``), left out here."""
         self.quiet_tf, self.pending, self.mid_line = quiet_tf, "", False
+        self.stopping, self.in_agent_traceback = stopping if stopping is not None else [], False
+        self.agent_line = ""
 
     def feed(self, text):
         self.pending += text
@@ -314,6 +322,12 @@ class OutputFilter:
     def _unit(self, unit):
         start_of_line = not self.mid_line
         self.mid_line = not unit.endswith(("\n", "\r"))
+        if self.stopping and (self.in_agent_traceback or (start_of_line and unit.startswith("Traceback ("))):
+            # our own stop, reported by torchrun's agent as an exception: not a crash (a line may
+            # come in pieces: the traceback ends with the complete SignalException line)
+            self.agent_line = unit if start_of_line else self.agent_line + unit
+            self.in_agent_traceback = self.mid_line or not _AGENT_SIGNAL.match(self.agent_line)
+            return ""
         if self.quiet_tf and start_of_line and TF_NOISE.fullmatch(_ANY_TAG.sub("", unit)):
             return ""
         return _RANK0_TAG.sub("", unit)
@@ -454,7 +468,7 @@ _MPI_LAUNCHERS = ("mpirun", "mpiexec", "orterun", "prterun")
 _SRUN = ("srun",)
 
 
-def supervise(proc, grace=STOP_GRACE_S):
+def supervise(proc, grace=STOP_GRACE_S, on_stop=None):
     """Wait for the launcher process ``proc`` and return its exit code.
 
     SIGTERM, SIGINT or SIGHUP to this process stops the whole job: mpirun gets SIGUSR1, which it
@@ -469,6 +483,8 @@ def supervise(proc, grace=STOP_GRACE_S):
         received.append(signum)
         name = signal.Signals(signum).name
         tree.update({pid: cmd for pid, cmd in _descendants(proc.pid)})
+        if on_stop is not None:
+            on_stop(name)
         if len(received) == 1:
             print(f"largebatch: {name}: stopping the job (up to {grace} s; send it again to kill at once)",
                   file=sys.stderr, flush=True)

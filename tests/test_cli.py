@@ -393,3 +393,26 @@ def test_launch_passes_progress_mode_and_quiets_tensorflow(workdir, capsys, monk
     assert "lines None 1" in out and "oneDNN custom operations" in err and "XLA service" in err
     launch = (workdir / "runs" / "exp-2" / "launch.sh").read_text()
     assert "train.resume=auto" in launch and "output.run_dir=" in launch
+
+
+AGENT_TRACEBACK = ("Traceback (most recent call last):\n  File \"/venv/bin/torchrun\", line 8, in <module>\n"
+                   "    sys.exit(main())\n             ^^^^^^\n"
+                   "torch.distributed.elastic.multiprocessing.api.SignalException: Process 3319 got signal: 15\n")
+
+
+@pytest.mark.parametrize("piece", [7, 64, 10_000], ids=["7-byte chunks", "64-byte chunks", "one chunk"])
+def test_after_our_stop_torchruns_signal_traceback_is_left_out(piece):
+    """torchrun's agent reports the SIGTERM we sent as a traceback: left out once we stopped the
+    job (whatever the chunks the pipe delivers), kept otherwise; what follows it is kept."""
+    text = "run dir: /r (stopped, 76 steps)\n" + AGENT_TRACEBACK + "after\n"
+    stopping = []
+    quiet, plain = cli.OutputFilter(stopping=stopping), cli.OutputFilter()
+    stopping.append("SIGTERM")
+    got = {"quiet": "", "plain": ""}
+    for i in range(0, len(text), piece):
+        got["quiet"] += quiet.feed(text[i:i + piece])
+        got["plain"] += plain.feed(text[i:i + piece])
+    got["quiet"] += quiet.flush()
+    got["plain"] += plain.flush()
+    assert got["quiet"] == "run dir: /r (stopped, 76 steps)\nafter\n"
+    assert got["plain"] == text
