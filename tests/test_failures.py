@@ -1,6 +1,6 @@
 """No hangs: a 2-rank runner job where one rank dies (SIGKILL), raises, or gets stuck ends
 non-zero, in bounded time, with a message naming the failed rank, under horovodrun (MPI and
-Gloo) and plain mpirun. Faults are injected with LARGEBATCH_FAULT (largebatch.runner.faults)."""
+Gloo), plain mpirun and torchrun (torch.distributed). Faults are injected with LARGEBATCH_FAULT (largebatch.runner.faults)."""
 import os
 import shutil
 import subprocess
@@ -26,7 +26,10 @@ def _launch(tmp_path, launcher, fault, timeout=150, framework="torch"):
     runner = [sys.executable, "-m", "largebatch.runner", str(exp), "output.run_dir=r"]
     env = _env()
     env["LARGEBATCH_FAULT"] = fault
-    if launcher == "mpirun":
+    if launcher == "torchrun":
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2", "--no-python",
+               *runner]
+    elif launcher == "mpirun":
         cmd = ["mpirun", "--allow-run-as-root", "--tag-output", "-np", "2", "-H", "localhost:2",
                "-bind-to", "none", "-map-by", "slot", "-x", "LARGEBATCH_FAULT", "-x", "OMP_NUM_THREADS",
                "-x", "PYTHONPATH", "-x", "PYTHONUNBUFFERED"] + runner
@@ -43,6 +46,8 @@ def _launch(tmp_path, launcher, fault, timeout=150, framework="torch"):
     ("gloo", "kill", "Process 1 exit with status code 137"),
     ("mpirun", "kill", "process rank 1 with PID"),
     ("mpirun", "raise", "largebatch: rank 1 failed: RuntimeError: injected fault at step 3"),
+    ("torchrun", "kill", "rank      : 1 (local_rank: 1)"),
+    ("torchrun", "raise", "largebatch: rank 1 failed: RuntimeError: injected fault at step 3"),
 ])
 def test_dead_rank_ends_the_job_within_60s(tmp_path, launcher, fault, rank_line):
     proc, elapsed = _launch(tmp_path, launcher, f"{fault}:1:3")
