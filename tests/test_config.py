@@ -537,3 +537,12 @@ def test_torchrun_refuses_what_it_cannot_run_yet(doc, line):
     with pytest.raises(ConfigError) as err:
         load_dict({"framework": "torch", **doc})
     assert line in err.value.problems
+
+
+def test_bf16_compression_needs_torchrun():
+    with pytest.raises(ConfigError) as err:
+        load_dict({"framework": "torch", "launcher": {"compression": "bf16"}})
+    assert err.value.problems == ["launcher.compression: 'bf16' needs launcher.type 'torchrun' (Horovod compresses "
+                                  "to fp16 only), got launcher.type 'horovodrun'"]
+    assert load_dict({"framework": "torch", "launcher": {"type": "torchrun", "compression": "bf16"}}).cfg[
+        "launcher"]["compression"] == "bf16"

@@ -255,12 +255,15 @@ def test_two_ranks_end_with_the_weights_of_one_process_on_the_concatenated_batch
     runs = {"np2": ["--np", "2", "batch.per_worker=32"], "np1": ["--np", "1", "batch.per_worker=64"]}
     if framework == "torch":
         runs["torchrun"] = ["--np", "2", "batch.per_worker=32", "--launcher", "torchrun"]
+        # launcher.compression: gradients sent in half precision (DDP's hook; Horovod's fp16)
+        runs["torchrun-bf16"] = runs["torchrun"] + ["launcher.compression=bf16"]
+        runs["np2-fp16"] = runs["np2"] + ["launcher.compression=fp16"]
     no_horovod = folder / "no_horovod" / "horovod"
     no_horovod.mkdir(parents=True)
     (no_horovod / "__init__.py").write_text("raise ImportError('horovod is not installed here (a test)')\n")
     for name, args in runs.items():
         env = environ_copy()
-        if name == "torchrun":
+        if name.startswith("torchrun"):
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(no_horovod.parent), env.get("PYTHONPATH")]))
         proc = subprocess.run([LARGEBATCH, "run", str(exp), *args, f"output.run_dir=runs/{name}"], cwd=folder,
                               capture_output=True, text=True, timeout=240, env=env)
@@ -270,6 +273,7 @@ def test_two_ranks_end_with_the_weights_of_one_process_on_the_concatenated_batch
     assert all(summaries[n]["ranks_agree"] is True for n in runs if n != "np1")
     if framework == "torch":
         assert "horovod" not in summaries["torchrun"]["versions"]       # never imported there
+        assert "horovod" in summaries["np2"]["versions"]
     weights = {n: _final_weights(framework, folder, folder / "runs" / n) for n in runs}
     for name in runs:
         assert set(weights[name]) == set(weights["np1"]) and len(weights[name]) == 4
@@ -278,6 +282,11 @@ def test_two_ranks_end_with_the_weights_of_one_process_on_the_concatenated_batch
             worst = max(float(np.max(np.abs(weights[a][k] - weights[b][k]))) for k in weights[a])
             print(f"{framework}: {a} vs {b}, max abs weight difference {worst:.3g}")
             assert worst <= 1e-5, (a, b, worst)
+    for a in ("torchrun-bf16", "np2-fp16"):         # compressed: near the exact run, not equal to it
+        if a in weights:
+            worst = max(float(np.max(np.abs(weights[a][k] - weights["np2"][k]))) for k in weights[a])
+            print(f"{framework}: {a} vs np2, max abs weight difference {worst:.3g}")
+            assert 0 < worst < 2e-2, (a, worst)
     assert min(float(np.max(np.abs(w))) for w in weights["np1"].values()) > 0
 
 

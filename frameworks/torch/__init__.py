@@ -20,7 +20,7 @@ __all__ = ["LARS", "LAMB", "CLARS", "functional", "param_groups", "create_optimi
 from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
 from .guard import NonFiniteGuard  # noqa: F401,E402
 from .consistency import RankConsistencyCheck, RankDivergenceError  # noqa: F401,E402
-from .torch_distributed import TorchDistributed  # noqa: F401,E402
+from .torch_distributed import TorchDistributed, compression_hook  # noqa: F401,E402
 
 __all__ += ["save_checkpoint", "load_checkpoint", "NonFiniteGuard", "RankConsistencyCheck", "RankDivergenceError",
-            "TorchDistributed"]
+            "TorchDistributed", "compression_hook"]

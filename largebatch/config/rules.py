@@ -111,6 +111,9 @@ def launcher(cfg, explicit, derived, host_list, host_problems, check_paths):
                    f"ranks on every host, got {hostfile.hosts_arg(placed)}")
     if la["type"] == "torchrun":
         out += _torchrun(cfg, placed)
+    elif la["compression"] == "bf16":
+        out.append(f"launcher.compression: 'bf16' needs launcher.type 'torchrun' (Horovod compresses to fp16 "
+                   f"only), got launcher.type {la['type']!r}")
     if la["controller"] == "gloo" and la["type"] != "horovodrun":
         out.append(f"launcher.controller: 'gloo' needs launcher.type 'horovodrun', got {la['type']!r}")
     if la["controller"] == "gloo" and la["binding"] != "none":

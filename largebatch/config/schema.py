@@ -17,6 +17,7 @@ OPTIMIZER_KEYS = {name: info.keys for name, info in registry.OPTIMIZERS.items()}
 LAUNCHERS = ("horovodrun", "mpirun", "srun", "torchrun")
 CONTROLLERS = ("mpi", "gloo")
 BINDINGS = ("none", "core", "socket", "numa")
+COMPRESSIONS = ("none", "fp16", "bf16")
 DATA_KINDS = ("synthetic", "folder", "arrays", "python")
 USER_DATA_KINDS = ("arrays", "python")         # the user's own data: reaches the model as given
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
@@ -183,6 +184,9 @@ SCHEMA = {
         "threads_per_rank": F(auto_integer, None, nullable=True),
         "interop_threads": F(auto_integer, None, nullable=True),
         "binding": F(choice(BINDINGS), "none"),
+        "compression": F(choice(COMPRESSIONS), "none",
+                         doc="gradients sent in half precision, averaged, cast back: fp16 (Horovod's "
+                             "Compression.fp16; DDP's fp16 hook under torchrun) or bf16 (torchrun only)"),
         "network_interface": F(string, None, nullable=True,
                                doc="NIC for rank traffic: horovodrun --network-interfaces, Open MPI's "
                                    "btl/oob_tcp_if_include, Gloo's HOROVOD_GLOO_IFACE", when=_not_srun("network_interface")),

@@ -204,8 +204,10 @@ class KerasPart(Framework):
         if fp16:                           # averaged, then unscaled and checked: one skip decision on every rank
             inner = keras.optimizers.LossScaleOptimizer(inner)
         # fp16: an inf from the loss scale skips the update (not divergence), as torch's GradScaler
+        compression = cfg["launcher"]["compression"]
         self.optimizer = optimizer = lbk.DistributedOptimizer(inner, accumulation_steps=accumulation,
-                                                              nonfinite_guard=not fp16, elastic=elastic)
+                                                              nonfinite_guard=not fp16, elastic=elastic,
+                                                              compression=None if compression == "none" else compression)
         exclude_from_decay(optimizer, cfg, model)
         self.fault = faults.from_env(self.comm.rank())
         if self.fault is not None:

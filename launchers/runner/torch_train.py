@@ -130,8 +130,10 @@ class TorchPart(Framework):
             self.optimizer = optimizer
             return
         # Horovod re-creates the optimizer (its state is not carried over): load into the wrapped one
+        compression = cfg["launcher"]["compression"]
         self.optimizer = self.lbt.distributed_optimizer(optimizer, model, backward_passes_per_step=accumulation,
-                                                        broadcast=False)
+                                                        broadcast=False,
+                                                        compression=None if compression == "none" else compression)
 
     def load_resume(self, exp, run_dir):
         """Rank 0 reads and checks the checkpoint into model and optimizer (before the broadcast);
@@ -165,6 +167,9 @@ class TorchPart(Framework):
             return
         # DDP broadcasts rank 0's parameters and buffers when it wraps the model
         self.ddp = self.torch.nn.parallel.DistributedDataParallel(self.model)
+        compression = self.exp.cfg["launcher"]["compression"]
+        if compression != "none":         # each bucket sent in half precision, averaged, cast back
+            self.ddp.register_comm_hook(None, self.lbt.compression_hook(compression))
 
     def _synchronize(self):
         """Horovod: the gradients averaged now (the optimizer's allreduce); DDP did it in backward."""
