@@ -1,5 +1,6 @@
-"""Scaling efficiency of synthetic-data training under horovodrun: images/s for np = 1..N, PyTorch
-and Keras 3, SGD vs LARS, MPI vs Gloo controller.
+"""Scaling efficiency of synthetic-data training: images/s for np = 1..N, PyTorch and Keras 3, SGD
+vs LARS, on three engines: Horovod with its MPI or Gloo controller (horovodrun), and, for
+PyTorch, torch.distributed (``--controllers ddp``: torchrun, gloo, DistributedDataParallel).
 
 What is compared (CPU): the same total cores in every run. np=1 runs with ``--cores`` threads,
 np=N with cores/N threads per rank (the launcher's rule: threads per rank = cores per host ÷
@@ -28,7 +29,7 @@ rule), ``--cores`` is cores per host and threads per rank = cores ÷ ranks on th
 Hosts that share this machine's kernel (network namespaces) share its cores and memory: that
 models a network, not a cluster, and the output says so.
 
-    python bench/scaling.py [--quick] [--out DIR] [--np 1 2] [--controllers mpi gloo] [--frameworks torch keras]
+    python bench/scaling.py [--quick] [--out DIR] [--np 1 2] [--controllers mpi gloo ddp] [--frameworks torch keras]
     python bench/scaling.py -H lbh1:1,lbh2:1 --ssh-port 2222 --ssh-identity KEY --network-interface eth0 --cores 1
 """
 import argparse
@@ -89,8 +90,46 @@ def thread_cpu_s(tids):
     return total / os.sysconf("SC_CLK_TCK")
 
 
+ENGINES = {"mpi": "horovod mpi", "gloo": "horovod gloo", "ddp": "torch.distributed gloo"}
+
+
+def ddp_setups(a):
+    """The same for PyTorch on torch.distributed (torchrun): the gradients averaged by
+    DistributedDataParallel during backward, the barriers and maxima through its gloo group."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from largebatch.torch import LARS, TorchDistributed
+    from largebatch.torch.models import SmallCNN
+    before = _tasks()
+    dist.init_process_group("gloo")
+    started, engine = _tasks() - before, TorchDistributed()
+    torch.set_num_threads(a.threads)
+    torch.set_num_interop_threads(1)
+    x = torch.randn(a.batch, 3, 32, 32)
+    y = torch.randint(0, 10, (a.batch,))
+    steps = {}
+    for opt_name, local in variants(a, engine.size()):
+        torch.manual_seed(0)
+        model = SmallCNN(10, 3, a.width, batchnorm=True)
+        lr = (0.1 if opt_name == "sgd" else 1.0) * engine.size()
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4) if opt_name == "sgd" \
+            else LARS(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        forward = model if local else torch.nn.parallel.DistributedDataParallel(model)
+
+        def step(forward=forward, opt=opt):
+            opt.zero_grad()
+            F.cross_entropy(forward(x), y).backward()
+            opt.step()
+        steps[opt_name + LOCAL * local] = step
+    return (steps, started, engine.size(), engine.rank(), lambda tag: engine.allreduce(torch.zeros(1), "sum"),
+            lambda v, tag: float(engine.allgather(torch.tensor([v])).max()))
+
+
 def torch_setups(a):
     """{optimizer: step()} for PyTorch, plus (size, rank, barrier(tag), max_over_ranks(value, tag))."""
+    if a.controller == "ddp":
+        return ddp_setups(a)
     import torch
     import torch.nn.functional as F
     import horovod.torch as hvd
@@ -221,7 +260,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--np", type=int, nargs="*", default=[1, 2])
-    ap.add_argument("--controllers", nargs="*", choices=["mpi", "gloo"])
+    ap.add_argument("--controllers", nargs="*", choices=["mpi", "gloo", "ddp"],
+                    help="Horovod's MPI / Gloo controller (horovodrun), or ddp: torch.distributed under torchrun "
+                         "(torch only; default: mpi, gloo and ddp, quick: mpi)")
     ap.add_argument("--optimizers", default="sgd,lars")
     ap.add_argument("--frameworks", nargs="*", choices=["torch", "keras"],
                     help="default: torch and keras (quick: torch)")
@@ -248,6 +289,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     ap.add_argument("--framework", default="torch", help=argparse.SUPPRESS)
+    ap.add_argument("--controller", default="mpi", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a) or 0
@@ -264,7 +306,7 @@ def main(argv=None):
 
     def threads_for(n):
         return max(1, a.cores // max(k for _, k in placement(n)))
-    controllers = a.controllers or (["mpi"] if a.quick else ["mpi", "gloo"])
+    controllers = a.controllers or (["mpi"] if a.quick else ["mpi", "gloo", "ddp"])
     frameworks = a.frameworks or (["torch"] if a.quick else ["torch", "keras"])
     steps = a.steps or (4 if a.quick else 10)
     repeats = a.repeats or (1 if a.quick else 5)
@@ -287,6 +329,8 @@ def main(argv=None):
             print(f"   NOTE: {SAME_MACHINE_NOTE}", flush=True)
     hvdrun = Path(sys.executable).with_name("horovodrun")
     hvdrun = str(hvdrun) if hvdrun.exists() else "horovodrun"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    torchrun = str(torchrun) if torchrun.exists() else "torchrun"
     rows = []
     # (ranks, threads per rank): every np at cores/np threads, plus np=1 at the per-rank threads of
     # the largest np, the "single worker" that Horovod's efficiency definition divides by
@@ -311,11 +355,13 @@ def main(argv=None):
         if hosts:
             env.update(host_env(a, ctl, min(a.timeout, 60)))
         where = horovodrun_host_args(a, placement(n)) if hosts else ["-H", f"localhost:{n}"]
-        cmd = [hvdrun, "-np", str(n), *where, f"--{ctl}", sys.executable,
+        launcher = [torchrun, "--standalone", f"--nproc-per-node={n}", "--no-python"] if ctl == "ddp" else \
+            [hvdrun, "-np", str(n), *where, f"--{ctl}"]
+        cmd = [*launcher, sys.executable,
                str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--batch", str(a.batch),
                "--width", str(a.width), *(["--keras-width", str(a.keras_width)] if a.keras_width else []),
                "--steps", str(steps), "--warmup", str(a.warmup), "--repeats", str(repeats),
-               "--optimizers", a.optimizers, "--framework", fw, "--worker-out", str(tmp),
+               "--optimizers", a.optimizers, "--framework", fw, "--controller", ctl, "--worker-out", str(tmp),
                *(["--split-added"] if split else [])]
         rc, out = run_bounded(cmd, env, a.timeout)
         got = [line.split(RESULT_MARK, 1)[1] for line in out.splitlines() if RESULT_MARK in line]
@@ -325,6 +371,8 @@ def main(argv=None):
         return json.loads(tmp.read_text()) if tmp.exists() else json.JSONDecoder().raw_decode(got[-1])[0]
 
     for fw, ctl, (n, threads) in ((fw, ctl, c) for fw in frameworks for ctl in controllers for c in configs):
+        if ctl == "ddp" and (fw != "torch" or hosts):
+            continue                      # torch.distributed: PyTorch, one host (as largebatch run's torchrun)
         got = measure(fw, ctl, n, threads)
         if got is None:
             return 1
@@ -332,7 +380,8 @@ def main(argv=None):
             if opt.endswith(LOCAL):
                 local_results[fw, ctl, opt[:-len(LOCAL)], n] = r
                 continue
-            rows.append(dict(framework=fw, controller=ctl, optimizer=opt, np=n, threads_per_rank=threads,
+            rows.append(dict(framework=fw, controller=ctl, engine=ENGINES[ctl], optimizer=opt, np=n,
+                             threads_per_rank=threads,
                              **({"hosts": hf.hosts_arg(placement(n))} if hosts else {}), **r))
             print(f"   {fw:5s} {ctl:4s} {opt:4s} np={n} threads/rank={threads}: {r['total_images_s']:.1f} images/s total",
                   flush=True)
@@ -362,7 +411,7 @@ def main(argv=None):
     csv_path, json_path = write_outputs(out, "scaling", rows, meta)
     plot(rows, out / "scaling.png")
     print()
-    print_table(rows, ["framework", "controller", "optimizer", "np", "threads_per_rank", "total_images_s", "total_images_s_min",
+    print_table(rows, ["framework", "engine", "optimizer", "np", "threads_per_rank", "total_images_s", "total_images_s_min",
                        "total_images_s_max", "rank0_images_s", "efficiency", "speedup_same_cores", "step_ms", "added_ms",
                        *(["shared_ms", "averaging_ms"] if split else []), "horovod_thread_cpu"],
                 {"total_images_s": "{:.1f}", "total_images_s_min": "{:.1f}", "total_images_s_max": "{:.1f}",
