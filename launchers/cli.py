@@ -204,6 +204,10 @@ def cmd_run(args):
         return _fail([f"launcher.type: {os.path.basename(exe)!r} not found on PATH "
                       f"(install it, or choose another launcher.type)"])
     la = exp.cfg["launcher"]
+    if la["type"] == "srun" and not os.environ.get("SLURM_JOB_ID"):
+        # srun outside an allocation fails with "Could not establish a configuration source"
+        return _fail(["launcher.type: 'srun' runs inside a Slurm allocation (salloc, or a batch script: "
+                      "largebatch sbatch); SLURM_JOB_ID is not set here"])
     remote = _remote_hosts(exp)
     if remote and la["preflight"]:
         problems = _host_problems(exp)

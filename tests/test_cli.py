@@ -416,3 +416,19 @@ def test_after_our_stop_torchruns_signal_traceback_is_left_out(piece):
     got["plain"] += plain.flush()
     assert got["quiet"] == "run dir: /r (stopped, 76 steps)\nafter\n"
     assert got["plain"] == text
+
+
+def test_srun_outside_an_allocation_is_one_line_and_writes_nothing(workdir, capsys, monkeypatch):
+    """Issue 27 item 8: srun without a Slurm allocation would fail after the run dir is made."""
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    before = listing(workdir)
+    assert cli.main(["run", "exp.yaml", "--launcher", "srun"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "launcher.type: 'srun' runs inside a Slurm allocation (salloc, or a batch script: largebatch sbatch); "
+        "SLURM_JOB_ID is not set here")
+    assert listing(workdir) == before

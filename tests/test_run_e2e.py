@@ -312,3 +312,25 @@ def test_torch_runner_builds_the_registry_class_with_the_yaml_values(name, cls, 
     assert group["weight_decay"] == 1e-4 and all(group[k] == v for k, v in fixed.items())
     if name != "lamb":
         assert group["trust_coefficient"] == 0.02
+
+
+def test_a_runner_started_without_a_launcher_says_what_the_world_size_changed(tmp_path):
+    """Issue 27 item 5: the YAML's 2 ranks, started as one plain process: one line says what
+    changed (global batch and peak lr), and the run goes on with 1 rank."""
+    exp = tmp_path / "two.yaml"
+    exp.write_text(f"""
+framework: torch
+optimizer: lars
+launcher: {{np: 2}}
+data: {{samples: 64, val_samples: 0}}
+batch: {{per_worker: 16}}
+schedule: {{base_lr: 0.5, base_batch: 32, warmup_epochs: 0}}
+train: {{epochs: 1}}
+output: {{dir: {tmp_path / 'runs'}, progress: false, checkpoint_every: 0}}
+""")
+    proc = subprocess.run([sys.executable, "-m", "largebatch.runner", str(exp)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("largebatch: the experiment says 2 rank(s), this job has 1: global batch 32 -> 16 (16 per rank x 1 x 1 "
+            "accumulation), peak lr 0.5 -> 0.25; set batch.global to keep the global batch") in proc.stderr
+    assert json.loads((tmp_path / "runs" / "two" / "summary.json").read_text())["global_batch"] == 16

@@ -7,6 +7,7 @@ from largebatch.config import ConfigError, load
 from largebatch.launchers import threads as thread_rules
 
 from . import driver
+from .loop import world_size_note
 
 __all__ = ["main", "world_size_from_env", "world_rank_from_env"]
 
@@ -52,6 +53,17 @@ class Loader:
         return load(self.path, self.overrides + ([] if size is None else [f"launcher.np={size}"]))
 
 
+def _say_world_size_change(loader, exp):
+    """One line when the world size is not the experiment's own (a plain ``python -m
+    largebatch.runner``, a launcher started by hand); ``largebatch run`` passes it, so never there."""
+    try:
+        declared = loader(None)
+    except ConfigError:               # the YAML alone does not resolve (its np cannot be read): nothing to compare
+        return
+    if declared.derived["np"] != exp.derived["np"]:
+        print(world_size_note(declared.derived, exp.derived), file=sys.stderr, flush=True)
+
+
 def _usage():
     print("usage: python -m largebatch.runner EXP.yaml [key.sub=value ...]\n"
           "  the per-rank training entry point; start it with `largebatch run EXP.yaml`, or under\n"
@@ -75,6 +87,8 @@ def main(argv=None):
             for line in err.problems:
                 print(line, file=sys.stderr)
         return 2
+    if size is not None and rank == 0:
+        _say_world_size_change(loader, exp)
 
     # threads before torch / TensorFlow are imported: OpenMP and MKL read the environment once
     la = exp.cfg["launcher"]

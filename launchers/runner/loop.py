@@ -43,12 +43,24 @@ def accumulation_for(derived, size, elastic):
     return acc
 
 
+def world_size_note(declared, actual):
+    """The line saying what a world size other than the experiment's changed (its ``derived``
+    values before and after): a run started without ``largebatch run``, as a plain python say."""
+    return (f"largebatch: the experiment says {declared['np']} rank(s), this job has {actual['np']}: global batch "
+            f"{declared['global_batch']} -> {actual['global_batch']} ({actual['per_worker_batch']} per rank x "
+            f"{actual['np']} x {actual['accumulation_steps']} accumulation), peak lr {declared['peak_lr']:g} -> "
+            f"{actual['peak_lr']:g}; set batch.global to keep the global batch")
+
+
 def prepare(exp, loader, comm, *, elastic=False):
     """Once the engine runs: the experiment for the real world size (``loader(size)``, unless an
     elastic job, whose size changes), this rank's data, the schedule and the claimed run
     directory. Returns (exp, train_set, val_set, schedule, run_dir)."""
     if not elastic and exp.derived["np"] != comm.size():
+        before = exp.derived
         exp = loader(comm.size())
+        if comm.rank() == 0:           # the launcher's environment said otherwise
+            print(world_size_note(before, exp.derived), file=sys.stderr, flush=True)
     train_set, val_set = datasets_and_steps(exp)
     schedule = make_schedule(exp)
     run_dir = claim_run_dir(exp, comm, elastic)    # never over another run's files
