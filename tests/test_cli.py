@@ -161,7 +161,7 @@ def test_missing_launcher_executable(workdir, capsys):
     (["run", "exp.yaml", "--np", "two"],
      "largebatch run: argument --np: invalid int value: 'two' (see largebatch run --help)"),
     (["run", "exp.yaml", "--launcher", "jsrun"],
-     "largebatch run: argument --launcher: invalid choice: 'jsrun' (choose from 'horovodrun', 'mpirun', 'srun') "
+     "largebatch run: argument --launcher: invalid choice: 'jsrun' (choose from 'horovodrun', 'mpirun', 'srun', 'torchrun') "
      "(see largebatch run --help)"),
     (["validate"], "usage: largebatch validate EXP.yaml [options] [key.sub=value ...]: the experiment file is "
                    "required (see largebatch validate --help)"),
