@@ -208,17 +208,23 @@ def test_dry_run_builds_model_and_data_once_and_says_what_it_got(project):
     assert not (folder / "runs").exists()
 
 
-def test_a_map_style_dataset_trains_and_names_the_users_layers(project):
+def test_a_map_style_dataset_trains_names_the_users_layers_and_excludes_by_them(project):
     folder, write = project
     exp = write(experiment(data="kind: python\n  factory: models.py:map_style"))
-    proc = largebatch(folder, "run", exp, "--np", "1", "output.trust_ratios=true", timeout=180)
+    proc = largebatch(folder, "run", exp, "--np", "1", "output.trust_ratios=true", "optimizer.exclude={adaptation: head}",
+                      timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = folder / "runs" / "exp"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["model"] == "models.py:torch_mlp"
     assert summary["data"] == "python" and summary["steps_done"] == 12       # 192 // 32 × 2 epochs
-    layers = {row.split(",")[1] for row in (run / "trust_ratios.csv").read_text().splitlines()[1:]}
-    assert layers == {"encoder.weight", "encoder.bias", "head.weight", "head.bias"}
+    rows = [row.split(",") for row in (run / "trust_ratios.csv").read_text().splitlines()[1:]]
+    assert {layer for _, layer, _ in rows} == {"encoder.weight", "encoder.bias", "head.weight", "head.bias"}
+    # optimizer.exclude by the user's own parameter names: 'head' not adapted (trust ratio 1)
+    assert {float(r) for _, layer, r in rows if layer.startswith("head")} == {1.0}
+    assert {float(r) for _, layer, r in rows if layer.startswith("encoder")} != {1.0}
+    report = largebatch(folder, "report", run, "--no-plots")
+    assert report.returncode == 0 and "exp" in report.stdout, report.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------- across ranks

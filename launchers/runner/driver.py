@@ -66,6 +66,9 @@ class Framework:
         """The engine's elastic state over model, optimizer and ``start``, its reset callbacks set."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """After the run's end is written: let go of the engine (nothing by default)."""
+
     def outcome(self, state) -> Tuple[int, Dict]:
         """(updates skipped for NaN/Inf, extra summary.json fields) once training ended at ``state``."""
         raise NotImplementedError
@@ -105,4 +108,6 @@ def run(part: Framework, exp, loader, threads) -> int:
         loop.progress.close()
     loop.step = state.step
     skipped, fields = part.outcome(state)
-    return loop.finish(skipped, **fields)
+    code = loop.finish(skipped, **fields)
+    part.close()
+    return code

@@ -346,6 +346,14 @@ class TorchPart(Framework):
         self.loop.rebind(self.state.step)
         self.optimizer.set_backward_passes_per_step(self.loop.accumulation)
 
+    def close(self):
+        """torch.distributed: the process group torn down before the interpreter exits (left to
+        exit, gloo's threads can abort the process: 'terminate called without an active exception')."""
+        if self.torchrun:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
+
     def outcome(self, state):
         # fp16 steps skipped for an inf from the loss scale
         fields = {"loss_scale_skips": self.scaler_skips} if self.scaler is not None else {}
