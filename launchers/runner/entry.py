@@ -103,7 +103,15 @@ def main(argv=None):
 
     module = importlib.import_module(f".{exp.cfg['framework']}_train", __package__)
     try:
-        return driver.run(module.FRAMEWORK(), exp, loader, threads)
+        code = driver.run(module.FRAMEWORK(), exp, loader, threads)
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            # torchrun: the run's files are closed; leave without the interpreter's teardown, in which
+            # torch.distributed's native threads can abort the process ('terminate called without
+            # an active exception', seen about once in four runs)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except ConfigError as err:          # found at run time (data folder contents, world size)
         if rank == 0:
             for line in err.problems:

@@ -351,6 +351,7 @@ class TorchPart(Framework):
         exit, gloo's threads can abort the process: 'terminate called without an active exception')."""
         if self.torchrun:
             import torch.distributed as dist
+            self.ddp = None                # DDP's reducer holds the process group
             dist.barrier()
             dist.destroy_process_group()
 
