@@ -93,28 +93,40 @@ def thread_cpu_s(tids):
 ENGINES = {"mpi": "horovod mpi", "gloo": "horovod gloo", "ddp": "torch.distributed gloo"}
 
 
+def torch_problem(a):
+    """The per-rank batch (random 3x32x32 images, 10 classes) with the threads set."""
+    import torch
+    torch.set_num_threads(a.threads)
+    torch.set_num_interop_threads(1)
+    return torch.randn(a.batch, 3, 32, 32), torch.randint(0, 10, (a.batch,))
+
+
+def torch_model_and_optimizer(a, opt_name, size):
+    """The same SmallCNN (seeded) and SGD or LARS, lr scaled by the world size, for every engine."""
+    import torch
+    from largebatch.torch import LARS
+    from largebatch.torch.models import SmallCNN
+    torch.manual_seed(0)
+    model = SmallCNN(10, 3, a.width, batchnorm=True)
+    if opt_name == "sgd":
+        return model, torch.optim.SGD(model.parameters(), lr=0.1 * size, momentum=0.9, weight_decay=5e-4)
+    return model, LARS(model.parameters(), lr=1.0 * size, momentum=0.9, weight_decay=5e-4)
+
+
 def ddp_setups(a):
     """The same for PyTorch on torch.distributed (torchrun): the gradients averaged by
     DistributedDataParallel during backward, the barriers and maxima through its gloo group."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from largebatch.torch import LARS, TorchDistributed
-    from largebatch.torch.models import SmallCNN
+    from largebatch.torch import TorchDistributed
     before = _tasks()
     dist.init_process_group("gloo")
     started, engine = _tasks() - before, TorchDistributed()
-    torch.set_num_threads(a.threads)
-    torch.set_num_interop_threads(1)
-    x = torch.randn(a.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (a.batch,))
+    x, y = torch_problem(a)
     steps = {}
     for opt_name, local in variants(a, engine.size()):
-        torch.manual_seed(0)
-        model = SmallCNN(10, 3, a.width, batchnorm=True)
-        lr = (0.1 if opt_name == "sgd" else 1.0) * engine.size()
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4) if opt_name == "sgd" \
-            else LARS(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        model, opt = torch_model_and_optimizer(a, opt_name, engine.size())
         forward = model if local else torch.nn.parallel.DistributedDataParallel(model)
 
         def step(forward=forward, opt=opt):
@@ -133,21 +145,11 @@ def torch_setups(a):
     import torch
     import torch.nn.functional as F
     import horovod.torch as hvd
-    from largebatch.torch import LARS
-    from largebatch.torch.models import SmallCNN
     started = horovod_init(hvd)
-    torch.set_num_threads(a.threads)
-    torch.set_num_interop_threads(1)
-    x = torch.randn(a.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (a.batch,))
+    x, y = torch_problem(a)
     steps = {}
     for opt_name, local in variants(a, hvd.size()):
-        torch.manual_seed(0)
-        model = SmallCNN(10, 3, a.width, batchnorm=True)
-        if opt_name == "sgd":
-            opt = torch.optim.SGD(model.parameters(), lr=0.1 * hvd.size(), momentum=0.9, weight_decay=5e-4)
-        else:
-            opt = LARS(model.parameters(), lr=1.0 * hvd.size(), momentum=0.9, weight_decay=5e-4)
+        model, opt = torch_model_and_optimizer(a, opt_name, hvd.size())
         if not local:
             opt = hvd.DistributedOptimizer(opt, named_parameters=[(f"{opt_name}.{n}", p)
                                                                   for n, p in model.named_parameters()])

@@ -111,11 +111,12 @@ def user_code(exp):
     from largebatch.runner import user
     if not (user.uses_user_model(exp.cfg) or user.uses_user_data(exp.cfg)):
         return [], []
-    if os.environ.get("LARGEBATCH_TF_LOGS") == "1":
-        builder = importlib.import_module(f"largebatch.runner.{exp.cfg['framework']}_train").build_model
-        return user.check(exp, builder)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _without_tf_noise():          # TensorFlow's C++ start-up lines, written to fd 2 directly
+    import contextlib
+    tf_logs = os.environ.get("LARGEBATCH_TF_LOGS") == "1"
+    if not tf_logs:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's C++ start-up lines are written to fd 2 directly
+    with contextlib.nullcontext() if tf_logs else _without_tf_noise():
         builder = importlib.import_module(f"largebatch.runner.{exp.cfg['framework']}_train").build_model
         return user.check(exp, builder)
 

@@ -6,9 +6,16 @@ means and maxima of a few floats. :class:`HorovodComm` implements it over Horovo
 TensorFlow modules share one API; only the tensor type differs), so a second engine is one more
 class here and a framework part that makes it, not a change to the driver.
 """
+import os
 from typing import Any, Callable, List, Sequence
 
-__all__ = ["Comm", "HorovodComm"]
+__all__ = ["Comm", "HorovodComm", "started_by_torchrun"]
+
+
+def started_by_torchrun(env=None) -> bool:
+    """True in a process torchrun started (it sets TORCHELASTIC_RUN_ID and the env:// variables)."""
+    env = os.environ if env is None else env
+    return "TORCHELASTIC_RUN_ID" in env and "MASTER_ADDR" in env
 
 
 class Comm:

@@ -7,6 +7,7 @@ from largebatch.config import ConfigError, load
 from largebatch.launchers import threads as thread_rules
 
 from . import driver
+from .comm import started_by_torchrun
 from .loop import world_size_note
 
 __all__ = ["main", "world_size_from_env", "world_rank_from_env"]
@@ -15,7 +16,7 @@ __all__ = ["main", "world_size_from_env", "world_rank_from_env"]
 def world_size_from_env(env=None):
     """The world size the launcher announced (Horovod gloo, Open MPI, PMI, Slurm step), or None."""
     env = os.environ if env is None else env
-    if "TORCHELASTIC_RUN_ID" in env and env.get("WORLD_SIZE", "").isdigit():       # torchrun
+    if started_by_torchrun(env) and env.get("WORLD_SIZE", "").isdigit():
         return int(env["WORLD_SIZE"])
     for var in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE"):
         value = env.get(var, "")
@@ -30,7 +31,7 @@ def world_size_from_env(env=None):
 
 def world_rank_from_env(env=None):
     env = os.environ if env is None else env
-    if "TORCHELASTIC_RUN_ID" in env and env.get("RANK", "").isdigit():             # torchrun
+    if started_by_torchrun(env) and env.get("RANK", "").isdigit():
         return int(env["RANK"])
     for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
         value = env.get(var, "")
@@ -104,7 +105,7 @@ def main(argv=None):
     module = importlib.import_module(f".{exp.cfg['framework']}_train", __package__)
     try:
         code = driver.run(module.FRAMEWORK(), exp, loader, threads)
-        if "TORCHELASTIC_RUN_ID" in os.environ:
+        if started_by_torchrun():
             # torchrun: the run's files are closed; leave without the interpreter's teardown, in which
             # torch.distributed's native threads can abort the process ('terminate called without
             # an active exception', seen about once in four runs)

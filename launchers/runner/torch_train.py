@@ -12,7 +12,6 @@ call names (``largebatch.torch.TorchDistributed`` gives torch.distributed those 
 """
 import contextlib
 import importlib
-import os
 
 import numpy as np
 
@@ -20,7 +19,7 @@ from largebatch import registry
 from largebatch.horovod_support import import_horovod
 from largebatch.schedules import momentum_correction
 from . import faults, user
-from .comm import HorovodComm
+from .comm import HorovodComm, started_by_torchrun
 from .common import read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
 from .driver import Framework
@@ -63,12 +62,6 @@ def _to_torch(batch, torch, nhwc_images=True):
     x, y = batch
     x = np.ascontiguousarray(x.transpose(0, 3, 1, 2) if nhwc_images else x)
     return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def started_by_torchrun(env=None) -> bool:
-    """True in a process torchrun started (it sets TORCHELASTIC_RUN_ID and the env:// variables)."""
-    env = os.environ if env is None else env
-    return "TORCHELASTIC_RUN_ID" in env and "MASTER_ADDR" in env
 
 
 def _state_layout(sd):

@@ -85,15 +85,15 @@ def call_factory(key: str, ref: str, args: Dict, offered: Optional[Dict] = None)
     fn = load_callable(key, ref)
     kwargs = dict(args)
     try:
-        params = inspect.signature(fn).parameters
+        signature = inspect.signature(fn)
     except (TypeError, ValueError):                  # a builtin without a signature: pass args only
-        params = None
+        signature = None
     for name, value in (offered or {}).items():
-        if params is not None and name in params and name not in kwargs:
+        if signature is not None and name in signature.parameters and name not in kwargs:
             kwargs[name] = value
-    if params is not None:
+    if signature is not None:
         try:
-            inspect.signature(fn).bind(**kwargs)
+            signature.bind(**kwargs)
         except TypeError as err:
             section = key.rsplit(".", 1)[0]
             raise ConfigError([f"{section}.args: {ref} does not accept them ({err})"]) from None
@@ -130,8 +130,8 @@ class MapData:
 
     nhwc_images = False
 
-    def __init__(self, dataset, key):
-        self.dataset, self.key = dataset, key
+    def __init__(self, dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -182,7 +182,7 @@ def _split(key, what, value):
         item = value[0]
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise ConfigError([f"{key}: {what}: expected items (x, y), got {type(item).__name__}"])
-        return MapData(value, key)
+        return MapData(value)
     raise ConfigError([f"{key}: {what}: expected a pair of arrays (x, y) or a map-style dataset "
                        f"(__len__, __getitem__), got {type(value).__name__}"])
 
