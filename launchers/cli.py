@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from . import proctree
+
 __all__ = ["main", "run_dir_for"]
 
 
@@ -280,6 +282,10 @@ TF_NOISE = re.compile(
     r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IW] [\w./-]+:\d+\] .*"
     r"|To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.)\s*")
 
+# torch.distributed's store server, when the peer's address has no reverse name (hosts known
+# from /etc/hosts alone): a warning about a log line's host name, nothing to act on
+C10D_NOISE = re.compile(r"\[W\d{4} [\d:.]+ socket\.cpp:\d+\] \[c10d\] The hostname of the client socket cannot "
+                        r"be retrieved\. err=-?\d+\s*")
 
 _AGENT_SIGNAL = re.compile(r"torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: ")
 
@@ -333,7 +339,8 @@ class OutputFilter:
             self.agent_line = unit if start_of_line else self.agent_line + unit
             self.in_agent_traceback = self.mid_line or not _AGENT_SIGNAL.match(self.agent_line)
             return ""
-        if self.quiet_tf and start_of_line and TF_NOISE.fullmatch(_ANY_TAG.sub("", unit)):
+        if self.quiet_tf and start_of_line and (TF_NOISE.fullmatch(_ANY_TAG.sub("", unit)) or
+                                                C10D_NOISE.fullmatch(unit)):
             return ""
         return _RANK0_TAG.sub("", unit)
 
@@ -487,7 +494,7 @@ def supervise(proc, grace=STOP_GRACE_S, on_stop=None):
     def on_signal(signum, _frame):
         received.append(signum)
         name = signal.Signals(signum).name
-        tree.update({pid: cmd for pid, cmd in _descendants(proc.pid)})
+        tree.update({pid: cmd for pid, cmd in proctree.descendants(proc.pid)})
         if on_stop is not None:
             on_stop(name)
         if len(received) == 1:
@@ -513,7 +520,7 @@ def supervise(proc, grace=STOP_GRACE_S, on_stop=None):
             if deadline is not None and hard is not None and time.monotonic() > hard:
                 for pid, name in list(tree.items()):
                     if name in _MPI_LAUNCHERS:
-                        _send(pid, signal.SIGTERM)
+                        proctree.send(pid, signal.SIGTERM)
                 hard = None
             if deadline is not None and time.monotonic() > deadline:
                 print(f"largebatch: the job did not stop within {grace} s; killing it", file=sys.stderr, flush=True)
@@ -521,7 +528,7 @@ def supervise(proc, grace=STOP_GRACE_S, on_stop=None):
         if received:
             # the launcher is gone; what it started (mpirun, local ranks) gets the rest of the grace
             deadline = deadline or time.monotonic() + grace
-            while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+            while time.monotonic() < deadline and any(proctree.alive(pid) for pid in tree):
                 time.sleep(0.2)
     finally:
         for s, handler in previous.items():
@@ -532,62 +539,25 @@ def supervise(proc, grace=STOP_GRACE_S, on_stop=None):
     return code
 
 
-def _descendants(root):
-    """[(pid, command name)] of every process below ``root`` (a /proc scan; Linux)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append((int(entry), name))
-    out, todo = [], [root]
-    while todo:
-        for pid, name in children.get(todo.pop(), []):
-            out.append((pid, name))
-            todo.append(pid)
-    return out
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][:1] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def _send(pid, sig):
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _stop_in_order(proc, tree):
     mpi = [pid for pid, name in tree.items() if name in _MPI_LAUNCHERS]
     srun = [pid for pid, name in tree.items() if name in _SRUN]
     for pid in mpi:
-        _send(pid, signal.SIGUSR1)
+        proctree.send(pid, signal.SIGUSR1)
     for pid in srun:
-        _send(pid, signal.SIGTERM)
+        proctree.send(pid, signal.SIGTERM)
     if mpi or srun:
         return
     if os.path.basename(str(proc.args[0])) == "horovodrun":
-        _send(proc.pid, signal.SIGINT)
+        proctree.send(proc.pid, signal.SIGINT)
     else:
-        _send(proc.pid, signal.SIGTERM)
+        proctree.send(proc.pid, signal.SIGTERM)
 
 
 def _kill_all(proc, tree):
-    tree.update({pid: cmd for pid, cmd in _descendants(proc.pid)})
+    tree.update({pid: cmd for pid, cmd in proctree.descendants(proc.pid)})
     for pid in [proc.pid, *tree]:
-        _send(pid, signal.SIGKILL)
+        proctree.send(pid, signal.SIGKILL)
 
 
 def _quote(s):

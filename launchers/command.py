@@ -23,6 +23,7 @@ srun: --cpu-bind=none | cores | sockets | ldoms, with --cpus-per-task=<threads>,
 (the plugin that works with Open MPI 4.1 and Slurm 22.05; ``launcher.args: "--mpi=..."`` wins).
 """
 import os
+import secrets
 import shlex
 import shutil
 import sys
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 from largebatch import hostfile as _hostfile
+from .runner.comm import COLLECTIVE_TIMEOUT_ENV
 from .threads import plan_threads
 
 __all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind", "horovodrun_command",
@@ -244,14 +246,40 @@ def srun_command(program, *, np, placed, hosts_given=False, ranks_per_host=None,
     return LaunchCommand(argv, {}, list(plan.notes), plan)
 
 
-def torchrun_command(program, *, np, plan, extra_args=(), env=None, **_):
-    """``torchrun --standalone --nproc-per-node N --no-python PYTHON -m largebatch.runner ...``:
-    torch.distributed's launcher on this host (a local c10d rendezvous on a free port); the
-    ranks run the same program as under the other launchers. OMP_NUM_THREADS and the other
-    thread variables come from the thread plan (torchrun would set OMP_NUM_THREADS=1)."""
-    argv = [find_executable("torchrun"), "--standalone", f"--nproc-per-node={np}", *extra_args,
-            "--no-python", *program]
-    return LaunchCommand(argv, {**plan.env, **(env or {})}, list(plan.notes), plan)
+def torchrun_command(program, *, np, placed, plan, extra_args=(), env=None, network_interface=None,
+                     ssh_port=None, ssh_identity=None, host_timeout=None, rendezvous_port=None,
+                     rendezvous_id=None, **_):
+    """torch.distributed's launcher. On this host alone: ``torchrun --standalone --nproc-per-node N
+    --no-python PYTHON -m largebatch.runner ...`` (a local c10d rendezvous on a free port). Across
+    hosts: one torchrun per host (``--nnodes H --rdzv-backend c10d --rdzv-endpoint FIRST:PORT``),
+    started and kept as one job by :mod:`largebatch.launchers.fanout` over ssh. The ranks run
+    the same program as under the other launchers; OMP_NUM_THREADS and the other thread
+    variables come from the thread plan (torchrun would set OMP_NUM_THREADS=1)."""
+    notes, extra_env = list(plan.notes), {}
+    if network_interface:
+        extra_env["GLOO_SOCKET_IFNAME"] = network_interface        # torch's Gloo: the NIC for rank traffic
+    hosts = [(h, n) for h, n in placed if n > 0]
+    if not remote_hosts(hosts):
+        argv = [find_executable("torchrun"), "--standalone", f"--nproc-per-node={np}", *extra_args,
+                "--no-python", *program]
+        return LaunchCommand(argv, {**plan.env, **extra_env, **(env or {})}, notes, plan)
+    endpoint = f"{hosts[0][0]}:{rendezvous_port}"
+    torchrun = [find_executable("torchrun"), f"--nnodes={len(hosts)}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rendezvous_id or secrets.token_hex(4)}",
+                "--max-restarts=0", *extra_args, "--no-python", *program]
+    argv = [sys.executable, "-m", "largebatch.launchers.fanout", "-H", _hostfile.hosts_arg(hosts)]
+    if ssh_port:
+        argv += ["--ssh-port", str(ssh_port)]
+    if ssh_identity:
+        argv += ["--ssh-identity", os.path.abspath(os.path.expanduser(ssh_identity))]
+    timeout = host_timeout or 30
+    argv += ["--host-timeout", str(timeout), "--python", program[0], *(f"--env={k}" for k in (env or {})),
+             "--", *torchrun]
+    extra_env[COLLECTIVE_TIMEOUT_ENV] = str(timeout)
+    notes.append(f"torchrun on each of {len(hosts)} hosts (--nproc-per-node: its slots), started over ssh and "
+                 f"kept as one job by largebatch.launchers.fanout; c10d rendezvous at {endpoint} "
+                 f"(launcher.rendezvous_port), ranks numbered by the hosts' hostnames")
+    return LaunchCommand(argv, {**plan.env, **extra_env, **(env or {})}, notes, plan)
 
 
 def build_command(launcher, derived, program, *, environ=None):
@@ -277,7 +305,8 @@ def build_command(launcher, derived, program, *, environ=None):
         return horovodrun_command(program, hostfile=la["hostfile"], controller=la["controller"],
                                   network_interface=la["network_interface"], elastic=elastic, **ssh, **common)
     if la["type"] == "torchrun":
-        return torchrun_command(program, **common)
+        return torchrun_command(program, network_interface=la["network_interface"],
+                                rendezvous_port=la["rendezvous_port"], **ssh, **common)
     if la["type"] == "mpirun":
         return mpirun_command(program, hostfile=la["hostfile"], network_interface=la["network_interface"],
                               environ=environ, **ssh, **common)

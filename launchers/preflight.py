@@ -27,9 +27,12 @@ class SSH:
     port: Optional[int] = None
     identity: Optional[str] = None
     connect_timeout: int = 5
+    keepalive: Optional[int] = None      # seconds after which a silent host ends the session
 
     def argv(self, host, command):
         argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}"]
+        if self.keepalive:               # three unanswered probes, keepalive/3 apart
+            argv += ["-o", f"ServerAliveInterval={max(1, self.keepalive // 3)}", "-o", "ServerAliveCountMax=3"]
         if self.port:
             argv += ["-p", str(self.port)]
         if self.identity:

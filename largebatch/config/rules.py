@@ -110,7 +110,7 @@ def launcher(cfg, explicit, derived, host_list, host_problems, check_paths):
         out.append(f"launcher.{'hosts' if la['hosts'] is not None else 'hostfile'}: srun needs the same "
                    f"ranks on every host, got {hostfile.hosts_arg(placed)}")
     if la["type"] == "torchrun":
-        out += _torchrun(cfg, placed)
+        out += _torchrun(cfg)
     elif la["compression"] == "bf16":
         out.append(f"launcher.compression: 'bf16' needs launcher.type 'torchrun' (Horovod compresses to fp16 "
                    f"only), got launcher.type {la['type']!r}")
@@ -119,7 +119,7 @@ def launcher(cfg, explicit, derived, host_list, host_problems, check_paths):
     if la["controller"] == "gloo" and la["binding"] != "none":
         out.append(f"launcher.binding: {la['binding']!r} needs the MPI controller (gloo ranks are not "
                    f"bound); expected 'none' with launcher.controller 'gloo'")
-    out += inapplicable("launcher", cfg, explicit, keys=("network_interface", "ssh_identity", "ssh_port"))
+    out += inapplicable("launcher", cfg, explicit, keys=("network_interface", "ssh_identity", "ssh_port", "rendezvous_port"))
     if la["ssh_identity"] is not None and check_paths and not os.path.isfile(os.path.expanduser(la["ssh_identity"])):
         out.append(f"launcher.ssh_identity: expected an existing private key file, got {la['ssh_identity']!r} "
                    f"(no such file)")
@@ -128,15 +128,12 @@ def launcher(cfg, explicit, derived, host_list, host_problems, check_paths):
     return out
 
 
-def _torchrun(cfg, placed):
-    """launcher.type torchrun: torch.distributed (DDP) on one host, so far."""
+def _torchrun(cfg):
+    """launcher.type torchrun: torch.distributed (DDP), on one host or across hosts over ssh."""
     la, out = cfg["launcher"], []
     if cfg["framework"] != "torch":
         out.append(f"launcher.type: 'torchrun' runs framework 'torch' (torch.distributed), got framework "
                    f"{cfg['framework']!r}; use horovodrun, mpirun or srun")
-    if any(not hostfile.is_local(h) for h, _ in placed):
-        out.append("launcher.hosts: launcher.type 'torchrun' runs on one host so far; across hosts use "
-                   "horovodrun or mpirun")
     if la["elastic"]:
         out.append("launcher.elastic: not available with launcher.type 'torchrun' yet (Horovod Elastic: "
                    "launcher.type horovodrun)")

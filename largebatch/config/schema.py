@@ -195,6 +195,11 @@ SCHEMA = {
                           when=_not_srun("ssh_identity")),
         "ssh_port": F(integer(1, 65535), None, nullable=True, doc="sshd port on the hosts (default 22)",
                       when=_not_srun("ssh_port")),
+        "rendezvous_port": F(integer(1, 65535), 29400,
+                             doc="torchrun across hosts: the port of the c10d rendezvous on the first host",
+                             when=When(lambda c: c["launcher"]["type"] == "torchrun",
+                                       lambda c: "only used with launcher.type 'torchrun' (its c10d rendezvous)",
+                                       drop=False)),
         "host_timeout": F(integer(5), 30, doc="seconds after which a host that stopped answering ends the job"),
         "preflight": F(boolean, True, doc="multi-host runs: check ssh, names, ports and versions on every "
                                           "host before launching (largebatch doctor --hosts)"),

@@ -9,7 +9,11 @@ class here and a framework part that makes it, not a change to the driver.
 import os
 from typing import Any, Callable, List, Sequence
 
-__all__ = ["Comm", "HorovodComm", "started_by_torchrun"]
+__all__ = ["Comm", "HorovodComm", "started_by_torchrun", "COLLECTIVE_TIMEOUT_ENV"]
+
+# seconds a torch.distributed collective waits for a silent peer (set by the launcher for jobs
+# across hosts, from launcher.host_timeout; Horovod's Gloo reads HOROVOD_GLOO_TIMEOUT_SECONDS)
+COLLECTIVE_TIMEOUT_ENV = "LARGEBATCH_COLLECTIVE_TIMEOUT_S"
 
 
 def started_by_torchrun(env=None) -> bool:

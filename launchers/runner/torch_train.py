@@ -11,7 +11,9 @@ stop, checkpoints, resume) is the same code on both; the small collectives go th
 call names (``largebatch.torch.TorchDistributed`` gives torch.distributed those names).
 """
 import contextlib
+import datetime
 import importlib
+import os
 
 import numpy as np
 
@@ -19,7 +21,7 @@ from largebatch import registry
 from largebatch.horovod_support import import_horovod
 from largebatch.schedules import momentum_correction
 from . import faults, user
-from .comm import HorovodComm, started_by_torchrun
+from .comm import COLLECTIVE_TIMEOUT_ENV, HorovodComm, started_by_torchrun
 from .common import read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
 from .driver import Framework
@@ -91,7 +93,10 @@ class TorchPart(Framework):
         self.torchrun = started_by_torchrun()
         if self.torchrun:
             import torch.distributed as dist
-            dist.init_process_group("gloo")              # the runner's models stay on the CPU
+            timeout = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "")
+            # the runner's models stay on the CPU: Gloo
+            dist.init_process_group("gloo", **({"timeout": datetime.timedelta(seconds=int(timeout))}
+                                               if timeout.isdigit() else {}))
             self.hvd = hvd = self.lbt.TorchDistributed()
         else:
             faults.horovod_timeouts()
