@@ -258,7 +258,7 @@ def cmd_run(args):
         if remote and not _name_lost_hosts(remote, la):
             # every host answers: check what else makes a multi-host job crash (the launchers'
             # own messages, e.g. Gloo's 'Connection reset by peer', rarely name the cause)
-            for line in _host_problems(exp):
+            for line in _host_problems(exp, with_warnings=False):
                 print(f"largebatch: after the failure: {line}", file=sys.stderr, flush=True)
     return code
 
@@ -420,13 +420,18 @@ def _record_stop(run_dir, exp, name):
         pass
 
 
-def _host_problems(exp):
-    """The multi-host preflight (largebatch doctor --hosts) for the experiment's hosts and ssh settings."""
+def _host_problems(exp, with_warnings=True):
+    """The multi-host preflight (largebatch doctor --hosts) for the experiment's hosts and ssh
+    settings and what its launcher will use; its warnings printed (``with_warnings``)."""
     from .doctor import check_hosts
     la = exp.cfg["launcher"]
-    problems, _ = check_hosts([h for h, _ in exp.derived["placement"]], ssh_port=la["ssh_port"],
-                              ssh_identity=la["ssh_identity"], network_interface=la["network_interface"],
-                              files=user_files(exp.cfg))
+    torchrun = la["type"] == "torchrun"
+    problems, warnings, _ = check_hosts(
+        [h for h, n in exp.derived["placement"] if n > 0], ssh_port=la["ssh_port"], ssh_identity=la["ssh_identity"],
+        network_interface=la["network_interface"], files=user_files(exp.cfg),
+        engine="torchrun" if torchrun else "horovod", rendezvous_port=la["rendezvous_port"] if torchrun else None)
+    for line in warnings if with_warnings else ():
+        print(f"preflight: {line}", file=sys.stderr)
     return problems
 
 

@@ -96,24 +96,39 @@ def usable_engines():
     return out
 
 
-def check_hosts(hosts, *, ssh_port=None, ssh_identity=None, network_interface=None, timeout=None, files=None):
-    """The multi-host preflight (see :mod:`largebatch.launchers.preflight`): (problems, reports).
-    This machine is the launch node: a port is opened here for the hosts to reach it back, as
-    Horovod's Gloo rendezvous server would be."""
+def check_hosts(hosts, *, ssh_port=None, ssh_identity=None, network_interface=None, timeout=None, files=None,
+                engine="horovod", rendezvous_port=None):
+    """The multi-host preflight (see :mod:`largebatch.launchers.preflight`) for what ``engine``
+    will use: (problems, warnings, reports).
+
+    ``horovod`` (horovodrun, mpirun): mpirun's daemons and Horovod's Gloo rendezvous connect back
+    to this launch node at its address on ``network_interface`` (any of its addresses if none
+    is set); a port is opened here and the hosts must reach it at one of them. ``torchrun``:
+    nothing connects back here; the first host must have ``rendezvous_port`` free."""
     import socket
     from . import preflight
+    ssh = preflight.SSH(port=ssh_port, identity=ssh_identity)
+    common = dict(network_interface=network_interface, files=files, timeout=timeout or preflight.PROBE_TIMEOUT_S)
     me = socket.gethostname()
+    if engine == "torchrun":
+        return preflight.check_hosts(hosts, ssh, free_port=(hosts[0], rendezvous_port) if rendezvous_port else None,
+                                     **common)
+    launch = None if me in hosts else me
+    addresses = preflight.local_addresses(network_interface) if launch else {}
     listener = socket.socket()
     listener.bind(("0.0.0.0", 0))
     listener.listen(64)
     try:
-        launch = None if me in hosts else me
-        return preflight.check_hosts(hosts, preflight.SSH(port=ssh_port, identity=ssh_identity),
-                                     launch_node=launch, rendezvous_port=listener.getsockname()[1] if launch else None,
-                                     network_interface=network_interface, files=files,
-                                     timeout=timeout or preflight.PROBE_TIMEOUT_S)
+        problems, warnings, reports = preflight.check_hosts(
+            hosts, ssh, launch_node=launch, launch_addresses=addresses,
+            rendezvous_port=listener.getsockname()[1] if launch else None, **common)
     finally:
         listener.close()
+    if launch and network_interface and not addresses:
+        problems.insert(0, f"this launch node ({me}) has no IPv4 address on {network_interface!r}, which horovodrun "
+                           f"advertises to the hosts; launch from one of the hosts, or set launcher.network_interface "
+                           f"to an interface the launch node and the hosts share")
+    return problems, warnings, reports
 
 
 def _hosts_main(args):
@@ -126,8 +141,8 @@ def _hosts_main(args):
         return 2
     names = [h.name for h in hosts]
     started = time.monotonic()
-    problems, reports = check_hosts(names, ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
-                                    network_interface=args.network_interface)
+    problems, warnings, reports = check_hosts(names, ssh_port=args.ssh_port, ssh_identity=args.ssh_identity,
+                                              network_interface=args.network_interface)
     for r in reports:
         if r.ok:
             f = r.facts
@@ -135,6 +150,8 @@ def _hosts_main(args):
                   f"{f['python']}, torch {f['packages'].get('torch', '-')}, horovod {f['packages'].get('horovod', '-')}")
         else:
             print(f"{r.host:<16} FAILED ({r.seconds:.1f} s)")
+    for line in warnings:
+        print(line)
     for line in problems:
         print(f"PROBLEM: {line}")
     took = time.monotonic() - started

@@ -37,6 +37,7 @@ FORWARDED_PREFIXES = ("LARGEBATCH_", "OMP_", "MKL_", "KMP_", "TORCH_", "NCCL_", 
 FORWARDED_NAMES = ("PYTHONPATH", "PYTHONUNBUFFERED", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "COLUMNS", "LINES")
 SSH_LOST = 255                   # ssh's own exit code: the session could not start or was lost
 STOP_GRACE_S = 40                # a stopping host's torchrun gets this long before it is killed
+KILL_WAIT_S = 10                 # and a tether told to kill this long before it is killed itself
 
 
 def _forwarded(environ: Dict[str, str], names: Sequence[str]) -> Dict[str, str]:
@@ -73,6 +74,7 @@ class _Job:
         self.signals: List[int] = []
         self.failure: Optional[Tuple[str, int]] = None
         self.deadline: Optional[float] = None
+        self.killing = False
 
     def tell(self, word: str) -> None:
         for proc in self.procs:
@@ -89,10 +91,16 @@ class _Job:
             self.tell("stop")
 
     def kill(self) -> None:
+        """Every tether kills what it runs; a tether that cannot be told (a lost host's ssh) is
+        killed itself :data:`KILL_WAIT_S` later."""
         self.tell("kill")
-        for proc in self.procs:           # the ssh clients: the remote tethers then kill what is left
-            if proc.poll() is None:
-                proc.kill()
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        self.deadline = time.monotonic() + KILL_WAIT_S
+        self.killing = True
 
     def on_signal(self, signum: int, _frame) -> None:
         self.signals.append(signum)
@@ -115,10 +123,15 @@ class _Job:
             if all(code is not None for code in codes):
                 break
             if self.deadline is not None and time.monotonic() > self.deadline:
-                print(f"largebatch: hosts still running {STOP_GRACE_S} s after the stop; killing their ranks",
-                      file=sys.stderr, flush=True)
-                self.kill()
-                self.deadline = float("inf")
+                if self.killing:
+                    for proc in self.procs:
+                        if proc.poll() is None:
+                            proc.kill()
+                    self.deadline = float("inf")
+                else:
+                    print(f"largebatch: hosts still running {STOP_GRACE_S} s after the stop; killing their ranks",
+                          file=sys.stderr, flush=True)
+                    self.kill()
             time.sleep(0.2)
         if self.signals:
             return 128 + self.signals[0]

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-__all__ = ["SSH", "HostReport", "probe_hosts", "check_hosts", "unreachable", "PROBE_TIMEOUT_S"]
+__all__ = ["SSH", "HostReport", "probe_hosts", "check_hosts", "unreachable", "local_addresses", "PROBE_TIMEOUT_S"]
 
 PROBE_TIMEOUT_S = 10
 
@@ -47,7 +47,7 @@ _REPORT = r"""
 import json, os, socket, sys
 out = {"hostname": socket.gethostname(), "python": sys.version.split()[0], "executable": sys.executable,
        "prefix": sys.prefix, "cores": len(os.sched_getaffinity(0)), "packages": {}, "resolves": {}, "reach": {},
-       "files": {path: os.path.isfile(path) for path in FILES},
+       "files": {path: os.path.isfile(path) for path in FILES}, "bind": {},
        "interfaces": sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []}
 try:
     from importlib.metadata import version
@@ -73,6 +73,15 @@ for name, port in REACH:
         out["reach"][f"{name}:{port}"] = str(err) or type(err).__name__
     finally:
         s.close()
+for port in BIND:
+    s = socket.socket()
+    try:
+        s.bind(("", port))
+        out["bind"][str(port)] = "ok"
+    except OSError as err:
+        out["bind"][str(port)] = str(err) or type(err).__name__
+    finally:
+        s.close()
 print("LARGEBATCH-HOST " + json.dumps(out))
 """
 
@@ -86,9 +95,9 @@ class HostReport:
     facts: Dict = field(default_factory=dict)
 
 
-def _probe(host, ssh, python, names, reach, timeout, files=()):
+def _probe(host, ssh, python, names, reach, timeout, files=(), bind=()):
     script = _REPORT.replace("NAMES", repr(list(names))).replace("REACH", repr(list(reach))) \
-        .replace("FILES", repr(list(files)))
+        .replace("FILES", repr(list(files))).replace("BIND", repr(list(bind)))
     command = f"{shlex.quote(python)} -c {shlex.quote(script)}"
     started = time.monotonic()
     try:
@@ -117,11 +126,35 @@ def _on_every_host(fn, hosts):
         return list(pool.map(fn, hosts))
 
 
-def probe_hosts(hosts, ssh=None, *, python=None, names=(), reach=(), timeout=PROBE_TIMEOUT_S, files=()):
-    """One :class:`HostReport` per host, probed concurrently (``files``: paths whose presence each reports)."""
+def probe_hosts(hosts, ssh=None, *, python=None, names=(), reach=(), timeout=PROBE_TIMEOUT_S, files=(), bind=None):
+    """One :class:`HostReport` per host, probed concurrently (``files``: paths whose presence each
+    reports; ``bind``: {host: ports} that host tries to listen on)."""
     ssh = ssh or SSH()
     python = python or sys.executable
-    return _on_every_host(lambda h: _probe(h, ssh, python, names, reach, timeout, files), hosts)
+    bind = bind or {}
+    return _on_every_host(lambda h: _probe(h, ssh, python, names, reach, timeout, files, bind.get(h, ())), hosts)
+
+
+def local_addresses(interface: Optional[str] = None) -> Dict[str, str]:
+    """{interface: IPv4 address} of this machine, loopback left out (``interface``: that one only).
+    What mpirun's daemons and Horovod's Gloo rendezvous advertise to the hosts: an address on the
+    chosen interface (horovodrun --network-interfaces), not this machine's name."""
+    import fcntl
+    import socket
+    import struct
+    out = {}
+    for _, name in socket.if_nameindex():
+        if (interface and name != interface) or name == "lo":
+            continue
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:                              # SIOCGIFADDR: the interface's IPv4 address
+            packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+            out[name] = socket.inet_ntoa(packed[20:24])
+        except OSError:                   # no IPv4 address on it
+            pass
+        finally:
+            sock.close()
+    return out
 
 
 def unreachable(hosts, ssh=None, timeout=PROBE_TIMEOUT_S):
@@ -155,28 +188,36 @@ def _local_versions():
     return out
 
 
-def check_hosts(hosts, ssh=None, *, launch_node=None, rendezvous_port=None, network_interface=None,
-                python=None, timeout=PROBE_TIMEOUT_S, files=None):
-    """Problems (one line each, naming the host and the fix) and the per-host reports.
+def check_hosts(hosts, ssh=None, *, launch_node=None, launch_addresses=None, rendezvous_port=None,
+                free_port=None, network_interface=None, python=None, timeout=PROBE_TIMEOUT_S, files=None):
+    """(problems, warnings, reports): problems break the launch (one line each, naming the host
+    and the fix); warnings would not break it.
 
     Checks: ssh in batch mode; the same Python, venv path and torch / TensorFlow / Horovod /
     largebatch versions as this machine; every host's name resolves on every host; a network
     interface present on every host (``network_interface`` if given); TCP from every host to
-    every other host's sshd and back to ``launch_node`` (``rendezvous_port``: a port listening
-    here, the Gloo rendezvous); cores per host (reported); ``files`` ({path: the YAML key that
-    names it}: the user's model and data files) present at the same path on every host."""
+    every other host's sshd; back to this launch node at ``launch_addresses`` ({interface:
+    address}, the addresses the launcher advertises) on ``rendezvous_port`` (a port listening
+    here), a problem when a host reaches none of them; ``launch_node``: this machine's name,
+    a warning where it resolves to a loopback address (nothing this launch uses);
+    ``free_port``: (host, port) that must be free on that host (torchrun's c10d rendezvous);
+    cores per host (reported); ``files`` ({path: the YAML key that names it}: the user's model and
+    data files) present at the same path on every host."""
     files = dict(files or {})
+    launch_addresses = dict(launch_addresses or {})
     ssh = ssh or SSH()
     python = python or sys.executable
     hosts = list(hosts)
     port = ssh.port or 22
     reach = [(h, port) for h in hosts]
-    if launch_node and rendezvous_port:
-        reach.append((launch_node, rendezvous_port))
+    if rendezvous_port:
+        reach += [(address, rendezvous_port) for address in launch_addresses.values()]
     reports = probe_hosts(hosts, ssh, python=python, names=hosts + ([launch_node] if launch_node else []),
-                          reach=reach, timeout=timeout, files=sorted(files))
-    problems = []
+                          reach=reach, timeout=timeout, files=sorted(files),
+                          bind={free_port[0]: [free_port[1]]} if free_port else None)
+    problems, warnings = [], []
     mine = {"python": sys.version.split()[0], "prefix": sys.prefix, "packages": _local_versions()}
+    launch_targets = {f"{address}:{rendezvous_port}": name for name, address in launch_addresses.items()}
     for r in reports:
         if not r.ok:
             fix = ("check that the host is up and reachable, that sshd runs there, and that this key is in its "
@@ -194,19 +235,29 @@ def check_hosts(hosts, ssh=None, *, launch_node=None, rendezvous_port=None, netw
                 problems.append(f"host {r.host}: {name} {theirs or 'missing'}, here {version}; install "
                                 f"{name}=={version} in {f['prefix']}")
         for name, address in f["resolves"].items():
-            if address is None:
+            if name == launch_node:
+                if address is None or address.startswith("127."):
+                    where = "does not resolve" if address is None else f"resolves to {address}"
+                    warnings.append(f"warning: host {r.host}: this launch node's name {name!r} {where} there; "
+                                    f"this launch does not use it (the launchers advertise addresses)")
+            elif address is None:
                 problems.append(f"host {r.host}: the name {name!r} does not resolve there (Gloo then crashes "
                                 f"with a segfault or 'Unable to find address'); add it to /etc/hosts or DNS")
+        back = {target: result for target, result in f["reach"].items() if target in launch_targets}
+        if back and "ok" not in back.values():
+            tried = ", ".join(f"{target} on {launch_targets[target]}: {result}" for target, result in back.items())
+            problems.append(f"host {r.host}: cannot reach this launch node at any address it advertises ({tried}); "
+                            f"mpirun's daemons and Horovod's Gloo rendezvous connect back to it there: launch from "
+                            f"one of the hosts, set launcher.network_interface to a routed one, or open the firewall")
         for target, result in f["reach"].items():
             name = target.rsplit(":", 1)[0]
-            if result != "ok" and f["resolves"].get(name, "") is not None:
-                if name == launch_node:
-                    problems.append(f"host {r.host}: cannot reach the launch node {target} ({result}); Horovod's "
-                                    f"Gloo rendezvous would fail ('HTTP GET request failed too many times'): launch "
-                                    f"from one of the hosts or open the firewall")
-                else:
-                    problems.append(f"host {r.host}: cannot reach {target} ({result}); the hosts must reach each "
-                                    f"other over TCP (firewall, routes)")
+            if target not in launch_targets and result != "ok" and f["resolves"].get(name, "") is not None:
+                problems.append(f"host {r.host}: cannot reach {target} ({result}); the hosts must reach each "
+                                f"other over TCP (firewall, routes)")
+        for bound, result in f.get("bind", {}).items():
+            if result != "ok":
+                problems.append(f"host {r.host}: port {bound} (launcher.rendezvous_port) is taken there ({result}); "
+                                f"torchrun's c10d rendezvous listens on it: choose a free one")
         for path, present in f.get("files", {}).items():
             if not present:
                 problems.append(f"host {r.host}: {files[path]}: {path} is not there; copy it to the same path on "
@@ -233,4 +284,4 @@ def check_hosts(hosts, ssh=None, *, launch_node=None, rendezvous_port=None, netw
         if not common:
             problems.append("hosts: no network interface name is common to every host; set "
                             "launcher.network_interface")
-    return problems, reports
+    return problems, warnings, reports

@@ -121,6 +121,26 @@ def test_dry_run_mpirun_equivalent(workdir, capsys):
     assert "-m largebatch.runner" in joined and "launcher.type=mpirun" in joined
 
 
+def test_dry_run_torchrun_across_hosts(workdir, capsys):
+    """One torchrun per host, c10d rendezvous on the first, started by the fan-out over ssh."""
+    assert cli.main(["run", "exp.yaml", "--launcher", "torchrun", "-H", "a:2,b:2", "--dry-run",
+                     "launcher.cores_per_host=4", "launcher.ssh_port=2222", "launcher.rendezvous_port=29555",
+                     "launcher.network_interface=eth1", "launcher.host_timeout=45"]) == 0
+    captured = capsys.readouterr()
+    words = shlex.split(captured.out)
+    env = dict(w.split("=", 1) for w in words[:next(i for i, w in enumerate(words) if "=" not in w)])
+    assert env["GLOO_SOCKET_IFNAME"] == "eth1" and env["LARGEBATCH_COLLECTIVE_TIMEOUT_S"] == "45"
+    i = words.index("largebatch.launchers.fanout")
+    assert words[i + 1:i + 9] == ["-H", "a:2,b:2", "--ssh-port", "2222", "--host-timeout", "45", "--python",
+                                  sys.executable]
+    torchrun = words[words.index("--") + 1:]
+    assert torchrun[0].endswith("torchrun")
+    assert torchrun[1:4] == ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=a:29555"]
+    assert torchrun[4].startswith("--rdzv-id=") and torchrun[5:8] == ["--max-restarts=0", "--no-python",
+                                                                        sys.executable]
+    assert "c10d rendezvous at a:29555" in captured.err
+
+
 def test_dry_run_srun(workdir, capsys):
     assert cli.main(["run", "exp.yaml", "--np", "8", "--launcher", "srun", "--dry-run",
                      "launcher.ranks_per_host=4", "launcher.cores_per_host=32"]) == 0

@@ -525,14 +525,14 @@ def test_a_name_in_other_letters_gets_its_did_you_mean_and_a_bad_model_name_is_r
     ({"framework": "keras", "launcher": {"type": "torchrun"}},
      "launcher.type: 'torchrun' runs framework 'torch' (torch.distributed), got framework 'keras'; use horovodrun, "
      "mpirun or srun"),
-    ({"launcher": {"type": "torchrun", "hosts": "n1:2,n2:2"}},
-     "launcher.hosts: launcher.type 'torchrun' runs on one host so far; across hosts use horovodrun or mpirun"),
+    ({"launcher": {"rendezvous_port": 29500}},
+     "launcher.rendezvous_port: only used with launcher.type 'torchrun' (its c10d rendezvous)"),
     ({"launcher": {"type": "torchrun", "binding": "core"}},
      "launcher.binding: torchrun does not bind ranks to cores; expected 'none', got 'core'"),
     ({"optimizer": "clars", "launcher": {"type": "torchrun"}},
      "optimizer.name: 'clars' under launcher.type 'torchrun' is not available yet (its per-example norms need a "
      "backward pass outside DistributedDataParallel); use horovodrun"),
-], ids=["keras", "hosts", "binding", "clars"])
+], ids=["keras", "rendezvous-port", "binding", "clars"])
 def test_torchrun_refuses_what_it_cannot_run_yet(doc, line):
     with pytest.raises(ConfigError) as err:
         load_dict({"framework": "torch", **doc})

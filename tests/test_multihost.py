@@ -352,7 +352,7 @@ def test_the_preflight_finds_the_users_files_missing_on_a_host(cluster, tmp_path
     present = tmp_path / "my_model.py"
     present.write_text("def mlp(): pass\n")
     code = ("import json, sys; from largebatch.launchers.doctor import check_hosts; "
-            f"problems, _ = check_hosts(sys.argv[1].split(','), ssh_port={cluster.ssh_port}, "
+            f"problems, _, _ = check_hosts(sys.argv[1].split(','), ssh_port={cluster.ssh_port}, "
             f"ssh_identity={cluster.identity!r}, files={{{str(present)!r}: 'model.factory', "
             f"'/nonexistent/arrays.npz': 'data.path'}}); print(json.dumps(problems))")
     proc = cluster.run("lblaunch", [sys.executable, "-c", code, "lbh1,lbh2"], capture_output=True, text=True,
@@ -361,3 +361,46 @@ def test_the_preflight_finds_the_users_files_missing_on_a_host(cluster, tmp_path
     problems = json.loads(proc.stdout.strip().splitlines()[-1])
     assert problems == [f"host {h}: data.path: /nonexistent/arrays.npz is not there; copy it to the same path on "
                         f"every host (or keep it on a shared filesystem)" for h in ("lbh1", "lbh2")]
+
+
+def test_the_preflight_probes_what_the_launch_uses(cluster, tmp_path):
+    """Issue 23 item 6. Hosts whose /etc/hosts maps the launch node's name to a loopback address:
+    mpirun and Horovod advertise the launch node's addresses, not its name, so the launch goes on
+    with a warning. torchrun: nothing connects back to the launch node; the rendezvous port on
+    the first host must be free."""
+    paths = [_hosts_file(cluster, n.name) for n in cluster.host_nodes]
+    originals = [open(p).read() for p in paths]
+    try:
+        for path, text in zip(paths, originals):
+            with open(path, "r+") as fh:       # in place: the file is bind-mounted over the host's /etc/hosts
+                fh.write("".join(line for line in text.splitlines(True) if not line.rstrip().endswith("\tlblaunch"))
+                         + "127.0.1.1\tlblaunch\n")
+                fh.truncate()
+        run_dir = tmp_path / "run"
+        proc = _run(cluster, "lblaunch", ["examples/synthetic_torch.yaml", "-H", cluster.hosts_arg(), *SMALL,
+                                          "data.samples=64", "train.epochs=1", f"output.run_dir={run_dir}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for host in ("lbh1", "lbh2"):
+            assert (f"preflight: warning: host {host}: this launch node's name 'lblaunch' resolves to 127.0.1.1 "
+                    f"there; this launch does not use it (the launchers advertise addresses)") in proc.stderr
+        assert _summary(run_dir)["status"] == "completed"
+    finally:
+        for path, text in zip(paths, originals):
+            with open(path, "r+") as fh:
+                fh.write(text)
+                fh.truncate()
+    holder = cluster.popen("lbh1", [sys.executable, "-c", "import socket, time; s = socket.socket(); "
+                                    "s.bind(('', 29400)); s.listen(); print('listening', flush=True); time.sleep(60)"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "listening"
+        proc = _run(cluster, "lblaunch", ["examples/synthetic_torch.yaml", "-H", cluster.hosts_arg(), *SMALL,
+                                          "--launcher", "torchrun", f"output.run_dir={tmp_path / 'taken'}"], timeout=60)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("preflight: host lbh1: port 29400 (launcher.rendezvous_port) is taken there ([Errno 98] Address already "
+            "in use); torchrun's c10d rendezvous listens on it: choose a free one") in proc.stderr
+    assert not (tmp_path / "taken").exists()
+    assert _wait_empty(cluster, 10), _left_on_hosts(cluster)

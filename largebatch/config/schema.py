@@ -198,8 +198,7 @@ SCHEMA = {
         "rendezvous_port": F(integer(1, 65535), 29400,
                              doc="torchrun across hosts: the port of the c10d rendezvous on the first host",
                              when=When(lambda c: c["launcher"]["type"] == "torchrun",
-                                       lambda c: "only used with launcher.type 'torchrun' (its c10d rendezvous)",
-                                       drop=False)),
+                                       lambda c: "only used with launcher.type 'torchrun' (its c10d rendezvous)")),
         "host_timeout": F(integer(5), 30, doc="seconds after which a host that stopped answering ends the job"),
         "preflight": F(boolean, True, doc="multi-host runs: check ssh, names, ports and versions on every "
                                           "host before launching (largebatch doctor --hosts)"),
