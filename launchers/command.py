@@ -276,9 +276,10 @@ def torchrun_command(program, *, np, placed, plan, extra_args=(), env=None, netw
     argv += ["--host-timeout", str(timeout), "--python", program[0], *(f"--env={k}" for k in (env or {})),
              "--", *torchrun]
     extra_env[COLLECTIVE_TIMEOUT_ENV] = str(timeout)
-    notes.append(f"torchrun on each of {len(hosts)} hosts (--nproc-per-node: its slots), started over ssh and "
-                 f"kept as one job by largebatch.launchers.fanout; c10d rendezvous at {endpoint} "
-                 f"(launcher.rendezvous_port), ranks numbered by the hosts' hostnames")
+    per_host = ", ".join(f"{h} {n}" for h, n in hosts)
+    notes.append(f"one torchrun per host (--nproc-per-node: {per_host}), started over ssh and kept as one job by "
+                 f"largebatch.launchers.fanout; c10d rendezvous at {endpoint} (launcher.rendezvous_port); ranks "
+                 f"numbered in the order of the hosts' own hostnames")
     return LaunchCommand(argv, {**plan.env, **extra_env, **(env or {})}, notes, plan)
 
 

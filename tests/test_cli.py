@@ -138,6 +138,7 @@ def test_dry_run_torchrun_across_hosts(workdir, capsys):
     assert torchrun[1:4] == ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=a:29555"]
     assert torchrun[4].startswith("--rdzv-id=") and torchrun[5:8] == ["--max-restarts=0", "--no-python",
                                                                         sys.executable]
+    assert "one torchrun per host (--nproc-per-node: a 2, b 2)" in captured.err
     assert "c10d rendezvous at a:29555" in captured.err
 
 
