@@ -529,10 +529,7 @@ def test_a_name_in_other_letters_gets_its_did_you_mean_and_a_bad_model_name_is_r
      "launcher.rendezvous_port: only used with launcher.type 'torchrun' (its c10d rendezvous)"),
     ({"launcher": {"type": "torchrun", "binding": "core"}},
      "launcher.binding: torchrun does not bind ranks to cores; expected 'none', got 'core'"),
-    ({"optimizer": "clars", "launcher": {"type": "torchrun"}},
-     "optimizer.name: 'clars' under launcher.type 'torchrun' is not available yet (its per-example norms need a "
-     "backward pass outside DistributedDataParallel); use horovodrun"),
-], ids=["keras", "rendezvous-port", "binding", "clars"])
+], ids=["keras", "rendezvous-port", "binding"])
 def test_torchrun_refuses_what_it_cannot_run_yet(doc, line):
     with pytest.raises(ConfigError) as err:
         load_dict({"framework": "torch", **doc})

@@ -224,6 +224,29 @@ def test_largebatch_run_synthetic_example_on_two_ranks(tmp_path, framework):
     assert "global_batch:" in config and "steps_per_epoch:" in config
 
 
+@pytest.mark.multirank
+@pytest.mark.skipif(_horovodrun() is None, reason="horovodrun not installed (make setup)")
+def test_clars_and_batchnorm_statistics_are_the_same_under_both_engines(tmp_path):
+    """CLARS's per-example norm sums reduced by torch.distributed as by Horovod; small_cnn's
+    BatchNorm statistics kept per rank under DDP as under Horovod, so the evaluations (every
+    rank its share, with its own statistics) agree to the last bit too, not only the weights."""
+    example = ROOT / "examples" / "synthetic_torch.yaml"
+    runs = {}
+    for launcher in ("horovodrun", "torchrun"):
+        run_dir = tmp_path / launcher
+        proc = subprocess.run([sys.executable, "-m", "largebatch.launchers.cli", "run", str(example), "--np", "2",
+                               "--launcher", launcher, "optimizer.name=clars", "data.samples=128",
+                               "data.val_samples=64", "output.progress=false", "launcher.threads_per_rank=1",
+                               f"output.run_dir={run_dir}"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, (launcher, proc.stderr[-3000:])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        with open(run_dir / "metrics.csv") as fh:
+            evals = [(r["step"], r["loss"], r["accuracy"]) for r in csv.DictReader(fh) if r["kind"] == "eval"]
+        runs[launcher] = (summary["weights_sha1"], summary["final_train_loss"], evals)
+    assert runs["torchrun"] == runs["horovodrun"] and len(runs["torchrun"][2]) == 2
+
+
 def test_runner_on_an_image_folder_single_process(tmp_path):
     make_images(tmp_path / "train", per_class=6)
     make_images(tmp_path / "val", per_class=2)

@@ -139,9 +139,6 @@ def _torchrun(cfg):
                    "launcher.type horovodrun)")
     if la["binding"] != "none":
         out.append(f"launcher.binding: torchrun does not bind ranks to cores; expected 'none', got {la['binding']!r}")
-    if cfg["optimizer"]["name"] == "clars":
-        out.append("optimizer.name: 'clars' under launcher.type 'torchrun' is not available yet (its per-example "
-                   "norms need a backward pass outside DistributedDataParallel); use horovodrun")
     return out
 
 

@@ -163,8 +163,10 @@ class TorchPart(Framework):
         if not self.torchrun:
             self.lbt.broadcast_state(self.model, self.optimizer)
             return
-        # DDP broadcasts rank 0's parameters and buffers when it wraps the model
-        self.ddp = self.torch.nn.parallel.DistributedDataParallel(self.model)
+        # DDP broadcasts rank 0's parameters and buffers when it wraps the model; after that each
+        # rank keeps its own BatchNorm statistics, as under Horovod (DDP's default would overwrite
+        # them with rank 0's before every forward: the same weights, but another evaluation)
+        self.ddp = self.torch.nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
         compression = self.exp.cfg["launcher"]["compression"]
         if compression != "none":         # each bucket sent in half precision, averaged, cast back
             self.ddp.register_comm_hook(None, self.lbt.compression_hook(compression))
