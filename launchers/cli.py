@@ -576,7 +576,18 @@ def cmd_sbatch(args):
     try:
         exp = _load(args)
     except ConfigError as err:
-        return _fail(err.problems)
+        # the script starts the ranks with srun whatever launcher.type says: an engine that srun
+        # can start (launcher.engine=torch.distributed in a horovodrun YAML) is taken as such
+        args.overrides = list(args.overrides) + ["launcher.type=srun"]
+        try:
+            exp = _load(args)
+        except ConfigError:
+            return _fail(err.problems)
+    if exp.derived["engine"] == "torch.distributed":
+        # every rank re-reads the YAML: tell it that srun, not torchrun, started it
+        args.overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() not in
+                          ("launcher.type", "launcher.engine")] + ["launcher.type=srun", "launcher.engine=torch.distributed"]
+        exp = _load(args)
     from . import sbatch
     run_dir, problems = run_dir_for(exp, requeue=args.requeue)
     problems = problems or resume_problems(exp, run_dir)

@@ -453,3 +453,15 @@ def test_srun_outside_an_allocation_is_one_line_and_writes_nothing(workdir, caps
         "launcher.type: 'srun' runs inside a Slurm allocation (salloc, or a batch script: largebatch sbatch); "
         "SLURM_JOB_ID is not set here")
     assert listing(workdir) == before
+
+
+@pytest.mark.parametrize("asked", [["launcher.engine=torch.distributed"], ["launcher.type=torchrun"],
+                                   ["launcher.type=torchrun", "launcher.engine=torch.distributed"]])
+def test_sbatch_runs_torch_distributed_under_srun_when_asked(workdir, capsys, asked):
+    """The batch script always starts the ranks with srun; each rank re-reads the YAML and is told
+    that srun started it, with the torch.distributed engine."""
+    assert cli.main(["sbatch", "exp.yaml", "--np", "2", "--nodes", "2", "--dry-run", *asked]) == 0
+    program = next(line for line in capsys.readouterr().out.splitlines() if "largebatch.runner" in line).split()
+    i = program.index("largebatch.runner")
+    assert program[i + 2:i + 4] == ["launcher.type=srun", "launcher.engine=torch.distributed"]
+    assert program.count("launcher.engine=torch.distributed") == 1

@@ -526,10 +526,18 @@ def test_a_name_in_other_letters_gets_its_did_you_mean_and_a_bad_model_name_is_r
      "launcher.type: 'torchrun' runs framework 'torch' (torch.distributed), got framework 'keras'; use horovodrun, "
      "mpirun or srun"),
     ({"launcher": {"rendezvous_port": 29500}},
-     "launcher.rendezvous_port: only used with launcher.type 'torchrun' (its c10d rendezvous)"),
+     "launcher.rendezvous_port: only used with torch.distributed (launcher.type 'torchrun', or launcher.engine "
+     "'torch.distributed')"),
+    ({"launcher": {"type": "mpirun", "engine": "torch.distributed"}},
+     "launcher.engine: 'torch.distributed' is started by launcher.type 'torchrun' or 'srun', got 'mpirun'"),
+    ({"launcher": {"type": "torchrun", "engine": "horovod"}},
+     "launcher.engine: launcher.type 'torchrun' starts torch.distributed; expected 'torch.distributed' or no "
+     "launcher.engine, got 'horovod'"),
+    ({"framework": "keras", "launcher": {"type": "srun", "engine": "torch.distributed"}},
+     "launcher.engine: 'torch.distributed' runs framework 'torch', got framework 'keras'; expected 'horovod'"),
     ({"launcher": {"type": "torchrun", "binding": "core"}},
      "launcher.binding: torchrun does not bind ranks to cores; expected 'none', got 'core'"),
-], ids=["keras", "rendezvous-port", "binding"])
+], ids=["keras", "rendezvous-port", "engine-mpirun", "torchrun-horovod", "engine-keras", "binding"])
 def test_torchrun_refuses_what_it_cannot_run_yet(doc, line):
     with pytest.raises(ConfigError) as err:
         load_dict({"framework": "torch", **doc})
@@ -539,7 +547,12 @@ def test_torchrun_refuses_what_it_cannot_run_yet(doc, line):
 def test_bf16_compression_needs_torchrun():
     with pytest.raises(ConfigError) as err:
         load_dict({"framework": "torch", "launcher": {"compression": "bf16"}})
-    assert err.value.problems == ["launcher.compression: 'bf16' needs launcher.type 'torchrun' (Horovod compresses "
-                                  "to fp16 only), got launcher.type 'horovodrun'"]
+    assert err.value.problems == ["launcher.compression: 'bf16' needs torch.distributed (launcher.type 'torchrun'; "
+                                  "Horovod compresses to fp16 only), got launcher.type 'horovodrun'"]
     assert load_dict({"framework": "torch", "launcher": {"type": "torchrun", "compression": "bf16"}}).cfg[
         "launcher"]["compression"] == "bf16"
+    srun = load_dict({"framework": "torch", "launcher": {"type": "srun", "engine": "torch.distributed",
+                                                         "compression": "bf16", "rendezvous_port": 29600}})
+    assert srun.derived["engine"] == "torch.distributed" and srun.cfg["launcher"]["rendezvous_port"] == 29600
+    assert load_dict({"framework": "torch", "launcher": {"type": "torchrun"}}).derived["engine"] == "torch.distributed"
+    assert load_dict({"framework": "torch", "launcher": {"type": "srun"}}).derived["engine"] == "horovod"

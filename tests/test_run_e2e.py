@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from largebatch.runner import data as lbdata
+from largebatch.runner.comm import first_host, torch_distributed_env
 from largebatch.runner.entry import world_rank_from_env, world_size_from_env
 from largebatch.runner.tbevents import EventWriter
 
@@ -190,6 +191,22 @@ def _check_run_dir(run_dir, framework, ranks):
     assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in logged]      # the rows of metrics.csv
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([v for _, v in logged], rel=1e-6)
     return summary, rows, tags
+
+
+@pytest.mark.parametrize("nodelist, first", [("node[03-05,9],gpu1", "node03"), ("a,b", "a"), ("lbh1", "lbh1"),
+                                             ("n[1-2]-ib[3-4]", "n1-ib3"), ("x[7]", "x7")])
+def test_first_host_of_a_slurm_host_list(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_torch_distributed_env_from_a_slurm_step_or_a_world_of_one():
+    step = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "8",
+            "SLURM_STEP_NODELIST": "cn[07-08]", "SLURM_LOCALID": "1"}
+    assert torch_distributed_env(29500, step) == {"MASTER_ADDR": "cn07", "MASTER_PORT": "29500", "RANK": "3",
+                                                  "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    alone = torch_distributed_env(None, {})
+    assert alone["WORLD_SIZE"] == "1" and alone["RANK"] == "0" and alone["MASTER_ADDR"] == "127.0.0.1"
+    assert torch_distributed_env(29500, {"TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "h", **step}) == {}
 
 
 @pytest.mark.skipif(_horovodrun() is None, reason="horovodrun not installed (make setup)")

@@ -244,18 +244,23 @@ def _runner_pids(ns_slurm):
     return out
 
 
-@pytest.mark.parametrize("framework", ["torch", "keras"])
-def test_largebatch_run_srun_in_salloc_across_two_hosts(ns_slurm, tmp_path, framework):
+@pytest.mark.parametrize("framework,engine", [("torch", "horovod"), ("keras", "horovod"),
+                                              ("torch", "torch.distributed")])
+def test_largebatch_run_srun_in_salloc_across_two_hosts(ns_slurm, tmp_path, framework, engine):
+    """srun starts the ranks; Horovod (over MPI, PMIx) or torch.distributed (env:// from the
+    Slurm step: rank 0's host is the step's first node) averages the gradients."""
     run_dir = str(tmp_path / "run")
     r = ns_slurm.run(["salloc", "-N2", "-n2", "--ntasks-per-node=1", LARGEBATCH, "run", _example(framework),
-                      "--launcher", "srun", "--np", "2", "launcher.ranks_per_host=1", *SMALL,
-                      f"output.run_dir={run_dir}"], timeout=150, check=False)
+                      "--launcher", "srun", "--np", "2", "launcher.ranks_per_host=1", f"launcher.engine={engine}",
+                      *SMALL, f"output.run_dir={run_dir}"], timeout=150, check=False)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     got = _summary(run_dir)
     assert sorted(got["hosts"]) == sorted(h.name for h in ns_slurm.hosts) and got["ranks_agree"] is True
     assert got["threads_per_rank"] == 1
     want = _horovodrun_reference(tmp_path, framework)
     assert got["weights_sha1"] == want["weights_sha1"]          # = horovodrun on the same global batch
+    if engine == "torch.distributed":
+        assert "horovod" not in got["versions"]                 # never imported
 
 
 @pytest.mark.timeout(300)

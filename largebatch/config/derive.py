@@ -7,6 +7,7 @@ import os
 
 from .. import hostfile as _hostfile
 from ..schedules import scaled_lr
+from .schema import engine
 
 __all__ = ["derive", "model_label", "placement", "batch_sizes", "image_sizes", "training_length", "learning_rates",
            "elastic_range", "elastic_accumulation"]
@@ -102,7 +103,8 @@ def derive(cfg, host_list=None, folder_classes=None):
     la, data = cfg["launcher"], cfg["data"]
     np_, placed = placement(la, host_list)
     per_worker, acc, global_batch = batch_sizes(cfg["batch"], np_)
-    d = {"model": model_label(cfg["model"]), "np": np_, "placement": placed, "per_worker_batch": per_worker,
+    d = {"model": model_label(cfg["model"]), "engine": engine(la), "np": np_, "placement": placed,
+         "per_worker_batch": per_worker,
          "accumulation_steps": acc,
          "global_batch": global_batch}
     if la["elastic"]:

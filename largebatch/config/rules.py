@@ -109,11 +109,14 @@ def launcher(cfg, explicit, derived, host_list, host_problems, check_paths):
     if la["type"] == "srun" and host_list is not None and len({n for _, n in placed}) > 1:
         out.append(f"launcher.{'hosts' if la['hosts'] is not None else 'hostfile'}: srun needs the same "
                    f"ranks on every host, got {hostfile.hosts_arg(placed)}")
-    if la["type"] == "torchrun":
-        out += _torchrun(cfg)
+    if derived["engine"] == "torch.distributed":
+        out += _torch_distributed(cfg)
     elif la["compression"] == "bf16":
-        out.append(f"launcher.compression: 'bf16' needs launcher.type 'torchrun' (Horovod compresses to fp16 "
-                   f"only), got launcher.type {la['type']!r}")
+        out.append(f"launcher.compression: 'bf16' needs torch.distributed (launcher.type 'torchrun'; Horovod "
+                   f"compresses to fp16 only), got launcher.type {la['type']!r}")
+    if la["type"] == "torchrun" and derived["engine"] != "torch.distributed":
+        out.append(f"launcher.engine: launcher.type 'torchrun' starts torch.distributed; expected "
+                   f"'torch.distributed' or no launcher.engine, got {la['engine']!r}")
     if la["controller"] == "gloo" and la["type"] != "horovodrun":
         out.append(f"launcher.controller: 'gloo' needs launcher.type 'horovodrun', got {la['type']!r}")
     if la["controller"] == "gloo" and la["binding"] != "none":
@@ -128,16 +131,21 @@ def launcher(cfg, explicit, derived, host_list, host_problems, check_paths):
     return out
 
 
-def _torchrun(cfg):
-    """launcher.type torchrun: torch.distributed (DDP), on one host or across hosts over ssh."""
+def _torch_distributed(cfg):
+    """torch.distributed (DDP): started by torchrun (one host or several, over ssh) or by srun."""
     la, out = cfg["launcher"], []
     if cfg["framework"] != "torch":
         out.append(f"launcher.type: 'torchrun' runs framework 'torch' (torch.distributed), got framework "
-                   f"{cfg['framework']!r}; use horovodrun, mpirun or srun")
+                   f"{cfg['framework']!r}; use horovodrun, mpirun or srun" if la["type"] == "torchrun" else
+                   f"launcher.engine: 'torch.distributed' runs framework 'torch', got framework "
+                   f"{cfg['framework']!r}; expected 'horovod'")
+    if la["type"] not in ("torchrun", "srun"):
+        out.append(f"launcher.engine: 'torch.distributed' is started by launcher.type 'torchrun' or 'srun', got "
+                   f"{la['type']!r}")
     if la["elastic"]:
-        out.append("launcher.elastic: not available with launcher.type 'torchrun' yet (Horovod Elastic: "
+        out.append("launcher.elastic: not available with torch.distributed yet (Horovod Elastic: "
                    "launcher.type horovodrun)")
-    if la["binding"] != "none":
+    if la["binding"] != "none" and la["type"] == "torchrun":
         out.append(f"launcher.binding: torchrun does not bind ranks to cores; expected 'none', got {la['binding']!r}")
     return out
 

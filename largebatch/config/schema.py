@@ -18,6 +18,7 @@ LAUNCHERS = ("horovodrun", "mpirun", "srun", "torchrun")
 CONTROLLERS = ("mpi", "gloo")
 BINDINGS = ("none", "core", "socket", "numa")
 COMPRESSIONS = ("none", "fp16", "bf16")
+ENGINES = ("horovod", "torch.distributed")
 DATA_KINDS = ("synthetic", "folder", "arrays", "python")
 USER_DATA_KINDS = ("arrays", "python")         # the user's own data: reaches the model as given
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
@@ -69,6 +70,16 @@ _NOT_SRUN = {
     "ssh_identity": "not used with launcher.type 'srun' (Slurm starts the ranks, not ssh)",
     "ssh_port": "not used with launcher.type 'srun' (Slurm starts the ranks, not ssh)",
 }
+
+
+def engine(launcher) -> str:
+    """The distributed engine a launcher section runs: launcher.engine, else torch.distributed
+    under torchrun and Horovod under the other launchers."""
+    return launcher.get("engine") or ("torch.distributed" if launcher["type"] == "torchrun" else "horovod")
+
+
+def torch_distributed(launcher) -> bool:
+    return engine(launcher) == "torch.distributed"
 
 
 def _not_srun(key):
@@ -179,6 +190,9 @@ SCHEMA = {
                             when=When(lambda c: c["launcher"]["type"] == "srun",
                                       lambda c: f"only used with launcher.type 'srun' ({c['launcher']['type']} takes "
                                                 f"the slots from launcher.hosts)", drop=False)),
+        "engine": F(choice(ENGINES), None, nullable=True,
+                    doc="the distributed engine: horovod (horovodrun, mpirun, srun) or torch.distributed "
+                        "(torchrun, srun; framework torch); default: torch.distributed under torchrun, else horovod"),
         "controller": F(choice(CONTROLLERS), "mpi"),
         "cores_per_host": F(auto_integer, None, nullable=True),
         "threads_per_rank": F(auto_integer, None, nullable=True),
@@ -197,8 +211,9 @@ SCHEMA = {
                       when=_not_srun("ssh_port")),
         "rendezvous_port": F(integer(1, 65535), 29400,
                              doc="torchrun across hosts: the port of the c10d rendezvous on the first host",
-                             when=When(lambda c: c["launcher"]["type"] == "torchrun",
-                                       lambda c: "only used with launcher.type 'torchrun' (its c10d rendezvous)")),
+                             when=When(lambda c: torch_distributed(c["launcher"]),
+                                       lambda c: "only used with torch.distributed (launcher.type 'torchrun', or "
+                                                 "launcher.engine 'torch.distributed')")),
         "host_timeout": F(integer(5), 30, doc="seconds after which a host that stopped answering ends the job"),
         "preflight": F(boolean, True, doc="multi-host runs: check ssh, names, ports and versions on every "
                                           "host before launching (largebatch doctor --hosts)"),

@@ -7,9 +7,12 @@ TensorFlow modules share one API; only the tensor type differs), so a second eng
 class here and a framework part that makes it, not a change to the driver.
 """
 import os
-from typing import Any, Callable, List, Sequence
+import re
+import socket
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-__all__ = ["Comm", "HorovodComm", "started_by_torchrun", "COLLECTIVE_TIMEOUT_ENV"]
+__all__ = ["Comm", "HorovodComm", "started_by_torchrun", "torch_distributed_env", "first_host",
+           "COLLECTIVE_TIMEOUT_ENV"]
 
 # seconds a torch.distributed collective waits for a silent peer (set by the launcher for jobs
 # across hosts, from launcher.host_timeout; Horovod's Gloo reads HOROVOD_GLOO_TIMEOUT_SECONDS)
@@ -20,6 +23,40 @@ def started_by_torchrun(env=None) -> bool:
     """True in a process torchrun started (it sets TORCHELASTIC_RUN_ID and the env:// variables)."""
     env = os.environ if env is None else env
     return "TORCHELASTIC_RUN_ID" in env and "MASTER_ADDR" in env
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm host list: ``node[03-05,9],gpu1`` -> ``node03``."""
+    name, depth = "", 0
+    for ch in nodelist.strip():
+        if ch == "," and depth == 0:
+            break
+        depth += ch == "["
+        depth -= ch == "]"
+        name += ch
+    # each bracket stands for its first value, zero padding kept
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", name)
+
+
+def torch_distributed_env(port: Optional[int], env=None) -> Dict[str, str]:
+    """The ``env://`` variables ``init_process_group`` reads, for a rank torchrun did not start.
+
+    In a Slurm step (``srun``): rank ``SLURM_PROCID`` of ``SLURM_STEP_NUM_TASKS``, and rank 0's host,
+    the first of the step's nodes (srun places tasks in blocks), serves the store on ``port``.
+    Anywhere else (``python -m largebatch.runner`` by hand): a world of one on this host. Empty
+    under torchrun, which has set them."""
+    env = os.environ if env is None else env
+    if started_by_torchrun(env):
+        return {}
+    if env.get("SLURM_STEP_ID") is not None and env.get("SLURM_PROCID", "").isdigit():
+        size = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+        return {"MASTER_ADDR": first_host(nodes), "MASTER_PORT": str(port), "RANK": env["SLURM_PROCID"],
+                "WORLD_SIZE": size, "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    with socket.socket() as s:           # a free port for a world of one
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
 
 
 class Comm:

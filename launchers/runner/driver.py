@@ -24,8 +24,9 @@ class Framework:
 
     track = False                       # trust ratios logged (set by build_optimizer)
 
-    def start_engine(self, threads: Tuple[int, int, str]) -> Comm:
-        """Set the CPU threads, start the distributed engine; return its collectives."""
+    def start_engine(self, exp, threads: Tuple[int, int, str]) -> Comm:
+        """Set the CPU threads, start the experiment's distributed engine (``exp.derived['engine']``);
+        return its collectives."""
         raise NotImplementedError
 
     def seed(self, seed: int) -> None:
@@ -82,7 +83,7 @@ def is_elastic(exp, env=None) -> bool:
 
 def run(part: Framework, exp, loader, threads) -> int:
     """One rank's run with ``part``; returns the exit code (0 completed, 128+signal stopped, 1 otherwise)."""
-    comm = part.start_engine(threads)
+    comm = part.start_engine(exp, threads)
     elastic = is_elastic(exp)
     part.seed(exp.cfg["train"]["seed"])
     exp, train_set, val_set, schedule, run_dir = prepare(exp, loader, comm, elastic=elastic)

@@ -105,10 +105,10 @@ def main(argv=None):
     module = importlib.import_module(f".{exp.cfg['framework']}_train", __package__)
     try:
         code = driver.run(module.FRAMEWORK(), exp, loader, threads)
-        if started_by_torchrun():
-            # torchrun: the run's files are closed; leave without the interpreter's teardown, in which
-            # torch.distributed's native threads can abort the process ('terminate called without
-            # an active exception', seen about once in four runs)
+        if started_by_torchrun() or exp.derived["engine"] == "torch.distributed":
+            # torch.distributed: the run's files are closed; leave without the interpreter's teardown,
+            # in which its native threads can abort the process ('terminate called without an active
+            # exception', seen about once in four runs under torchrun)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)

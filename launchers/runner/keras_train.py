@@ -171,7 +171,7 @@ class KerasPart(Framework):
     """A run with Keras 3 over Horovod: ``largebatch.keras.DistributedOptimizer`` averages the
     gradients, ``BroadcastGlobalVariables`` sends rank 0's variables, ``model.fit`` steps."""
 
-    def start_engine(self, threads):
+    def start_engine(self, exp, threads):
         import tensorflow as tf
         self.tf = tf
         try:

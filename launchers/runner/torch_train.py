@@ -21,7 +21,7 @@ from largebatch import registry
 from largebatch.horovod_support import import_horovod
 from largebatch.schedules import momentum_correction
 from . import faults, user
-from .comm import COLLECTIVE_TIMEOUT_ENV, HorovodComm, started_by_torchrun
+from .comm import COLLECTIVE_TIMEOUT_ENV, HorovodComm, started_by_torchrun, torch_distributed_env
 from .common import read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
 from .driver import Framework
@@ -86,13 +86,16 @@ class TorchPart(Framework):
 
     ddp = None                          # the DistributedDataParallel wrapper (torchrun), once made
 
-    def start_engine(self, threads):
+    def start_engine(self, exp, threads):
         import torch
         self.torch = torch
         self.lbt = importlib.import_module("largebatch.torch")
-        self.torchrun = started_by_torchrun()
-        if self.torchrun:
+        # torch.distributed when the experiment says so, or when torchrun started this rank anyway
+        self.distributed = exp.derived["engine"] == "torch.distributed" or started_by_torchrun()
+        if self.distributed:
             import torch.distributed as dist
+            # a rank torchrun did not start (srun, or by hand) finds its peers from the environment
+            os.environ.update(torch_distributed_env(exp.cfg["launcher"].get("rendezvous_port")))
             timeout = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "")
             # the runner's models stay on the CPU: Gloo
             dist.init_process_group("gloo", **({"timeout": datetime.timedelta(seconds=int(timeout))}
@@ -124,7 +127,7 @@ class TorchPart(Framework):
         self.info = registry.get(cfg["optimizer"]["name"])
         self.track = cfg["output"]["trust_ratios"] and self.info.layerwise
         optimizer = build_optimizer(cfg, model, schedule(0), self.track)
-        if self.torchrun:                  # DDP wraps the model instead (broadcast_initial)
+        if self.distributed:                  # DDP wraps the model instead (broadcast_initial)
             self.optimizer = optimizer
             return
         # Horovod re-creates the optimizer (its state is not carried over): load into the wrapped one
@@ -140,7 +143,7 @@ class TorchPart(Framework):
         model, optimizer, comm = self.model, self.optimizer, self.comm
         info = read_resume(exp.cfg, run_dir, comm, rng_state=ckpt.rng_state,
                            load=lambda path, cfg_hash: ckpt.load_checkpoint(path, model, optimizer, cfg_hash=cfg_hash))
-        if info is not None and comm.size() > 1 and self.torchrun:
+        if info is not None and comm.size() > 1 and self.distributed:
             # DDP sends the parameters when it wraps the model; the optimizer state goes here
             state = comm.broadcast_object(optimizer.state_dict() if comm.rank() == 0 else None,
                                           name="largebatch.resume_state")
@@ -160,7 +163,7 @@ class TorchPart(Framework):
         return info
 
     def broadcast_initial(self):
-        if not self.torchrun:
+        if not self.distributed:
             self.lbt.broadcast_state(self.model, self.optimizer)
             return
         # DDP broadcasts rank 0's parameters and buffers when it wraps the model; after that each
@@ -349,7 +352,7 @@ class TorchPart(Framework):
     def close(self):
         """torch.distributed: the process group torn down before the interpreter exits (left to
         exit, gloo's threads can abort the process: 'terminate called without an active exception')."""
-        if self.torchrun:
+        if self.distributed:
             import torch.distributed as dist
             self.ddp = None                # DDP's reducer holds the process group
             dist.barrier()
