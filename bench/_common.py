@@ -177,6 +177,30 @@ def host_env(a, controller, seconds):
     return env
 
 
+def engine_launch(a, engine, placed, program, threads=1, rendezvous_port=29400):
+    """(argv, extra env) that runs ``program`` as the ranks ``placed`` ([(host, ranks)]) under
+    ``engine``: ``mpi`` / ``gloo``, horovodrun with that controller; ``ddp``, torch.distributed
+    started as ``largebatch run --launcher torchrun`` starts it (``torchrun --standalone`` on
+    this machine alone, one torchrun per host over ssh across hosts). The ssh and interface
+    settings of ``a`` (:func:`add_host_args`) apply to both."""
+    from largebatch import hostfile as hf
+    n = sum(k for _, k in placed)
+    remote = any(not hf.is_local(h) for h, _ in placed)
+    seconds = int(min(getattr(a, "timeout", 60), 60))
+    env = host_env(a, engine, seconds) if remote else {}
+    if engine == "ddp":
+        from largebatch.launchers.command import torchrun_command
+        from largebatch.launchers.threads import plan_threads
+        cmd = torchrun_command(program, np=n, placed=placed, plan=plan_threads(placed, threads=threads),
+                               network_interface=a.network_interface, ssh_port=a.ssh_port,
+                               ssh_identity=a.ssh_identity, host_timeout=seconds, rendezvous_port=rendezvous_port)
+        return cmd.argv, {**env, **cmd.env}
+    hvdrun = Path(sys.executable).with_name("horovodrun")
+    hvdrun = str(hvdrun) if hvdrun.exists() else "horovodrun"
+    where = horovodrun_host_args(a, placed) if remote else ["-H", f"localhost:{n}"]
+    return [hvdrun, "-np", str(n), *where, f"--{engine}", *program], env
+
+
 def ssh_argv(a, host, command):
     """ssh to ``host`` in batch mode with the port and identity of ``a`` (never prompts)."""
     argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]

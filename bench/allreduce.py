@@ -35,7 +35,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from _common import (DEFAULT_OUT, SAME_MACHINE_NOTE, add_host_args, finish_figure, horovodrun_host_args,  # noqa: E402
-                     host_env, hosts_from_args, machine_info, print_header, print_table, run_bounded,
+from _common import (DEFAULT_OUT, SAME_MACHINE_NOTE, add_host_args, engine_launch, finish_figure,  # noqa: E402
+                     hosts_from_args, machine_info, print_header, print_table, run_bounded,
                      same_machine, ssh_argv, write_outputs)
 
 RESULT_MARK = "LB_ALLREDUCE_RESULT "     # rank 0's result line in horovodrun's output (hosts need no shared /tmp)
@@ -61,7 +60,38 @@ def reps_for(nbytes, quick):
 
 
 # ----------------------------------------------------------------------------------- rank side
+def torch_worker(args):
+    """torch.distributed's allreduce (gloo; started by torchrun), timed as Horovod's is."""
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    size, rank = dist.get_world_size(), dist.get_rank()
+    rows = []
+    for nbytes in json.loads(args.sizes):
+        reps = reps_for(nbytes, args.quick)
+        x = torch.ones(nbytes // 4)
+        for _ in range(2):
+            dist.all_reduce(x)
+        ts = []
+        for _ in range(reps):
+            dist.barrier()
+            t = time.perf_counter()
+            dist.all_reduce(x)
+            ts.append(time.perf_counter() - t)
+        slowest = torch.tensor([float(np.median(ts))], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        rows.append(dict(bytes=nbytes, reps=reps, torch_s=float(slowest)))
+        if rank == 0:
+            print(f"   {nbytes:>10d} B  torch.distributed/gloo {rows[-1]['torch_s'] * 1e6:10.1f} us", flush=True)
+    if rank == 0:
+        print(RESULT_MARK + json.dumps(dict(np=size, controller="ddp", rows=rows)), flush=True)
+    dist.destroy_process_group()
+
+
 def worker(args):
+    if args.controller == "ddp":
+        return torch_worker(args)
     import torch
     import horovod.torch as hvd
     hvd.init()
@@ -117,10 +147,7 @@ def worker(args):
             print(f"   {nbytes:>10d} B  {mpi}horovod/{args.controller} {row['horovod_s'] * 1e6:10.1f} us", flush=True)
     if rank == 0:
         result = json.dumps(dict(np=size, controller=args.controller, rows=rows))
-        if args.worker_out:
-            Path(args.worker_out).write_text(result)
-        else:
-            print(RESULT_MARK + result, flush=True)
+        print(RESULT_MARK + result, flush=True)
 
 
 # ----------------------------------------------------------------------------------- model
@@ -158,7 +185,7 @@ def plot(rows, fits, proj, settings, path):
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
     n = np.array([r["bytes"] for r in rows], float)
     p = settings["np"]
-    for key, m in (("mpi4py_s", "o"), ("horovod_s", "s")):
+    for key, m in (("mpi4py_s", "o"), ("horovod_s", "s"), ("torch_gloo_s", "^")):
         if key[:-2] not in fits:
             continue
         ax1.loglog(n, [r[key] * 1e6 for r in rows], m, label=key[:-2])
@@ -367,6 +394,36 @@ def _write_with_projection(out, stem, rows, meta, fits, proj):
     return csv_path, json_path, proj_rows
 
 
+# the engines timed (--controllers) and their columns
+ENGINES = {"mpi": "horovodrun --mpi", "gloo": "horovodrun --gloo", "ddp": "torchrun (torch.distributed, gloo)"}
+IMPL = {"mpi": "horovod_mpi", "gloo": "horovod_gloo", "ddp": "torch_gloo"}
+
+
+def _engine_command(a, ctl, placed, sizes):
+    """(argv, env) that runs this file's ranks on ``placed`` under the engine ``ctl``."""
+    program = [sys.executable, str(Path(__file__).resolve()), "--worker", "--controller", ctl,
+               "--sizes", json.dumps(sizes)] + (["--quick"] if a.quick else [])
+    argv, extra = engine_launch(a, ctl, placed, program, rendezvous_port=a.rendezvous_port)
+    return argv, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                      OMPI_MCA_btl_vader_single_copy_mechanism="none", **extra)
+
+
+def _time_engines(a, engines, placed, sizes):
+    """{engine: rank 0's result} for each engine, one launch each; None after a failed launch."""
+    results = {}
+    for ctl in engines:
+        cmd, env = _engine_command(a, ctl, placed, sizes)
+        t = time.monotonic()
+        rc, out = run_bounded(cmd, env, a.timeout)
+        got = [line.split(RESULT_MARK, 1)[1] for line in out.splitlines() if RESULT_MARK in line]
+        if rc != 0 or not got:
+            sys.stderr.write(f"allreduce: {' '.join(cmd)} exited {rc}\n{out[-4000:]}\n")
+            return None
+        results[ctl] = json.JSONDecoder().raw_decode(got[-1])[0]    # horovodrun may glue output on
+        print(f"   {ENGINES[ctl]}: {time.monotonic() - t:.1f} s", flush=True)
+    return results
+
+
 def main_hosts(a, hosts):
     from largebatch import hostfile as hf
     import horovod  # noqa: F401  (version in the header)
@@ -375,14 +432,14 @@ def main_hosts(a, hosts):
     placed = hf.place_ranks(np_, hosts)
     names = [h for h, _ in placed]
     sizes = a.message_bytes or (QUICK_SIZES if a.quick else FULL_SIZES)
-    controllers = a.controllers or ["mpi", "gloo"]
+    controllers = a.controllers or ["mpi", "gloo", "ddp"]
     settings = dict(mode="quick" if a.quick else "full", np=np_, hosts=hf.hosts_arg(placed), controllers=controllers,
                     sizes=sizes, network_interface=a.network_interface, ssh_port=a.ssh_port,
                     link_probe=a.link_probe, link_seconds=a.link_seconds, model=a.model, params=a.params,
                     compute_s=a.compute_s, batch=a.batch, images=a.images, net_gbps=a.net_gbps,
                     net_latency_us=a.net_latency_us, threads_per_rank=1)
     meta = machine_info(**settings)
-    print_header(meta, f"allreduce across hosts {hf.hosts_arg(placed)}: Horovod ({'/'.join(controllers)}) "
+    print_header(meta, f"allreduce across hosts {hf.hosts_arg(placed)}: {', '.join(ENGINES[c] for c in controllers)} "
                        "vs the raw TCP link, alpha-beta fit, projection")
     same = same_machine(a, names)
     meta["same_machine"] = same
@@ -402,32 +459,17 @@ def main_hosts(a, hosts):
     elif len(set(names)) < 2:
         print("   one host only: no link to measure", flush=True)
     meta["link"] = link
-    hvdrun = Path(sys.executable).with_name("horovodrun")
-    hvdrun = str(hvdrun) if hvdrun.exists() else "horovodrun"
-    results = {}
-    for ctl in controllers:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                   OMPI_MCA_btl_vader_single_copy_mechanism="none", **host_env(a, ctl, min(a.timeout, 60)))
-        cmd = [hvdrun, "-np", str(np_), *horovodrun_host_args(a, placed), f"--{ctl}", sys.executable,
-               str(Path(__file__).resolve()), "--worker", "--controller", ctl, "--sizes", json.dumps(sizes)]
-        if a.quick:
-            cmd.append("--quick")
-        t = time.monotonic()
-        rc, out = run_bounded(cmd, env, a.timeout)
-        got = [line.split(RESULT_MARK, 1)[1] for line in out.splitlines() if RESULT_MARK in line]
-        if rc != 0 or not got:
-            sys.stderr.write(f"allreduce: {' '.join(cmd)} exited {rc}\n{out[-4000:]}\n")
-            return 1
-        results[ctl] = json.JSONDecoder().raw_decode(got[-1])[0]    # horovodrun may glue output on
-        print(f"   horovodrun --{ctl}: {time.monotonic() - t:.1f} s", flush=True)
+    results = _time_engines(a, controllers, placed, sizes)
+    if results is None:
+        return 1
     p = results[controllers[0]]["np"]
-    impls = [f"horovod_{c}" for c in controllers] + (["mpi4py"] if "mpi" in controllers else [])
+    impls = [IMPL[c] for c in controllers] + (["mpi4py"] if "mpi" in controllers else [])
     rows = []
     for i, nbytes in enumerate(sizes):
         r = dict(bytes=nbytes, hosts=hf.hosts_arg(placed), np=p)
         for ctl, res in results.items():
             rr = res["rows"][i]
-            r[f"horovod_{ctl}_s"] = rr["horovod_s"]
+            r[f"{IMPL[ctl]}_s"] = rr["torch_s" if ctl == "ddp" else "horovod_s"]
             if "mpi4py_s" in rr:
                 r["mpi4py_s"] = rr["mpi4py_s"]
         r["link_GBps"] = link["link_GBps"] if link else None
@@ -445,10 +487,10 @@ def main_hosts(a, hosts):
     proj_args = dict(params=a.params, compute_s=a.compute_s, batch=a.batch, images=a.images, workers=WORKERS)
     what = "namespace hosts" if same else "across hosts"
     proj = {f"measured fit ({k}, {what})": project(fits[k]["alpha_s"], fits[k]["beta_s_per_byte"], **proj_args)
-            for k in impls if k.startswith("horovod")}
+            for k in impls if k != "mpi4py"}
     if link:
-        proj[f"raw TCP link ({link['link_Gbit_s']:.1f} Gbit/s), α of horovod_{controllers[0]}"] = project(
-            fits[f"horovod_{controllers[0]}"]["alpha_s"], 1 / (link["link_GBps"] * 1e9), **proj_args)
+        proj[f"raw TCP link ({link['link_Gbit_s']:.1f} Gbit/s), α of {IMPL[controllers[0]]}"] = project(
+            fits[IMPL[controllers[0]]]["alpha_s"], 1 / (link["link_GBps"] * 1e9), **proj_args)
     proj[f"assumed {a.net_gbps:g} Gbit/s, {a.net_latency_us:g} us"] = project(
         a.net_latency_us * 1e-6, 8 / (a.net_gbps * 1e9), **proj_args)
     out = Path(a.out)
@@ -479,7 +521,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--np", type=int, help="ranks (default 2; with hosts: every slot)")
-    ap.add_argument("--controller", choices=["mpi", "gloo"], default="mpi")
+    ap.add_argument("--controller", choices=["mpi", "gloo", "ddp"], default="mpi",
+                    help="one host: Horovod's controller beside torch.distributed (default mpi)")
     ap.add_argument("--model", default="ResNet-50")
     ap.add_argument("--params", type=float, default=25.6e6, help="model parameters (float32 gradients)")
     ap.add_argument("--compute-s", type=float, default=0.1,
@@ -490,8 +533,12 @@ def main(argv=None):
     ap.add_argument("--net-gbps", type=float, default=25.0, help="assumed inter-node link, Gbit/s")
     ap.add_argument("--net-latency-us", type=float, default=10.0, help="assumed inter-node latency")
     add_host_args(ap)
-    ap.add_argument("--controllers", nargs="+", choices=["mpi", "gloo"],
-                    help="with hosts: the controllers to time, one horovodrun each (default: mpi gloo)")
+    ap.add_argument("--controllers", nargs="+", choices=["mpi", "gloo", "ddp"],
+                    help="the engines to time: Horovod's controllers (one horovodrun each) and ddp, "
+                         "torch.distributed under torchrun (default: with hosts mpi gloo ddp; on one host "
+                         "--controller and ddp)")
+    ap.add_argument("--rendezvous-port", type=int, default=29400,
+                    help="ddp across hosts: torchrun's c10d rendezvous port on the first host")
     ap.add_argument("--message-bytes", type=int, nargs="+", metavar="N",
                     help="message sizes in bytes (default: the --quick or full list)")
     ap.add_argument("--link-probe", choices=["auto", "iperf3", "socket", "none"], default="auto",
@@ -504,7 +551,6 @@ def main(argv=None):
     ap.add_argument("--link-server", nargs=2, metavar=("ADDR", "PORT"), help=argparse.SUPPRESS)
     ap.add_argument("--link-client", nargs=2, metavar=("ADDR", "PORT"), help=argparse.SUPPRESS)
     ap.add_argument("--sizes", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a) or 0
@@ -526,25 +572,17 @@ def main(argv=None):
                     model=a.model, params=a.params, compute_s=a.compute_s, batch=a.batch, images=a.images,
                     net_gbps=a.net_gbps, net_latency_us=a.net_latency_us, threads_per_rank=1)
     meta = machine_info(**settings)
-    print_header(meta, "allreduce: mpi4py vs Horovod, alpha-beta ring fit, projection")
-    hvdrun = Path(sys.executable).with_name("horovodrun")
-    hvdrun = str(hvdrun) if hvdrun.exists() else "horovodrun"
-    tmp = Path(tempfile.mkdtemp(prefix="lb-allreduce-")) / "rank0.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               OMPI_MCA_btl_vader_single_copy_mechanism="none")
-    cmd = [hvdrun, "-np", str(a.np), "-H", f"localhost:{a.np}", f"--{a.controller}", sys.executable,
-           str(Path(__file__).resolve()), "--worker", "--controller", a.controller, "--sizes", json.dumps(sizes),
-           "--worker-out", str(tmp)]
-    if a.quick:
-        cmd.append("--quick")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not tmp.exists():
-        sys.stderr.write(f"allreduce: {' '.join(cmd)} exited {proc.returncode}\n{(proc.stdout + proc.stderr)[-4000:]}\n")
+    print_header(meta, "allreduce: mpi4py vs Horovod vs torch.distributed, alpha-beta ring fit, projection")
+    engines = a.controllers or [a.controller, "ddp"]
+    results = _time_engines(a, engines, [("localhost", a.np)], sizes)
+    if results is None:
         return 1
-    got = json.loads(tmp.read_text())
-    rows = got["rows"]
-    p = got["np"]
-    impls = [k for k in ("mpi4py", "horovod") if all(f"{k}_s" in r for r in rows)]
+    base = next((c for c in engines if c != "ddp"), "ddp")          # Horovod's rows, torch's beside them
+    rows, p = results[base]["rows"], results[base]["np"]
+    if "ddp" in results:
+        for r, t in zip(rows, results["ddp"]["rows"]):
+            r["torch_gloo_s"] = t["torch_s"]
+    impls = [k for k in ("mpi4py", "horovod", "torch_gloo") if all(f"{k}_s" in r for r in rows)]
     for r in rows:
         for k in impls:
             r[f"{k}_algbw_GBps"] = r["bytes"] / r[f"{k}_s"] / 1e9
@@ -556,8 +594,8 @@ def main(argv=None):
     net_beta = 8 / (a.net_gbps * 1e9)
     proj_args = dict(params=a.params, compute_s=a.compute_s, batch=a.batch, images=a.images, workers=workers)
     proj = {
-        "measured fit (horovod, intra-node)": project(fits["horovod"]["alpha_s"], fits["horovod"]["beta_s_per_byte"],
-                                                       **proj_args),
+        **{f"measured fit ({k}, intra-node)": project(fits[k]["alpha_s"], fits[k]["beta_s_per_byte"], **proj_args)
+           for k in impls if k != "mpi4py"},
         f"assumed {a.net_gbps:g} Gbit/s, {a.net_latency_us:g} us": project(a.net_latency_us * 1e-6, net_beta,
                                                                             **proj_args),
     }
@@ -566,8 +604,7 @@ def main(argv=None):
     plot(rows, fits, proj, dict(settings, np=p), out / "allreduce.png")
     print()
     print_table(rows, ["bytes", *(f"{k}_s" for k in impls), *(f"{k}_busbw_GBps" for k in impls)],
-                {"mpi4py_s": "{:.2e}", "horovod_s": "{:.2e}", "mpi4py_busbw_GBps": "{:.3f}",
-                 "horovod_busbw_GBps": "{:.3f}"})
+                {c: ("{:.2e}" if c.endswith("_s") else "{:.3f}") for k in impls for c in (f"{k}_s", f"{k}_busbw_GBps")})
     for k, f in fits.items():
         print(f"   fit {k:8s}: alpha = {f['alpha_s'] * 1e6:.2f} us, beta = {f['beta_s_per_byte']:.3e} s/B "
               f"({f['bandwidth_GBps']:.2f} GB/s)")

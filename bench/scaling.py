@@ -43,8 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import (DEFAULT_OUT, SAME_MACHINE_NOTE, add_host_args, finish_figure, horovodrun_host_args,  # noqa: E402
-                     host_env, hosts_from_args, machine_info, print_header, print_table, run_bounded,
+from _common import (DEFAULT_OUT, SAME_MACHINE_NOTE, add_host_args, engine_launch, finish_figure,  # noqa: E402
+                     hosts_from_args, machine_info, print_header, print_table, run_bounded,
                      same_machine, write_outputs)
 
 
@@ -329,10 +329,6 @@ def main(argv=None):
         if same:
             meta["note"] = SAME_MACHINE_NOTE
             print(f"   NOTE: {SAME_MACHINE_NOTE}", flush=True)
-    hvdrun = Path(sys.executable).with_name("horovodrun")
-    hvdrun = str(hvdrun) if hvdrun.exists() else "horovodrun"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    torchrun = str(torchrun) if torchrun.exists() else "torchrun"
     rows = []
     # (ranks, threads per rank): every np at cores/np threads, plus np=1 at the per-rank threads of
     # the largest np, the "single worker" that Horovod's efficiency definition divides by
@@ -354,17 +350,14 @@ def main(argv=None):
         if ctl == "mpi" and (a.mpi_yield == "on" or a.mpi_yield == "auto" and mpi_yield_when_idle(
                 plan_threads(placement(n), cores_per_host=a.cores, threads=threads))):
             env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")     # the rule `largebatch run` launches with
-        if hosts:
-            env.update(host_env(a, ctl, min(a.timeout, 60)))
-        where = horovodrun_host_args(a, placement(n)) if hosts else ["-H", f"localhost:{n}"]
-        launcher = [torchrun, "--standalone", f"--nproc-per-node={n}", "--no-python"] if ctl == "ddp" else \
-            [hvdrun, "-np", str(n), *where, f"--{ctl}"]
-        cmd = [*launcher, sys.executable,
-               str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--batch", str(a.batch),
-               "--width", str(a.width), *(["--keras-width", str(a.keras_width)] if a.keras_width else []),
-               "--steps", str(steps), "--warmup", str(a.warmup), "--repeats", str(repeats),
-               "--optimizers", a.optimizers, "--framework", fw, "--controller", ctl, "--worker-out", str(tmp),
-               *(["--split-added"] if split else [])]
+        program = [sys.executable,
+                   str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--batch", str(a.batch),
+                   "--width", str(a.width), *(["--keras-width", str(a.keras_width)] if a.keras_width else []),
+                   "--steps", str(steps), "--warmup", str(a.warmup), "--repeats", str(repeats),
+                   "--optimizers", a.optimizers, "--framework", fw, "--controller", ctl, "--worker-out", str(tmp),
+                   *(["--split-added"] if split else [])]
+        cmd, extra = engine_launch(a, ctl, placement(n), program, threads=threads)
+        env.update(extra)
         rc, out = run_bounded(cmd, env, a.timeout)
         got = [line.split(RESULT_MARK, 1)[1] for line in out.splitlines() if RESULT_MARK in line]
         if rc != 0 or not (tmp.exists() or got):
@@ -373,8 +366,8 @@ def main(argv=None):
         return json.loads(tmp.read_text()) if tmp.exists() else json.JSONDecoder().raw_decode(got[-1])[0]
 
     for fw, ctl, (n, threads) in ((fw, ctl, c) for fw in frameworks for ctl in controllers for c in configs):
-        if ctl == "ddp" and (fw != "torch" or hosts):
-            continue                      # torch.distributed: PyTorch, one host (as largebatch run's torchrun)
+        if ctl == "ddp" and fw != "torch":
+            continue                      # torch.distributed: PyTorch only
         got = measure(fw, ctl, n, threads)
         if got is None:
             return 1

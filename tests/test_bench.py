@@ -63,7 +63,8 @@ def test_allreduce_quick(tmp_path):
     rows = _rows(tmp_path / "allreduce.csv")
     assert len(rows) >= 3
     for r in rows:
-        assert float(r["mpi4py_s"]) > 0 and float(r["horovod_s"]) > 0
+        assert float(r["mpi4py_s"]) > 0 and float(r["horovod_s"]) > 0 and float(r["torch_gloo_s"]) > 0
+    assert set(meta["fits"]) == {"mpi4py", "horovod", "torch_gloo"}       # the engines, measured in one run
     for f in meta["fits"].values():
         assert f["alpha_s"] >= 0 and f["beta_s_per_byte"] > 0
     proj = _rows(tmp_path / "allreduce_projection.csv")

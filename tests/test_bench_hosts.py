@@ -1,6 +1,7 @@
 """Smoke test of the across-host allreduce benchmark on a 2-host namespace cluster
 (launchers/testcluster.py): `largebatch bench allreduce -H lbh1:1,lbh2:1 ...` launched from the
-launch node, both controllers, tiny messages, a 1-second link probe. Needs root; skips otherwise."""
+launch node, Horovod's two controllers and torch.distributed (torchrun across the hosts), tiny
+messages, a 1-second link probe. Needs root; skips otherwise."""
 import csv
 import json
 import math
@@ -39,18 +40,19 @@ def test_allreduce_across_two_namespace_hosts(tmp_path):
         assert r["hosts"] == "lbh1:1,lbh2:1" and r["np"] == "2"
         link = float(r["link_GBps"])
         assert link > 0 and math.isfinite(link)
-        for k in ("horovod_mpi", "horovod_gloo", "mpi4py"):
+        for k in ("horovod_mpi", "horovod_gloo", "torch_gloo", "mpi4py"):
             assert float(r[f"{k}_s"]) > 0 and float(r[f"{k}_busbw_GBps"]) > 0
             ratio = float(r[f"{k}_bus_over_link"])
             assert ratio > 0 and math.isfinite(ratio)
     meta = json.loads((tmp_path / "allreduce_hosts.json").read_text())["meta"]
     assert meta["same_machine"] is True and "not a cluster" in meta["note"]
     assert meta["link"]["tool"] in ("iperf3", "socket") and meta["link"]["link_GBps"] > 0
-    for k in ("horovod_mpi", "horovod_gloo"):
+    for k in ("horovod_mpi", "horovod_gloo", "torch_gloo"):
         assert meta["fits"][k]["alpha_s"] >= 0 and meta["fits"][k]["beta_s_per_byte"] > 0
     with open(tmp_path / "allreduce_hosts_projection.csv") as f:
         proj = list(csv.DictReader(f))
     assert any(r["scenario"].startswith("measured fit (horovod_gloo") for r in proj)
+    assert any(r["scenario"].startswith("measured fit (torch_gloo") for r in proj)
     assert all(0 < float(r["efficiency"]) <= 1 for r in proj)
     assert (tmp_path / "allreduce_hosts.png").read_bytes()[:4] == b"\x89PNG"
     assert not any(ns.startswith(f"{testcluster.PREFIX}{c.id}-") for ns in subprocess.run(
