@@ -404,8 +404,8 @@ def _engine_command(a, ctl, placed, sizes):
     program = [sys.executable, str(Path(__file__).resolve()), "--worker", "--controller", ctl,
                "--sizes", json.dumps(sizes)] + (["--quick"] if a.quick else [])
     argv, extra = engine_launch(a, ctl, placed, program, rendezvous_port=a.rendezvous_port)
-    return argv, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                      OMPI_MCA_btl_vader_single_copy_mechanism="none", **extra)
+    return argv, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                  "OMPI_MCA_btl_vader_single_copy_mechanism": "none", **extra}
 
 
 def _time_engines(a, engines, placed, sizes):
