@@ -31,7 +31,7 @@ CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 LAUNCH_SCRIPT = "launch.sh"
 
-METRIC_FIELDS = ("kind", "step", "epoch", "lr", "loss", "accuracy", "images_per_sec", "elapsed_s")
+METRIC_FIELDS = ("kind", "step", "epoch", "lr", "loss", "accuracy", "images_per_sec", "elapsed_s", "noise_scale")
 TRUST_FIELDS = ("step", "layer", "trust_ratio")
 # files that show a folder holds a run (a folder `largebatch run` or `largebatch sbatch` has just
 # created holds only launch.sh, job.sbatch, slurm-*.out)

@@ -76,6 +76,7 @@ class _DistributedMixin:
     _lb_compression = None
     _lb_accumulation_steps = 1
     _lb_guard = False
+    _lb_noise = False
     _lb_elastic = False              # keep the accumulators whatever k (set_accumulation_steps)
 
     # ---- what callbacks, checkpoints and the runner read (the wrapper's public interface) ----
@@ -103,11 +104,31 @@ class _DistributedMixin:
         skipped = getattr(self, "_lb_skipped", None)
         return self.iterations if skipped is None else self.iterations - skipped
 
-    def _lb_average(self, grads):
+    def noise_norms(self):
+        """The last update's [‖g_small‖², ‖g_big‖²] for the gradient noise scale
+        (:mod:`largebatch.noise_scale`): this rank's gradient before the average and the averaged
+        one (on one rank: the last micro-batch's and the accumulated one), loss scale divided out.
+        Needs ``measure_noise=True``."""
+        return self._lb_noise_norms
+
+    def _lb_square_sum(self, grads):
+        total = tf.add_n([tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(g), tf.float32)))
+                          for g in grads if g is not None] or [tf.zeros(())])
+        scale = getattr(self, "dynamic_scale", None)        # fp16: the gradients carry the loss scale
+        return total if scale is None else total / tf.square(tf.cast(scale, tf.float32))
+
+    def _lb_average(self, grads, small_sq=None):
         hvd = _hvd()
         if not hvd.is_initialized():
             raise RuntimeError("largebatch.keras.DistributedOptimizer: Horovod is not initialized; call "
                                "horovod.tensorflow.init() before training")
+        reduced = self._lb_allreduce(grads, hvd)
+        if self._lb_noise:                  # before and after the average (McCandlish et al. 2018)
+            local = self._lb_square_sum(grads) if small_sq is None else small_sq
+            self._lb_noise_norms.assign(tf.stack([local, self._lb_square_sum(reduced)]))
+        return reduced
+
+    def _lb_allreduce(self, grads, hvd):
         if hvd.size() == 1:
             return list(grads)
         if _in_xla_context():
@@ -140,6 +161,10 @@ class _DistributedMixin:
                 self._lb_rank_local_paths += (self._lb_norm_accumulator.path,)
         if self._lb_guard:
             self._lb_build_guard(variables)
+        if self._lb_noise:
+            self._lb_noise_norms = self.add_variable(shape=(2,), name="lb_noise_norms")
+            # each rank's own gradient norm: legitimately different across ranks
+            self._lb_rank_local_paths = getattr(self, "_lb_rank_local_paths", ()) + (self._lb_noise_norms.path,)
 
     def _lb_build_guard(self, variables):
         self._lb_skipped = self.add_variable(shape=(), dtype="int64", name="lb_skipped_steps")
@@ -254,12 +279,14 @@ class _DistributedMixin:
         def update():
             total = [None if g is None else (tf.cast(g, a.dtype) + a.value) / k
                      for g, a in zip(grads, accumulators)]
+            # one rank: the last micro-batch's gradient is the noise scale's small one
+            micro_sq = self._lb_square_sum(grads) if self._lb_noise and _hvd().size() == 1 else None
             if clars:
-                self._lb_apply_clars(self._lb_average(total), trainable_variables,
+                self._lb_apply_clars(self._lb_average(total, micro_sq), trainable_variables,
                                      norms + self._lb_norm_accumulator.value)
                 self._lb_norm_accumulator.assign(tf.zeros_like(self._lb_norm_accumulator.value))
             else:
-                super(_DistributedMixin, self).apply(self._lb_average(total), trainable_variables)
+                super(_DistributedMixin, self).apply(self._lb_average(total, micro_sq), trainable_variables)
             for g, a in zip(grads, accumulators):
                 if g is not None:
                     a.assign(tf.zeros_like(a.value))
@@ -339,7 +366,8 @@ def is_distributed(optimizer):
     return find_inner(optimizer, "_lb_distributed") is not None
 
 
-def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonfinite_guard=False, elastic=False):
+def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonfinite_guard=False, elastic=False,
+                         measure_noise=False):
     """Return a copy of the Keras 3 ``optimizer`` that averages gradients over Horovod ranks.
 
     ``compression``: None or 'fp16' (gradients are sent as float16, averaged, cast back).
@@ -351,6 +379,8 @@ def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonf
     ``elastic``: Horovod Elastic; the accumulation variables exist whatever ``accumulation_steps``,
     so ``set_accumulation_steps`` can change it when the world size changes (every rank then holds
     the same variables, which ``largebatch.keras.elastic_state`` commits and broadcasts).
+    ``measure_noise``: keep each update's two squared gradient norms for the gradient noise scale
+    (:meth:`noise_norms`; :class:`largebatch.noise_scale.NoiseScale` turns them into B_simple).
 
     Works with any Keras 3 optimizer (LARS, LAMB, SGD, Adam ...); then
     ``model.compile(optimizer=..., jit_compile=False)``. An optimizer that is not built yet is
@@ -365,7 +395,7 @@ def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonf
         raise ValueError("optimizer: already a largebatch.keras.DistributedOptimizer")
     _compression(compression)
     accumulation_steps = check_positive_int("accumulation_steps", accumulation_steps)
-    for flag, value in (("nonfinite_guard", nonfinite_guard), ("elastic", elastic)):
+    for flag, value in (("nonfinite_guard", nonfinite_guard), ("elastic", elastic), ("measure_noise", measure_noise)):
         if value not in (True, False):
             raise ValueError(f"{flag}: expected True or False, got {value!r}")
     built = getattr(optimizer, "built", False)
@@ -391,6 +421,10 @@ def DistributedOptimizer(optimizer, compression=None, accumulation_steps=1, nonf
     wrapped._lb_accumulation_steps = accumulation_steps
     wrapped._lb_guard = bool(nonfinite_guard)
     wrapped._lb_elastic = bool(elastic)
+    wrapped._lb_noise = bool(measure_noise)
     if built and nonfinite_guard:
         wrapped._lb_build_guard(wrapped._trainable_variables)
+    if built and measure_noise:
+        wrapped._lb_noise_norms = wrapped.add_variable(shape=(2,), name="lb_noise_norms")
+        wrapped._lb_rank_local_paths = getattr(wrapped, "_lb_rank_local_paths", ()) + (wrapped._lb_noise_norms.path,)
     return wrapped

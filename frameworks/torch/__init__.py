@@ -21,6 +21,7 @@ from .checkpoint import load_checkpoint, save_checkpoint  # noqa: F401,E402
 from .guard import NonFiniteGuard  # noqa: F401,E402
 from .consistency import RankConsistencyCheck, RankDivergenceError  # noqa: F401,E402
 from .torch_distributed import TorchDistributed, compression_hook  # noqa: F401,E402
+from .noise import GradientNormTap, squared_norm  # noqa: F401,E402
 
-__all__ += ["save_checkpoint", "load_checkpoint", "NonFiniteGuard", "RankConsistencyCheck", "RankDivergenceError",
+__all__ += ["GradientNormTap", "squared_norm", "save_checkpoint", "load_checkpoint", "NonFiniteGuard", "RankConsistencyCheck", "RankDivergenceError",
             "TorchDistributed", "compression_hook"]

@@ -166,6 +166,9 @@ SCHEMA = {
                        doc="compute in bfloat16 or float16 (torch autocast, Keras mixed_* policies); fp16 with "
                            "dynamic loss scaling (GradScaler, LossScaleOptimizer); weights, optimizer state and "
                            "trust ratios stay float32"),
+        "noise_scale": F(boolean, True, doc="measure the gradient noise scale B_simple (McCandlish et al. 2018) "
+                                           "from each rank's gradient and the averaged one (several ranks) or a "
+                                           "micro-batch's (accumulation): one scalar reduction per update"),
         "check_ranks_every": F(integer(0), 100, doc="steps between rank-consistency checks (one allgather of two "
                                                    "float64 numbers per tensor); ranks whose weights differ stop the "
                                                    "run, naming the tensor and the step; 0 = never"),

@@ -29,7 +29,7 @@ from .comm import HorovodComm
 from .common import read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
 from .driver import Framework
-from .loop import Hooks
+from .loop import Hooks, measures_noise
 
 __all__ = ["KerasPart", "FRAMEWORK", "build_model", "build_optimizer", "training_loss"]
 
@@ -153,6 +153,8 @@ class RunnerCallback(keras.callbacks.Callback):
             self.sum_seen, self.n_seen = epoch_sum, n
             return mean
         step = part.state.step = int(self.model.optimizer.iterations.numpy())
+        if loop.noise is not None:            # the update's two squared gradient norms (one host read)
+            loop.noise_sample(*(float(v) for v in part.optimizer.noise_norms().numpy()))
         if not loop.after_step(step, part.shard.epoch, local_loss, part.extra) or step >= loop.total:
             self.model.stop_training = True
         elif loop.commit_due(step):
@@ -205,9 +207,10 @@ class KerasPart(Framework):
             inner = keras.optimizers.LossScaleOptimizer(inner)
         # fp16: an inf from the loss scale skips the update (not divergence), as torch's GradScaler
         compression = cfg["launcher"]["compression"]
-        self.optimizer = optimizer = lbk.DistributedOptimizer(inner, accumulation_steps=accumulation,
-                                                              nonfinite_guard=not fp16, elastic=elastic,
-                                                              compression=None if compression == "none" else compression)
+        self.optimizer = optimizer = lbk.DistributedOptimizer(
+            inner, accumulation_steps=accumulation, nonfinite_guard=not fp16, elastic=elastic,
+            compression=None if compression == "none" else compression,
+            measure_noise=measures_noise(cfg, self.comm.size(), accumulation))
         exclude_from_decay(optimizer, cfg, model)
         self.fault = faults.from_env(self.comm.rank())
         if self.fault is not None:

@@ -23,12 +23,19 @@ from typing import Callable, Optional
 
 from largebatch.config import ConfigError, elastic_accumulation
 from largebatch.consistency import RankDivergenceError
+from largebatch.noise_scale import NoiseScale, batch_tradeoff
 
 from . import lifeline
 from .common import (Progress, RunLog, Throughput, announce_resume, claim_run_dir, datasets_and_steps, make_schedule,
                      save_run_checkpoint, summary_dict, versions, weights_digest, world_record)
 
-__all__ = ["Hooks", "TrainingLoop", "prepare", "accumulation_for"]
+__all__ = ["Hooks", "TrainingLoop", "prepare", "accumulation_for", "measures_noise"]
+
+
+def measures_noise(cfg, size, accumulation) -> bool:
+    """True when a run measures the gradient noise scale: ``train.noise_scale`` and two batch sizes
+    to compare (several ranks, or accumulation on one)."""
+    return bool(cfg["train"]["noise_scale"]) and (size > 1 or accumulation > 1)
 
 
 def accumulation_for(derived, size, elastic):
@@ -110,8 +117,54 @@ class TrainingLoop:
         if resumed is not None:
             announce_resume(resumed, self.rank, self.steps_per_epoch)
             self.progress.update(self.step)
+        self.noise = self._noise_scale(cfg, d, resumed)
         lifeline.set_on_signal(self._on_signal)
         lifeline.set_graceful()
+
+    # -- the gradient noise scale (largebatch.noise_scale) ----------------------------------
+    def _noise_scale(self, cfg, d, resumed):
+        """A NoiseScale when there are two batch sizes to compare: several ranks (each rank's
+        gradient against the average), or one rank with accumulation (one micro-batch against the
+        update); None otherwise or with ``train.noise_scale: false``."""
+        if not measures_noise(cfg, self.size, self.accumulation):
+            return None
+        noise = NoiseScale()
+        state = (resumed or {}).get("extra", {}).get("noise_scale")
+        if state:
+            noise.load_state_dict(state)
+        return noise
+
+    @property
+    def noise_from_micro_batch(self):
+        """True when the small gradient is one micro-batch's (one rank), else each rank's own."""
+        return self.size == 1
+
+    def noise_batches(self):
+        """(B_small, B_big) of :meth:`noise_sample`'s two gradients."""
+        pw = self.exp.derived["per_worker_batch"]
+        if self.size == 1:
+            return pw, pw * self.accumulation
+        return pw * self.accumulation, pw * self.accumulation * self.size
+
+    def noise_sample(self, small_sq, big_sq):
+        """One update's squared gradient norms: ``small_sq`` this rank's gradient before the
+        average (or one micro-batch's, on one rank), ``big_sq`` the averaged one's. The small ones
+        are averaged over ranks (one scalar reduction per update)."""
+        if self.size > 1:
+            small_sq = self.comm.sum([small_sq], name="largebatch.noise_scale")[0] / self.size
+        self.noise.update(small_sq, big_sq, *self.noise_batches())
+
+    def noise_line(self):
+        """What the measured noise scale says about this run's global batch (McCandlish et al. 2018)."""
+        value = self.noise.value if self.noise is not None else None
+        if value is None or not value > 0:
+            return None
+        steps, examples = batch_tradeoff(value, self.global_batch)
+        return (f"gradient noise scale B_simple ≈ {value:.4g} examples (smoothed, last update {self.step}); global "
+                f"batch {self.global_batch}: by McCandlish et al.'s model {steps:.2f}× the fewest steps and "
+                f"{examples:.2f}× the fewest examples to the same loss"
+                + ("; a larger batch would still cut the steps" if value > self.global_batch else
+                   "; past the noise scale a larger batch buys few steps"))
 
     # -- during training ------------------------------------------------------------------
     def say(self, text):
@@ -151,7 +204,8 @@ class TrainingLoop:
         lr = float(self.schedule(step - 1))              # the rate this update used
         ips = self.rate.tick(self.global_batch * max(step - self.logged, 0))
         self.logged = step
-        self.log.metrics("train", step, step / self.steps_per_epoch, lr=lr, loss=loss, images_per_sec=ips)
+        noise = {"noise_scale": self.noise.value} if self.noise is not None and self.noise.value is not None else {}
+        self.log.metrics("train", step, step / self.steps_per_epoch, lr=lr, loss=loss, images_per_sec=ips, **noise)
         if self.track and self.log.active:
             self.log.trust_ratios(step, {k: float(v) for k, v in self.hooks.trust_ratios().items()})
         self.progress.update(0, step=step, loss=loss, lr=lr, img_s=round(ips, 1))
@@ -183,6 +237,8 @@ class TrainingLoop:
             self._save(step, epochs_done, extra())
 
     def _save(self, step, epoch, extra):
+        if self.noise is not None:
+            extra = {**extra, "noise_scale": self.noise.state_dict()}
         return save_run_checkpoint(self.log, self.exp, self.hooks.save, self.hooks.model, self.hooks.optimizer(),
                                    step=step, epoch=epoch, extra=extra)
 
@@ -241,9 +297,13 @@ class TrainingLoop:
             fields = dict(fields, accumulation_steps=self.accumulation,
                           elastic={"min_np": d["min_np"], "max_np": d["max_np"], "resets": self.resets})
         summary.update(fields)
+        summary["noise_scale"] = self.noise.value if self.noise is not None else None
         self.log.summary(summary)
         self.log.close()
         if self.rank == 0:
+            line = self.noise_line()
+            if line:
+                print(line, flush=True)
             ev = self.eval_result
             print(f"run dir: {self.run_dir} ({self.status}, {self.step} steps, loss {self.final_loss:.4g}"
                   + (f", eval accuracy {ev['accuracy']:.4f}" if ev else "") + ")", flush=True)

@@ -207,6 +207,8 @@ class TorchPart(Framework):
         if self.scaler is not None and resumed is not None and resumed["extra"].get("grad_scaler"):
             self.scaler.load_state_dict(resumed["extra"]["grad_scaler"])     # the fp16 loss scale goes on
         self.scaler_skips = 0
+        # the gradient noise scale: each rank's squared gradient norm, read before the engine averages
+        self.tap = self.lbt.GradientNormTap(self.model.parameters()) if loop.noise is not None else None
         start = dict(step=loop.step, skipped=0, last_lr=schedule(0))
         if resumed is not None:
             start.update(skipped=int(resumed["extra"].get("skipped_steps", 0)),
@@ -256,13 +258,15 @@ class TorchPart(Framework):
         if scaler is not None:
             # fp16: unscale the averaged gradients; an inf from the loss scale skips the step (the
             # same on every rank: the gradients are already averaged) and lowers the scale
-            scaler.unscale_(optimizer)
             scale = scaler.get_scale()
+            scaler.unscale_(optimizer)
+            self._noise_sample(scale)
             with self._synchronized():
                 scaler.step(optimizer)
             scaler.update()
             self.scaler_skips += scaler.get_scale() < scale
             return True
+        self._noise_sample(1.0)
         bad = self.guard.check(step, include_ratios=self.track)   # one reduced flag, one host read
         if bad is None:
             with self._synchronized():
@@ -275,12 +279,26 @@ class TorchPart(Framework):
                       f"{state.skipped} skipped so far)")
         return True
 
+    def _noise_sample(self, loss_scale):
+        """The noise scale's two squared norms for this update: a rank's own gradient (or, on one
+        rank, its first micro-batch's, whose loss was divided by ``acc``) and the averaged one."""
+        if self.tap is None:
+            return
+        if self.loop.noise_from_micro_batch:
+            small = self.tap.first_pass(loss_scale) * self._acc ** 2
+        else:
+            small = self.tap.last_pass(loss_scale)
+        self.loop.noise_sample(small, self.lbt.squared_norm(self.model.parameters()))
+
     def _forward_backward(self, micro, acc, window):
         """One update's micro-batches: forward, scaled backward, CLARS's per-example norms."""
         torch, model, scaler = self.torch, self.model, self.scaler
         clars = self.info.per_example_norms
         norm_sums, seen = None, 0
         forward = self.ddp if self.ddp is not None else model
+        self._acc = acc
+        if self.tap is not None:
+            self.tap.begin_update()
         for i in range(acc):
             x, y = _to_torch(next(micro), torch, self.train_set.nhwc_images)
             # DDP: only the last micro-batch's backward communicates
@@ -289,6 +307,8 @@ class TorchPart(Framework):
                 with self.autocast():
                     loss = self.loss_fn(forward(x), y)
                 (scaler.scale(loss / acc) if scaler else loss / acc).backward()
+            if self.tap is not None:
+                self.tap.end_pass()
             window[0] += float(loss.detach())
             window[1] += 1
             if clars:
