@@ -12,6 +12,8 @@ writes PNGs:
     trust_ratios.png     each layer's trust ratio (layer lr / global lr) against step, log y,
                          coloured from the input layer to the output layer, next to the last
                          logged ratio of every layer (several runs: trust_ratios-<run>.png each)
+    noise_scale.png      the gradient noise scale B_simple against step (log y), with each run's
+                         global batch dotted, beside the train loss it grew with
 
 Several runs (a batch-size sweep, say) are overlaid in one figure per metric, with a legend
 of run name and global batch. Output: ``RUN_DIR/report/`` for one run, else ``--out`` (default
@@ -36,7 +38,7 @@ from largebatch import rundir
 
 __all__ = ["main", "load_run", "summary_text", "write_plots", "Run", "ReportError"]
 
-NUMERIC = ("epoch", "lr", "loss", "accuracy", "images_per_sec", "elapsed_s")
+NUMERIC = tuple(f for f in rundir.METRIC_FIELDS if f not in ("kind", "step"))
 LEGEND_LAYERS = 12          # up to this many layers: a legend of layer names; more: colour only
 
 
@@ -317,6 +319,7 @@ def _single_summary(run):
         ("wall time", _fmt_wall(g("wall_time_s"))),
         ("hosts", _hosts(run)),
         ("trust ratio", _trust_line(run)),
+        ("noise scale", _noise_line(run)),
     ]
     if run.summary.get("skipped_steps"):
         lines.append(("skipped", f"{run.summary['skipped_steps']} non-finite updates skipped"))
@@ -466,6 +469,43 @@ def _plot_throughput(runs, colors, x, path):
     return _save(fig, path)
 
 
+def _plot_noise(runs, colors, x, path):
+    """B_simple against step beside the train loss (McCandlish et al.: it grows as the loss falls);
+    None when no run measured it."""
+    measured = [(r, c) for r, c in zip(runs, colors) if any(row.get("noise_scale") for row in r.train)]
+    if not measured:
+        return None
+    fig, (ax, loss_ax) = _figure(width=11.0, ncols=2)
+    for r, c in measured:
+        xs, ys = _series([row for row in r.train if row.get("noise_scale")], "noise_scale", x)
+        pts = [(a, b) for a, b in zip(xs, ys) if b is not None and b > 0]
+        ax.plot([a for a, _ in pts], [b for _, b in pts], color=c, lw=1.5, label=r.label)
+        if r.get("global_batch"):
+            ax.axhline(r.get("global_batch"), color=c, ls=":", lw=1.0)
+        lx, ly = _series(r.train, "loss", x)
+        loss_ax.plot(lx, ly, color=c, lw=1.2, label=r.label)
+    ax.set_yscale("log")
+    _finish(ax, x, "B_simple = tr(Σ)/|G|² (examples, log)",
+            _title(runs, "Gradient noise scale (dotted: the global batch)"), legend=len(measured) > 1)
+    _finish(loss_ax, x, "train loss", "Train loss", legend=False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _noise_line(run):
+    value = run.summary.get("noise_scale")
+    if value is None:
+        value = _last([row for row in run.train if row.get("noise_scale")], "noise_scale")
+    if value is None:
+        return None
+    from largebatch.noise_scale import batch_tradeoff
+    gb = run.get("global_batch")
+    if not gb or not value > 0:
+        return f"B_simple {value:.4g}"
+    steps, examples = batch_tradeoff(value, gb)
+    return f"B_simple {value:.4g} at global batch {gb}: {steps:.2f}× the fewest steps, {examples:.2f}× the fewest examples"
+
+
 def _short(name, n=28):
     return name if len(name) <= n else "…" + name[-(n - 1):]
 
@@ -539,12 +579,15 @@ def write_plots(runs, out_dir, x="step"):
     colors = _colors(runs)
     written, notes = [], []
     for name, plot in (("loss", _plot_loss), ("accuracy", _plot_accuracy), ("lr", _plot_lr),
-                       ("images_per_sec", _plot_throughput)):
+                       ("images_per_sec", _plot_throughput), ("noise_scale", _plot_noise)):
         path = plot(runs, colors, x, os.path.join(out_dir, f"{name}.png"))
         if path:
             written.append(path)
         elif name == "accuracy":
             notes.append("accuracy.png: not drawn, no accuracy recorded (train.eval=false or no validation set)")
+        elif name == "noise_scale":
+            notes.append("noise_scale.png: not drawn, no noise scale recorded (one rank without accumulation, "
+                         "or train.noise_scale=false)")
     for r in runs:
         file = "trust_ratios.png" if len(runs) == 1 else f"trust_ratios-{_safe(r.name)}.png"
         path = _plot_trust(r, x, os.path.join(out_dir, file))

@@ -165,11 +165,37 @@ def test_unfinished_sgd_and_diverged_runs(runs, tmp_path, capsys):
     s.update(status="diverged", final_train_loss=None)
     (diverged / "summary.json").write_text(json.dumps(s))
     with open(diverged / "metrics.csv", "a", newline="") as fh:     # NaN losses are written as empty cells
-        fh.write("train,999,9.0,0.1,,,100.0,1.0\n")
+        fh.write("train,999,9.0,0.1,,,100.0,1.0,\n")
     assert report.main([str(diverged), str(running), "--out", str(tmp_path / "o")]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[1].split()[:2] == ["diverged", "diverged"] and table[2].split()[:2] == ["running", "running?"]
     assert_png(tmp_path / "o" / "loss.png")
+
+
+def test_the_noise_scale_is_plotted_beside_the_loss_and_summarised(runs, tmp_path, capsys):
+    """A run that measured the gradient noise scale (several ranks, or accumulation): its column
+    is drawn (noise_scale.png) and the summary says what it means for the run's global batch."""
+    run = copy_run(runs[16], tmp_path / "noisy")
+    with open(run / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for i, r in enumerate(rows):
+        if r["kind"] == "train":
+            r["noise_scale"] = str(8.0 * (i + 1))          # grows as the loss falls
+    with open(run / "metrics.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["noise_scale"] = 48.0
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert report.main([str(run)]) == 0
+    lines = summary_lines(capsys.readouterr().out)
+    assert lines["noise scale"] == "B_simple 48 at global batch 16: 4.00× the fewest steps, 1.33× the fewest examples"
+    assert_png(run / "report" / "noise_scale.png")
+    assert report.main([str(runs[16]), "--out", str(tmp_path / "plain")]) == 0
+    out = capsys.readouterr().out
+    assert "note: noise_scale.png: not drawn, no noise scale recorded" in out
+    assert "noise scale" not in summary_lines(out)
 
 
 def test_many_layers_are_drawn_with_a_colormap(runs, tmp_path, capsys):
@@ -206,7 +232,8 @@ def test_resumed_rows_replace_repeated_steps(runs, tmp_path):
     ("no_metrics", "no metrics.csv (expected a run directory written by largebatch run)"),
     ("empty", "metrics.csv: empty file (expected a header line and metric rows)"),
     ("header_only", "metrics.csv: no train or eval rows yet"),
-    ("foreign", "metrics.csv: expected the header kind,step,epoch,lr,loss,accuracy,images_per_sec,elapsed_s, got a,b"),
+    ("foreign", "metrics.csv: expected the header kind,step,epoch,lr,loss,accuracy,images_per_sec,elapsed_s,"
+                "noise_scale, got a,b"),
     ("bad_number", "metrics.csv: line 2: expected a number in column 'loss', got 'abc'"),
     ("bad_summary", "summary.json: expected the JSON object largebatch run writes"),
     ("bad_trust", "trust_ratios.csv: expected the header step,layer,trust_ratio, got x,y"),
