@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-__all__ = ["unbiased_estimates", "NoiseScale", "batch_tradeoff", "adascale_gain", "DEFAULT_DECAY"]
+__all__ = ["unbiased_estimates", "NoiseScale", "batch_tradeoff", "adascale_gain", "AdaScaleClock", "DEFAULT_DECAY"]
 
 DEFAULT_DECAY = 0.99          # EMA factor per update: about the last 100 updates
 
@@ -113,3 +113,49 @@ def adascale_gain(trace: float, g2: float, base_batch: float, scale: float) -> f
         return 1.0
     r = (sigma2 + g2) / (sigma2 / scale + g2)
     return min(max(r, 1.0), scale)
+
+
+@dataclass
+class AdaScaleClock:
+    """AdaScale's progress in scale-invariant iterations (Johnson et al. 2020, Algorithm 1).
+
+    At S = ``scale`` times the base batch, update t uses ``gain(noise)`` × the base run's rate at
+    iteration τ_t, then τ_{t+1} = τ_t + r_t; the run is over when τ reaches ``base_steps`` (the
+    base run's iterations), so it takes between base_steps/S updates (r = S, pure noise: linear
+    scaling) and base_steps (r = 1, no noise: a larger batch buys nothing)."""
+    scale: float
+    base_steps: float
+    base_batch: float
+    tau: float = 0.0
+    updates: int = 0
+    gain_sum: float = 0.0
+    last_gain: float = 1.0
+
+    def gain(self, noise: Optional[NoiseScale]) -> float:
+        """r_t from the smoothed |G|² and tr(Σ) (1 until there is an estimate)."""
+        if noise is None or noise.updates == 0:
+            r = 1.0
+        else:
+            r = adascale_gain(noise.trace, noise.g2, self.base_batch, self.scale)
+        self.last_gain = r
+        return r
+
+    def advance(self) -> None:
+        self.tau += self.last_gain
+        self.updates += 1
+        self.gain_sum += self.last_gain
+
+    @property
+    def done(self) -> bool:
+        return self.tau >= self.base_steps - 1e-9
+
+    @property
+    def mean_gain(self) -> Optional[float]:
+        return self.gain_sum / self.updates if self.updates else None
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"tau": self.tau, "updates": self.updates, "gain_sum": self.gain_sum, "last_gain": self.last_gain}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.tau, self.updates = float(state["tau"]), int(state["updates"])
+        self.gain_sum, self.last_gain = float(state["gain_sum"]), float(state["last_gain"])

@@ -244,3 +244,44 @@ def test_the_noise_scale_of_a_small_cnn_is_the_exact_one_within_twenty_percent(t
     print(f"\nsmall_cnn: exact B_simple {exact:.2f}, run {summary['noise_scale']:.2f}, mean logged {np.mean(logged):.2f}")
     assert summary["noise_scale"] == pytest.approx(exact, rel=0.20)
     assert np.median(logged[len(logged) // 2:]) == pytest.approx(exact, rel=0.25)
+
+
+# ------------------------------------------------------------------ AdaScale (Johnson et al. 2020)
+def test_the_adascale_clock_runs_the_base_iterations_in_fewer_updates():
+    noise = ns.NoiseScale()
+    clock = ns.AdaScaleClock(scale=4, base_steps=100, base_batch=64)
+    assert clock.gain(None) == 1.0 and clock.gain(noise) == 1.0          # no estimate yet: the base rate
+    noise.update(small_sq=1.0 + 64.0 / 64, big_sq=1.0 + 64.0 / 256, b_small=64, b_big=256)   # σ² = |G|² = 1
+    updates = 0
+    while not clock.done:
+        clock.gain(noise)
+        clock.advance()
+        updates += 1
+    assert clock.last_gain == pytest.approx(2 / (0.25 + 1))                # eq. 3 with σ² = |G|²
+    assert updates == math.ceil(100 / clock.last_gain) and clock.mean_gain == pytest.approx(clock.last_gain)
+    again = ns.AdaScaleClock(scale=4, base_steps=100, base_batch=64)
+    again.load_state_dict(clock.state_dict())
+    assert again.done and again.tau == clock.tau
+
+
+@pytest.mark.multirank
+def test_an_adascale_run_ends_when_it_has_done_the_base_runs_iterations(tmp_path):
+    """S = 4 (global batch 32 over base batch 8): the run stops once its scale-invariant clock has
+    reached the base run's 128 iterations, after more updates than linear scaling's 32 and fewer
+    than 128; each logged rate is the gain (1 to S) times the base schedule's."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([LARGEBATCH, "run", str(ROOT / "examples" / "synthetic_torch.yaml"), "--np", "2",
+                           "schedule.adascale=true", "schedule.base_batch=8", "data.samples=512",
+                           "data.val_samples=64", "output.progress=false", "launcher.threads_per_rank=1",
+                           "train.log_every=1", "output.checkpoint_every=1", f"output.run_dir={run_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "AdaScale: lr 0.5 at 8 × the measured gain (S = 4), at most 128 updates" in proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ada = summary["adascale"]
+    assert ada["scale"] == 4 and ada["base_steps"] == 128 and ada["scale_invariant_iterations"] >= 128
+    assert 32 < ada["steps"] == summary["steps_done"] < 128 and 1 < ada["mean_gain"] <= 4
+    with open(run_dir / "metrics.csv") as fh:
+        lrs = [float(r["lr"]) for r in csv.DictReader(fh) if r["kind"] == "train"]
+    assert len(lrs) == ada["steps"] and max(lrs) <= 4 * 0.5 + 1e-9
+    assert (run_dir / "checkpoints" / f"epoch-{math.ceil(ada['steps'] / 16):04d}.pt").exists()

@@ -31,7 +31,7 @@ Validation collects every problem, one line each, naming the YAML key and what w
 ``optimizer.trust_coefficient: expected a number > 0, got 'abc'``. :func:`load` raises
 :class:`ConfigError` holding the lines; nothing is written and nothing runs.
 """
-from .derive import derive, elastic_accumulation, training_length
+from .derive import derive, elastic_accumulation, run_length, training_length
 from .fields import ConfigError
 from .loading import Experiment, apply_overrides, load, load_dict, parse_override
 from .output import describe, dump_yaml
@@ -41,4 +41,4 @@ from .schema import (BINDINGS, CONTROLLERS, ELASTIC_KEYS, FRAMEWORK_OPTIMIZERS, 
 __all__ = ["ConfigError", "Experiment", "load", "load_dict", "parse_override", "apply_overrides",
            "SCHEMA", "FRAMEWORKS", "MODELS", "OPTIMIZERS", "OPTIMIZER_KEYS", "FRAMEWORK_OPTIMIZERS", "LAUNCHERS",
            "CONTROLLERS", "BINDINGS", "IMAGE_EXTENSIONS", "ELASTIC_KEYS", "dump_yaml", "describe", "derive",
-           "training_length", "elastic_accumulation"]
+           "training_length", "run_length", "elastic_accumulation"]

@@ -118,6 +118,27 @@ def derive(cfg, host_list=None, folder_classes=None):
         d["num_classes"] = data["num_classes"] or (len(folder_classes) if folder_classes else None)
     else:                               # the user's data: from its labels when read, unless given
         d["num_classes"] = data["num_classes"] or cfg["model"]["num_classes"]
-    d.update(training_length(cfg["train"], d.get("steps_per_epoch")))
     d.update(learning_rates(cfg["schedule"], global_batch))
+    d.update(run_length(cfg, d.get("steps_per_epoch"), global_batch))
     return d
+
+
+def run_length(cfg, steps_per_epoch, global_batch):
+    """:func:`training_length`, and with AdaScale its rate and its bound on the updates."""
+    out = training_length(cfg["train"], steps_per_epoch)
+    if cfg["schedule"]["adascale"]:
+        out.update(adascale(cfg["schedule"], global_batch, out.get("total_steps")))
+    return out
+
+
+def adascale(sch, global_batch, total_steps):
+    """AdaScale (Johnson et al. 2020): the base run's rate (no scaling rule), S = global / base
+    batch, and the base run's iterations T, which the run's scale-invariant clock must reach:
+    ``total_steps`` becomes that bound (r ≥ 1), the run ends as soon as the clock gets there."""
+    scale = global_batch / sch["base_batch"]
+    out = {"peak_lr": sch["base_lr"], "adascale_scale": scale}
+    if sch["warmup"] != "none" and sch["warmup_epochs"] > 0:
+        out["warmup_start_lr"] = sch["warmup_start_lr"]
+    if total_steps is not None:
+        out["adascale_base_steps"] = out["total_steps"] = max(1, round(total_steps * scale))
+    return out

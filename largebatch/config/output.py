@@ -33,8 +33,12 @@ def describe(exp):
     decay = c["schedule"]["decay"] + (f" {c['schedule']['power']:g}" if c["schedule"]["decay"] == "poly" else "")
     smooth = c["train"]["label_smoothing"]
     length += f", label smoothing {smooth:g}" if smooth else ""
+    if c["schedule"]["adascale"]:
+        rate = (f"AdaScale: lr {c['schedule']['base_lr']:g} at {c['schedule']['base_batch']} × the measured gain "
+                f"(S = {d['adascale_scale']:g}), at most {d['total_steps']} updates")
+    else:
+        rate = (f"peak lr {d['peak_lr']:g} ({c['schedule']['scaling']} from {c['schedule']['base_lr']:g} at "
+                f"{c['schedule']['base_batch']})")
     return (f"{c['name']}: {c['framework']} {exp.derived['model']} on {c['data']['kind']} data, "
             f"{c['optimizer']['name']}, global batch {d['global_batch']} = {d['per_worker_batch']} per worker × "
-            f"{d['np']} ranks × {d['accumulation_steps']} accumulation, peak lr {d['peak_lr']:g} "
-            f"({c['schedule']['scaling']} from {c['schedule']['base_lr']:g} at {c['schedule']['base_batch']}), "
-            f"{decay} decay{warm}, {length}")
+            f"{d['np']} ranks × {d['accumulation_steps']} accumulation, {rate}, {decay} decay{warm}, {length}")

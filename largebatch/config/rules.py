@@ -311,6 +311,29 @@ def schedule(cfg, explicit, derived):
     out += inapplicable("schedule", cfg, explicit, keys=("milestones", "factor", "power"))
     if sch["decay"] in ("poly", "cosine") and sch["end_lr"] > peak:
         out.append(f"schedule.end_lr: expected at most the peak lr ({peak:g}), got {sch['end_lr']:g}")
+    if sch["adascale"]:
+        out += _adascale(cfg, derived)
+    return out
+
+
+def _adascale(cfg, derived):
+    """AdaScale needs the measured noise (two batch sizes), an SGD-type update and a batch at
+    least the base batch."""
+    out, name = [], cfg["optimizer"]["name"]
+    if name not in ("sgd", "lars"):
+        out.append(f"schedule.adascale: for optimizer 'sgd' or 'lars' (Johnson et al. 2020), got {name!r}")
+    if cfg["framework"] != "torch":
+        out.append(f"schedule.adascale: framework 'torch' only so far, got {cfg['framework']!r}")
+    if not cfg["train"]["noise_scale"]:
+        out.append("schedule.adascale: needs train.noise_scale: true (its gain comes from the measured noise)")
+    elif derived["np"] == 1 and derived["accumulation_steps"] == 1:
+        out.append("schedule.adascale: needs two batch sizes to measure the noise: launcher.np > 1 or "
+                   "batch.accumulation_steps > 1, got one rank without accumulation")
+    if cfg["launcher"]["elastic"]:
+        out.append("schedule.adascale: not with launcher.elastic (its clock would restart with each reset)")
+    if derived["global_batch"] < cfg["schedule"]["base_batch"]:
+        out.append(f"schedule.adascale: scales up from schedule.base_batch ({cfg['schedule']['base_batch']}); "
+                   f"expected a global batch at least that, got {derived['global_batch']}")
     return out
 
 

@@ -12,7 +12,7 @@ import sys
 import time
 
 from largebatch import __version__, rundir
-from largebatch.config import dump_yaml, training_length
+from largebatch.config import dump_yaml, run_length
 from largebatch.schedules import build_schedule
 
 __all__ = ["RunLog", "make_schedule", "Progress", "Throughput", "versions", "claim_run_dir", "read_resume",
@@ -23,8 +23,10 @@ def make_schedule(exp):
     """lr(step) from the core (scaled peak lr, warmup, decay), for exp.derived's step counts."""
     sch, d = exp.cfg["schedule"], exp.derived
     warm = sch["warmup"] if sch["warmup_epochs"] > 0 else "none"
+    # AdaScale: the base run's schedule, over its iterations (S per update at the global batch)
+    spe = max(1, round(d["steps_per_epoch"] * d["adascale_scale"])) if sch["adascale"] else d["steps_per_epoch"]
     try:
-        return build_schedule(peak_lr=d["peak_lr"], steps_per_epoch=d["steps_per_epoch"], epochs=d["epochs"],
+        return build_schedule(peak_lr=d["peak_lr"], steps_per_epoch=spe, epochs=d["epochs"],
                               warmup=warm, warmup_epochs=sch["warmup_epochs"],
                               warmup_start_lr=d.get("warmup_start_lr"), decay=sch["decay"], power=sch["power"],
                               end_lr=sch["end_lr"], milestones=sch["milestones"], factor=sch["factor"])
@@ -286,7 +288,7 @@ def datasets_and_steps(exp):
         raise ConfigError([f"{key}: expected at least the global batch ({gb}) samples for one step, "
                            f"got {len(train_set)}"])
     derived["steps_per_epoch"] = spe
-    derived.update(training_length(cfg["train"], spe))
+    derived.update(run_length(cfg, spe, gb))
     return train_set, val_set
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from largebatch.config import ConfigError, elastic_accumulation
 from largebatch.consistency import RankDivergenceError
-from largebatch.noise_scale import NoiseScale, batch_tradeoff
+from largebatch.noise_scale import AdaScaleClock, NoiseScale, batch_tradeoff
 
 from . import lifeline
 from .common import (Progress, RunLog, Throughput, announce_resume, claim_run_dir, datasets_and_steps, make_schedule,
@@ -118,6 +118,8 @@ class TrainingLoop:
             announce_resume(resumed, self.rank, self.steps_per_epoch)
             self.progress.update(self.step)
         self.noise = self._noise_scale(cfg, d, resumed)
+        self.adascale = self._adascale(cfg, d, resumed)
+        self.current_lr = None
         lifeline.set_on_signal(self._on_signal)
         lifeline.set_graceful()
 
@@ -133,6 +135,24 @@ class TrainingLoop:
         if state:
             noise.load_state_dict(state)
         return noise
+
+    def _adascale(self, cfg, d, resumed):
+        """AdaScale's clock (schedule.adascale), resumed with the run."""
+        if not cfg["schedule"]["adascale"]:
+            return None
+        clock = AdaScaleClock(scale=d["adascale_scale"], base_steps=d["adascale_base_steps"],
+                              base_batch=cfg["schedule"]["base_batch"])
+        state = (resumed or {}).get("extra", {}).get("adascale")
+        if state:
+            clock.load_state_dict(state)
+        return clock
+
+    def adascale_lr(self):
+        """This update's rate under AdaScale: the gain from the noise measured so far (this
+        update's gradients included) times the base schedule at the clock's iteration."""
+        gain = self.adascale.gain(self.noise)
+        self.current_lr = gain * float(self.schedule(min(int(self.adascale.tau), int(self.adascale.base_steps) - 1)))
+        return self.current_lr
 
     @property
     def noise_from_micro_batch(self):
@@ -181,6 +201,10 @@ class TrainingLoop:
         written now carries. Returns False when the run must stop (``status`` says why)."""
         self.step = step
         self.progress.update(1)
+        if self.adascale is not None:
+            self.adascale.advance()
+            if self.adascale.done:          # the base run's iterations are done: this is the last update
+                self.total = step
         if step % self.log_every == 0 or step >= self.total:
             if not self._log_step(step, local_loss()):
                 return False
@@ -201,7 +225,8 @@ class TrainingLoop:
 
     def _log_step(self, step, local_loss):
         self.final_loss = loss = self.comm.mean(local_loss, name="largebatch.loss")
-        lr = float(self.schedule(step - 1))              # the rate this update used
+        # the rate this update used
+        lr = self.current_lr if self.adascale is not None else float(self.schedule(step - 1))
         ips = self.rate.tick(self.global_batch * max(step - self.logged, 0))
         self.logged = step
         noise = {"noise_scale": self.noise.value} if self.noise is not None and self.noise.value is not None else {}
@@ -239,6 +264,8 @@ class TrainingLoop:
     def _save(self, step, epoch, extra):
         if self.noise is not None:
             extra = {**extra, "noise_scale": self.noise.state_dict()}
+        if self.adascale is not None:
+            extra = {**extra, "adascale": self.adascale.state_dict()}
         return save_run_checkpoint(self.log, self.exp, self.hooks.save, self.hooks.model, self.hooks.optimizer(),
                                    step=step, epoch=epoch, extra=extra)
 
@@ -298,6 +325,10 @@ class TrainingLoop:
                           elastic={"min_np": d["min_np"], "max_np": d["max_np"], "resets": self.resets})
         summary.update(fields)
         summary["noise_scale"] = self.noise.value if self.noise is not None else None
+        if self.adascale is not None:
+            a = self.adascale
+            summary["adascale"] = {"scale": a.scale, "base_steps": a.base_steps, "steps": self.step,
+                                   "scale_invariant_iterations": a.tau, "mean_gain": a.mean_gain}
         self.log.summary(summary)
         self.log.close()
         if self.rank == 0:

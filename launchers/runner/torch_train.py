@@ -261,12 +261,16 @@ class TorchPart(Framework):
             scale = scaler.get_scale()
             scaler.unscale_(optimizer)
             self._noise_sample(scale)
+            if self.loop.adascale is not None:
+                self._set_lr(state, self.loop.adascale_lr())
             with self._synchronized():
                 scaler.step(optimizer)
             scaler.update()
             self.scaler_skips += scaler.get_scale() < scale
             return True
         self._noise_sample(1.0)
+        if self.loop.adascale is not None:
+            self._set_lr(state, self.loop.adascale_lr())
         bad = self.guard.check(step, include_ratios=self.track)   # one reduced flag, one host read
         if bad is None:
             with self._synchronized():
@@ -323,7 +327,7 @@ class TorchPart(Framework):
         (``_on_reset`` has set the new rank, world size and accumulation steps; model, optimizer
         and counters are restored)."""
         loop, d, cfg = self.loop, self.exp.derived, self.exp.cfg
-        spe, total = d["steps_per_epoch"], d["total_steps"]
+        spe = d["steps_per_epoch"]
         loop.seek(state.step)
         window = [0.0, 0]                            # this rank's loss sum and micro-batches since the last log
 
@@ -331,7 +335,7 @@ class TorchPart(Framework):
             mean = window[0] / max(window[1], 1)
             window[:] = [0.0, 0]
             return mean
-        while state.step < total:
+        while state.step < loop.total:             # (AdaScale ends a run early: loop.total then drops)
             epoch, first_in_epoch = divmod(state.step, spe)
             acc = loop.accumulation
             batches = epoch_batches(len(self.train_set), epoch, seed=cfg["train"]["seed"], rank=loop.rank,
@@ -340,9 +344,10 @@ class TorchPart(Framework):
             micro = iter(Prefetcher(self.train_set, batches, epoch=epoch, train=True,
                                     workers=cfg["data"]["loader_workers"]))
             for _ in range(spe - first_in_epoch):
-                if state.step >= total:
+                if state.step >= loop.total:
                     break
-                self._set_lr(state, self.schedule(state.step))
+                if loop.adascale is None:            # AdaScale sets it from this update's gradients
+                    self._set_lr(state, self.schedule(state.step))
                 self.optimizer.zero_grad()
                 if self.fault is not None:
                     self.fault.before_step(state.step + 1, self.model)
