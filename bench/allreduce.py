@@ -43,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from largebatch.planning import ring_allreduce_time  # noqa: E402
+
 from _common import (DEFAULT_OUT, SAME_MACHINE_NOTE, add_host_args, engine_launch, finish_figure,  # noqa: E402
                      hosts_from_args, machine_info, print_header, print_table, run_bounded,
                      same_machine, ssh_argv, write_outputs)
@@ -162,15 +164,11 @@ def fit_alpha_beta(sizes, times, p):
     return alpha, beta
 
 
-def ring_time(nbytes, p, alpha, beta):
-    return 0.0 if p == 1 else 2 * (p - 1) * alpha + 2 * (p - 1) / p * nbytes * beta
-
-
 def project(alpha, beta, params, compute_s, batch, images, workers):
     nbytes = 4 * params
     out = []
     for p in workers:
-        comm = ring_time(nbytes, p, alpha, beta)
+        comm = ring_allreduce_time(nbytes, p, alpha, beta)
         step = compute_s + comm
         out.append(dict(workers=p, allreduce_s=comm, step_s=step, efficiency=compute_s / step,
                         efficiency_overlap=min(1.0, compute_s / max(comm, 1e-12)),
@@ -191,7 +189,7 @@ def plot(rows, fits, proj, settings, path):
         ax1.loglog(n, [r[key] * 1e6 for r in rows], m, label=key[:-2])
         a, b = fits[key[:-2]]["alpha_s"], fits[key[:-2]]["beta_s_per_byte"]
         nn = np.logspace(np.log10(n.min()), np.log10(n.max()), 50)
-        ax1.loglog(nn, [ring_time(x, p, a, b) * 1e6 for x in nn], "--", lw=1,
+        ax1.loglog(nn, [ring_allreduce_time(x, p, a, b) * 1e6 for x in nn], "--", lw=1,
                    label=f"fit {key[:-2]}: α={a * 1e6:.1f}us, 1/β={1 / b / 1e9:.2f} GB/s")
     ax1.set_xlabel("message size (bytes)")
     ax1.set_ylabel("allreduce time (us)")
@@ -360,7 +358,7 @@ def plot_hosts(rows, fits, impls, link, proj, p, path):
     for k, m, c in zip(impls, "osd^", ("tab:blue", "tab:orange", "tab:green", "tab:purple")):
         ax1.loglog(n, [r[f"{k}_s"] * 1e6 for r in rows], m, color=c, label=k)
         a_, b_ = fits[k]["alpha_s"], fits[k]["beta_s_per_byte"]
-        ax1.loglog(nn, [ring_time(x, p, a_, b_) * 1e6 for x in nn], "--", lw=1, color=c,
+        ax1.loglog(nn, [ring_allreduce_time(x, p, a_, b_) * 1e6 for x in nn], "--", lw=1, color=c,
                    label=f"fit {k}: α={a_ * 1e6:.0f}us, 1/β={1 / b_ / 1e9:.2f} GB/s")
         ax2.semilogx(n, [r[f"{k}_busbw_GBps"] for r in rows], marker=m, color=c, label=f"{k} bus bandwidth")
     if link:

@@ -666,7 +666,7 @@ def _experiment_parser(command):
     return p
 
 
-USAGE = """usage: largebatch {run,validate,sbatch,doctor,bench,report} ...
+USAGE = """usage: largebatch {run,validate,sbatch,doctor,bench,report,plan} ...
 
   run EXP.yaml [--np N] [--launcher horovodrun|mpirun|srun|torchrun] [-H HOSTS | --hostfile F]
                [--dry-run] [--tf-logs] [key.sub=value ...]
@@ -678,6 +678,8 @@ USAGE = """usage: largebatch {run,validate,sbatch,doctor,bench,report} ...
   doctor [-H HOSTS | --hostfile F]                 check the installation (or the hosts)
   bench ...                                        benchmarks
   report RUN_DIR [RUN_DIR ...] [--out DIR]         plots and a summary of runs
+  plan RUN_DIR [--allreduce JSON] [--per-worker B ...]
+                                                   batch size and node count from a run's noise scale
 
 `largebatch <command> --help` for details. Exit code 2 on bad input.
 """
@@ -696,6 +698,9 @@ def main(argv=None):
     if command == "report":
         from . import report
         return report.main(rest)
+    if command == "plan":
+        from . import plan
+        return plan.main(rest)
     if command in ("run", "validate", "sbatch"):
         horovod_np = next((i for i, a in enumerate(rest) if a == "-np" or a.startswith("-np=")), None)
         if horovod_np is not None:           # horovodrun's and mpirun's spelling
@@ -706,7 +711,7 @@ def main(argv=None):
         if args.np is not None and args.np < 1:
             return _fail([f"--np: expected an integer > 0, got {args.np}"])
         return {"run": cmd_run, "validate": cmd_validate, "sbatch": cmd_sbatch}[command](args)
-    return _fail([f"largebatch: unknown command {command!r}; expected one of run, validate, sbatch, doctor, bench, report"])
+    return _fail([f"largebatch: unknown command {command!r}; expected one of run, validate, sbatch, doctor, bench, report, plan"])
 
 
 if __name__ == "__main__":

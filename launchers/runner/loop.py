@@ -325,6 +325,7 @@ class TrainingLoop:
                           elastic={"min_np": d["min_np"], "max_np": d["max_np"], "resets": self.resets})
         summary.update(fields)
         summary["noise_scale"] = self.noise.value if self.noise is not None else None
+        summary["parameters"] = int(sum(w.size for w in self.hooks.weights()))      # what a step sends (largebatch plan)
         if self.adascale is not None:
             a = self.adascale
             summary["adascale"] = {"scale": a.scale, "base_steps": a.base_steps, "steps": self.step,
