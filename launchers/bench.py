@@ -4,6 +4,7 @@
     largebatch bench allreduce      [--quick] [--out DIR] [script options]
     largebatch bench convergence    [--quick] [--out DIR] [script options]
     largebatch bench optimizer-cost [--quick] [--out DIR]     (torch and Keras scripts, if present)
+    largebatch bench noise          [--quick] [--out DIR]   # the gradient noise scale: growth, prediction, cost
 
 Each benchmark prints machine, versions and settings, a short table, and writes CSV, JSON and a
 PNG plot to ``--out`` (default ``bench/results/``). ``bench/`` is not installed by setup.py: it is
@@ -15,7 +16,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = {"scaling": ["scaling.py"], "allreduce": ["allreduce.py"], "convergence": ["convergence.py"],
-           "optimizer-cost": ["torch_optimizer_cost.py", "keras_optimizer_cost.py"]}
+           "optimizer-cost": ["torch_optimizer_cost.py", "keras_optimizer_cost.py"], "noise": ["noise.py"]}
 USAGE = ("usage: largebatch bench {" + ",".join(SCRIPTS) + "} [--quick] [--out DIR] [options]\n"
          "       largebatch bench SUBCOMMAND --help   shows a benchmark's own options")
 

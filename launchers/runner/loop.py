@@ -120,6 +120,7 @@ class TrainingLoop:
         self.noise = self._noise_scale(cfg, d, resumed)
         self.adascale = self._adascale(cfg, d, resumed)
         self.current_lr = None
+        self._pending_noise = None
         lifeline.set_on_signal(self._on_signal)
         lifeline.set_graceful()
 
@@ -148,8 +149,9 @@ class TrainingLoop:
         return clock
 
     def adascale_lr(self):
-        """This update's rate under AdaScale: the gain from the noise measured so far (this
-        update's gradients included) times the base schedule at the clock's iteration."""
+        """This update's rate under AdaScale: the gain from the noise measured so far (up to the
+        previous update: its norms are reduced with the stop flag after the step) times the base
+        schedule at the clock's iteration."""
         gain = self.adascale.gain(self.noise)
         self.current_lr = gain * float(self.schedule(min(int(self.adascale.tau), int(self.adascale.base_steps) - 1)))
         return self.current_lr
@@ -169,10 +171,9 @@ class TrainingLoop:
     def noise_sample(self, small_sq, big_sq):
         """One update's squared gradient norms: ``small_sq`` this rank's gradient before the
         average (or one micro-batch's, on one rank), ``big_sq`` the averaged one's. The small ones
-        are averaged over ranks (one scalar reduction per update)."""
-        if self.size > 1:
-            small_sq = self.comm.sum([small_sq], name="largebatch.noise_scale")[0] / self.size
-        self.noise.update(small_sq, big_sq, *self.noise_batches())
+        are averaged over ranks in the update's stop-flag allreduce (:meth:`after_step`): no
+        collective of their own."""
+        self._pending_noise = (float(small_sq), float(big_sq))
 
     def noise_line(self):
         """What the measured noise scale says about this run's global batch (McCandlish et al. 2018)."""
@@ -201,6 +202,7 @@ class TrainingLoop:
         written now carries. Returns False when the run must stop (``status`` says why)."""
         self.step = step
         self.progress.update(1)
+        stop = self._agree_on_stop_and_noise()
         if self.adascale is not None:
             self.adascale.advance()
             if self.adascale.done:          # the base run's iterations are done: this is the last update
@@ -213,8 +215,6 @@ class TrainingLoop:
                 self.hooks.check_ranks(f"step {step}")
             except RankDivergenceError as err:
                 return self._stop("ranks_diverged", f"largebatch: {err}; stopping")
-        # a stop signal on any rank: every rank stops after this same step (one small allreduce)
-        stop = int(self.comm.maximum(float(lifeline.stop_requested()), name="largebatch.stop"))
         if stop:
             self.stopped_by = signal.Signals(stop).name
             if self.rank == 0 and step < self.total:
@@ -222,6 +222,21 @@ class TrainingLoop:
             return self._stop("stopped", f"largebatch: {self.stopped_by}: stopped after step {step}"
                               + (f", checkpoint {self.checkpoint}" if self.checkpoint else ""))
         return True
+
+    def _agree_on_stop_and_noise(self):
+        """One small allreduce per update: a stop signal on any rank (every rank then stops after
+        this same update; the highest signal number wins, as a maximum would) and, when measuring
+        the noise scale, the ranks' squared gradient norms. Returns the signal number or 0."""
+        signals = lifeline.STOP_SIGNALS
+        mine = lifeline.stop_requested()
+        values = [1.0 if mine == s else 0.0 for s in signals]
+        pending, self._pending_noise = self._pending_noise, None
+        if pending is not None:
+            values.append(pending[0])
+        reduced = self.comm.sum(values, name="largebatch.stop") if self.size > 1 else values
+        if pending is not None:
+            self.noise.update(reduced[-1] / self.size, pending[1], *self.noise_batches())
+        return max((int(s) for s, n in zip(signals, reduced) if n > 0), default=0)
 
     def _log_step(self, step, local_loss):
         self.final_loss = loss = self.comm.mean(local_loss, name="largebatch.loss")
