@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,6 +55,48 @@ def run(global_batch, base_batch, epochs, samples, noise, run_dir, timeout):
         rows = [r for r in csv.DictReader(fh) if r["kind"] == "train"]
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     return rows, summary
+
+
+def tap_cost(model_name, batch, image_size, reps):
+    """Median forward+backward ms of one process (one thread) without and with what the noise
+    scale adds to a step: the tap's per-parameter squared norms and the averaged gradient's norm."""
+    import torch
+    from largebatch.config import load
+    from largebatch.runner.torch_train import build_model
+    from largebatch.torch import GradientNormTap, squared_norm
+    torch.set_num_threads(1)
+    exp = load(str(EXAMPLE), [f"model.name={model_name}", f"data.image_size={image_size}", "launcher.np=1",
+                              "optimizer.trust_coefficient=0.02"])
+    model = build_model(exp.cfg, exp.derived)
+    x = torch.randn(batch, 3, image_size, image_size)
+    y = torch.randint(0, 10, (batch,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(tap):
+        model.zero_grad()
+        if tap is not None:
+            tap.begin_update()
+        loss_fn(model(x), y).backward()
+        if tap is not None:
+            tap.end_pass()
+            tap.last_pass()
+            squared_norm(model.parameters())
+
+    times = {False: [], True: []}
+    tap = GradientNormTap(model.parameters())
+    for i in range(reps + 2):
+        for measured in (False, True):               # interleaved
+            if not measured:
+                tap.remove()
+            t = time.perf_counter()
+            step(tap if measured else None)
+            if i >= 2:
+                times[measured].append(time.perf_counter() - t)
+            if not measured:
+                tap = GradientNormTap(model.parameters())
+    without, with_ = float(np.median(times[False])) * 1e3, float(np.median(times[True])) * 1e3
+    return dict(model=model_name, batch=batch, image_size=image_size, params=sum(p.numel() for p in model.parameters()),
+                step_ms=without, step_with_noise_ms=with_, overhead=with_ / without - 1)
 
 
 def smoothed(values, window):
@@ -136,6 +179,9 @@ def main(argv=None):
             into.append(s["images_per_sec"])
     cost = dict(images_per_sec_with=float(np.median(with_ips)), images_per_sec_without=float(np.median(without_ips)))
     cost["overhead"] = cost["images_per_sec_without"] / cost["images_per_sec_with"] - 1
+    cost["in_process"] = [tap_cost("small_cnn", 16, 16, 40 if a.quick else 200)]
+    if not a.quick:
+        cost["in_process"].append(tap_cost("resnet50", 8, 64, 15))
     meta.update(target_loss=target, noise_scale_at_target=b_noise, growth=growth, cost=cost,
                 mean_abs_error=float(np.mean(np.abs(errors))) if errors else None)
     out = Path(a.out)
@@ -153,6 +199,10 @@ def main(argv=None):
           f"the loss {growth['spearman_loss_noise']:+.2f} (negative: it grows as the loss falls)")
     print(f"   cost: {cost['images_per_sec_with']:.0f} images/s measuring, {cost['images_per_sec_without']:.0f} "
           f"without ({cost['overhead']:+.1%}; median of {repeats}, interleaved)")
+    for c in cost["in_process"]:
+        print(f"   cost in one process, {c['model']} ({c['params'] / 1e6:.2f}M parameters), batch {c['batch']}, "
+              f"{c['image_size']}x{c['image_size']}: forward+backward {c['step_ms']:.2f} ms, with the noise "
+              f"scale's norms {c['step_with_noise_ms']:.2f} ms ({c['overhead']:+.1%})")
     print(f"   wrote {csv_path}, {json_path}, {out / 'noise.png'}")
     return 0
 

@@ -41,7 +41,8 @@ class GradientNormTap:
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
 
     def _hook(self, param: torch.nn.Parameter) -> None:
-        self._sq[self._index[param]] = param.grad.detach().float().square().sum()
+        # the norm, squared when summed: no temporary the size of the gradient
+        self._sq[self._index[param]] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32)
 
     def begin_update(self) -> None:
         self._first = None
@@ -57,7 +58,7 @@ class GradientNormTap:
         present = [v for v in values if v is not None]
         if not present:
             return float("nan")
-        return float(torch.stack(present).double().sum()) / (scale * scale)
+        return float(torch.stack(present).double().square().sum()) / (scale * scale)
 
     def first_pass(self, scale: float = 1.0) -> float:
         return self._total(self._first or self._sq, scale)
