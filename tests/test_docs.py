@@ -50,6 +50,7 @@ SKIP = {
     "largebatch run EXP.yaml -H n1:4,n2:4": "needs the hosts n1 and n2",
     "largebatch doctor -H n1:4,n2:4": "needs the hosts n1 and n2",
     "largebatch report runs/": "needs finished runs (tests/test_report.py makes and plots them)",
+    "largebatch plan runs/": "needs a finished run that measured the noise scale (tests/test_plan.py)",
     ".venv/bin/python -m largebatch.launchers.testcluster": "needs root, network namespaces and sshd "
                                                              "(tests/test_multihost.py)",
 }
