@@ -10,6 +10,7 @@ Each benchmark prints machine, versions and settings, a short table, and writes 
 PNG plot to ``--out`` (default ``bench/results/``). ``bench/`` is not installed by setup.py: it is
 found next to this package in a source checkout.
 """
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,12 @@ def main(argv=None):
     for s in scripts:
         if not s.exists():
             print(f"largebatch bench: skipping {s.name} (not present)", flush=True)
+    out = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--out"),
+               next((a.split("=", 1)[1] for a in rest if a.startswith("--out=")), None))
+    if "-h" not in rest and "--help" not in rest:
+        # said first: the results go to the checkout's bench/results unless --out says otherwise
+        print(f"largebatch bench {name}: results in {os.path.abspath(out) if out else BENCH_DIR / 'results'}"
+              + ("" if out else " (--out DIR for another folder)"), flush=True)
     rc = 0
     for s in present:
         proc = subprocess.run([sys.executable, str(s), *rest])

@@ -415,7 +415,12 @@ def main(argv=None):
             me = f"{sys.executable} -m largebatch.launchers.testcluster"
             largebatch = os.path.join(os.path.dirname(sys.executable), "largebatch")
             print(f"  a shell on the launch node:  {me} exec lblaunch -- bash")
-            print(f"  then, in it:                 {largebatch} run examples/synthetic_torch.yaml -H {c.hosts_arg()} "
+            # absolute paths: the hint works from any directory, not only the checkout
+            example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                                   "synthetic_torch.yaml")
+            if not os.path.isfile(example):
+                example = "EXP.yaml"
+            print(f"  then, in it:                 {largebatch} run {example} -H {c.hosts_arg()} "
                   + " ".join(c.launcher_overrides()))
             print(f"  remove it:                   {me} down")
             return 0

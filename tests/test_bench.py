@@ -58,7 +58,8 @@ def test_convergence_quick(tmp_path):
 
 @pytest.mark.multirank
 def test_allreduce_quick(tmp_path):
-    _run(["allreduce"], tmp_path, timeout=240)
+    out = _run(["allreduce"], tmp_path, timeout=240)
+    assert out.splitlines()[0] == f"largebatch bench allreduce: results in {tmp_path}"      # said first
     meta = _check_files(tmp_path, "allreduce")
     rows = _rows(tmp_path / "allreduce.csv")
     assert len(rows) >= 3

@@ -404,3 +404,23 @@ def test_the_preflight_probes_what_the_launch_uses(cluster, tmp_path):
             "in use); torchrun's c10d rendezvous listens on it: choose a free one") in proc.stderr
     assert not (tmp_path / "taken").exists()
     assert _wait_empty(cluster, 10), _left_on_hosts(cluster)
+
+
+def test_the_command_line_clusters_hint_works_from_any_directory(tmp_path):
+    """Issue 27 item 10: `testcluster up` prints a `largebatch run` line with absolute paths."""
+    reason = testcluster.unavailable()
+    if reason:
+        pytest.skip(reason)
+    me = [sys.executable, "-m", "largebatch.launchers.testcluster"]
+    up = subprocess.run([*me, "up", "--hosts", "1"], capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    cluster_id = up.stdout.split()[2] if up.stdout.startswith("test cluster ") else None
+    try:
+        assert up.returncode == 0, up.stderr[-2000:]
+        hint = next(line for line in up.stdout.splitlines() if "then, in it:" in line).split()
+        assert hint[3] == LARGEBATCH and hint[4] == "run"
+        assert os.path.isabs(hint[5]) and os.path.isfile(hint[5]) and hint[5].endswith("synthetic_torch.yaml")
+    finally:
+        if cluster_id:
+            down = subprocess.run([*me, "down", "--id", cluster_id], capture_output=True, text=True, timeout=60)
+            assert down.returncode == 0, down.stderr
+    assert not any(ns.startswith(f"{testcluster.PREFIX}{cluster_id}-") for ns in _namespaces())
