@@ -132,3 +132,17 @@ def test_a_busy_machine_is_said_to_give_unreliable_timings():
     assert _common.load_warning(None, 2) is None
     info = _common.machine_info()
     assert ("warning" in info) == (_common.load_warning(info.get("loadavg_1_5_15"), info["cpus"]) is not None)
+
+
+def test_the_noise_benchmarks_arithmetic():
+    """bench/noise.py (`largebatch bench noise`, minutes long, run by hand): its trailing mean,
+    first crossing of the target and rank correlation."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import noise
+    finally:
+        sys.path.remove(str(BENCH))
+    assert noise.smoothed([4.0, 2.0, 0.0, 2.0], 2) == [4.0, 3.0, 1.0, 1.0]
+    assert noise.first_below([3.0, 2.0, 1.0, 0.5], 1.0) == 2 and noise.first_below([3.0], 1.0) is None
+    assert noise.spearman([1, 2, 3, 4], [10, 5, 2, 1]) == pytest.approx(-1.0)
+    assert noise.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
