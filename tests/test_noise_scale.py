@@ -265,23 +265,30 @@ def test_the_adascale_clock_runs_the_base_iterations_in_fewer_updates():
 
 
 @pytest.mark.multirank
-def test_an_adascale_run_ends_when_it_has_done_the_base_runs_iterations(tmp_path):
-    """S = 4 (global batch 32 over base batch 8): the run stops once its scale-invariant clock has
-    reached the base run's 128 iterations, after more updates than linear scaling's 32 and fewer
-    than 128; each logged rate is the gain (1 to S) times the base schedule's."""
+@pytest.mark.parametrize("framework,base_batch,base_lr,suffix", [("torch", 8, 0.5, "pt"), ("keras", 16, 1.0, "ckpt")])
+def test_an_adascale_run_ends_when_it_has_done_the_base_runs_iterations(tmp_path, framework, base_batch, base_lr,
+                                                                          suffix):
+    """S = 4 (the examples' global batch over a base batch 4 times smaller): the run stops once its
+    scale-invariant clock has reached the base run's iterations, after more updates than linear
+    scaling would take and fewer than the base run; each logged rate is the gain (1 to S) times
+    the base schedule's, and the last epoch's checkpoint is written."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run([LARGEBATCH, "run", str(ROOT / "examples" / "synthetic_torch.yaml"), "--np", "2",
-                           "schedule.adascale=true", "schedule.base_batch=8", "data.samples=512",
+    proc = subprocess.run([LARGEBATCH, "run", str(ROOT / "examples" / f"synthetic_{framework}.yaml"), "--np", "2",
+                           "schedule.adascale=true", f"schedule.base_batch={base_batch}", "data.samples=512",
                            "data.val_samples=64", "output.progress=false", "launcher.threads_per_rank=1",
                            "train.log_every=1", "output.checkpoint_every=1", f"output.run_dir={run_dir}"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "AdaScale: lr 0.5 at 8 × the measured gain (S = 4), at most 128 updates" in proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
-    ada = summary["adascale"]
-    assert ada["scale"] == 4 and ada["base_steps"] == 128 and ada["scale_invariant_iterations"] >= 128
-    assert 32 < ada["steps"] == summary["steps_done"] < 128 and 1 < ada["mean_gain"] <= 4
+    ada, base_steps = summary["adascale"], summary["total_steps"]       # the bound: the base run's iterations
+    linear = base_steps // 4                                             # linear scaling's updates
+    assert f"AdaScale: lr {base_lr:g} at {base_batch} × the measured gain (S = 4), at most {base_steps} updates" \
+        in proc.stderr
+    assert ada["scale"] == 4 and ada["base_steps"] == base_steps and ada["scale_invariant_iterations"] >= base_steps
+    assert linear < ada["steps"] == summary["steps_done"] < base_steps and 1 < ada["mean_gain"] <= 4
+    assert summary["status"] == "completed"
     with open(run_dir / "metrics.csv") as fh:
         lrs = [float(r["lr"]) for r in csv.DictReader(fh) if r["kind"] == "train"]
-    assert len(lrs) == ada["steps"] and max(lrs) <= 4 * 0.5 + 1e-9
-    assert (run_dir / "checkpoints" / f"epoch-{math.ceil(ada['steps'] / 16):04d}.pt").exists()
+    assert len(lrs) == ada["steps"] and max(lrs) <= 4 * base_lr + 1e-6
+    spe = 512 // summary["global_batch"]
+    assert (run_dir / "checkpoints" / f"epoch-{math.ceil(ada['steps'] / spe):04d}.{suffix}").exists()

@@ -322,8 +322,6 @@ def _adascale(cfg, derived):
     out, name = [], cfg["optimizer"]["name"]
     if name not in ("sgd", "lars"):
         out.append(f"schedule.adascale: for optimizer 'sgd' or 'lars' (Johnson et al. 2020), got {name!r}")
-    if cfg["framework"] != "torch":
-        out.append(f"schedule.adascale: framework 'torch' only so far, got {cfg['framework']!r}")
     if not cfg["train"]["noise_scale"]:
         out.append("schedule.adascale: needs train.noise_scale: true (its gain comes from the measured noise)")
     elif derived["np"] == 1 and derived["accumulation_steps"] == 1:

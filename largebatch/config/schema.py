@@ -152,7 +152,7 @@ SCHEMA = {
         "momentum_correction": F(boolean, True, doc="scale momentum buffers by new/old lr (Goyal et al. eq. 10)"),
         "adascale": F(boolean, False, doc="AdaScale SGD (Johnson et al. 2020): instead of the scaling rule, the "
                                           "base schedule (base_lr at base_batch) times the gain r from the "
-                                          "measured noise, advanced r base iterations per update (sgd, lars; torch)"),
+                                          "measured noise, advanced r base iterations per update (sgd, lars)"),
     },
     "train": {
         "epochs": F(number(0, low_open=True), 1.0),

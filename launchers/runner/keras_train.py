@@ -250,8 +250,10 @@ class KerasPart(Framework):
     def attach(self, loop, train_set, schedule, resumed):
         cfg, lbk = self.exp.cfg, self.lbk
         self.loop, self.train_set = loop, train_set
+        # AdaScale: the gain from the noise measured so far times the base schedule at its clock
+        rate = schedule if loop.adascale is None else (lambda _step: loop.adascale_lr())
         self.lr_callback = lbk.callbacks.LearningRateSchedule(
-            schedule, momentum_correction=cfg["schedule"]["momentum_correction"])
+            rate, momentum_correction=cfg["schedule"]["momentum_correction"])
         # elastic: the state's sync broadcasts rank 0's variables (when the job starts and after a reset)
         self.callbacks = ([] if loop.elastic else [lbk.callbacks.BroadcastGlobalVariables(0)]) + \
             [self.lr_callback, RunnerCallback(self)]
