@@ -5,6 +5,7 @@
     largebatch bench convergence    [--quick] [--out DIR] [script options]
     largebatch bench optimizer-cost [--quick] [--out DIR]     (torch and Keras scripts, if present)
     largebatch bench noise          [--quick] [--out DIR]   # the gradient noise scale: growth, prediction, cost
+    largebatch bench adascale       [--quick] [--out DIR]   # AdaScale vs linear scaling at S = 4, 8, 16
 
 Each benchmark prints machine, versions and settings, a short table, and writes CSV, JSON and a
 PNG plot to ``--out`` (default ``bench/results/``). ``bench/`` is not installed by setup.py: it is
@@ -17,7 +18,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = {"scaling": ["scaling.py"], "allreduce": ["allreduce.py"], "convergence": ["convergence.py"],
-           "optimizer-cost": ["torch_optimizer_cost.py", "keras_optimizer_cost.py"], "noise": ["noise.py"]}
+           "optimizer-cost": ["torch_optimizer_cost.py", "keras_optimizer_cost.py"], "noise": ["noise.py"],
+           "adascale": ["adascale.py"]}
 USAGE = ("usage: largebatch bench {" + ",".join(SCRIPTS) + "} [--quick] [--out DIR] [options]\n"
          "       largebatch bench SUBCOMMAND --help   shows a benchmark's own options")
 

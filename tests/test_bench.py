@@ -146,3 +146,16 @@ def test_the_noise_benchmarks_arithmetic():
     assert noise.first_below([3.0, 2.0, 1.0, 0.5], 1.0) == 2 and noise.first_below([3.0], 1.0) is None
     assert noise.spearman([1, 2, 3, 4], [10, 5, 2, 1]) == pytest.approx(-1.0)
     assert noise.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+
+
+def test_adascale_quick(tmp_path):
+    """bench/adascale.py --quick at S = 4: S = 1, linear scaling + warm-up and AdaScale rows; AdaScale
+    takes between the linear run's updates and the base run's, with a gain between 1 and S."""
+    _run(["adascale", "--scales", "4"], tmp_path, timeout=120)
+    _check_files(tmp_path, "adascale")
+    rows = {r["method"]: r for r in _rows(tmp_path / "adascale.csv")}
+    assert set(rows) == {"S=1 (base)", "linear + warm-up", "AdaScale"}
+    base, linear, ada = (int(rows[m]["updates"]) for m in ("S=1 (base)", "linear + warm-up", "AdaScale"))
+    assert linear == base // 4 and linear < ada < base
+    assert 1 < float(rows["AdaScale"]["mean_gain"]) <= 4
+    assert all(0.1 < float(r["test_acc"]) <= 1 for r in rows.values())

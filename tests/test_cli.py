@@ -26,7 +26,7 @@ def test_no_arguments_prints_usage_and_exits_2(capsys):
     assert cli.main([]) == 2
     assert "usage: largebatch" in capsys.readouterr().err
     assert cli.main(["--help"]) == 0
-    assert "largebatch {run,validate,sbatch,doctor,bench,report}" in capsys.readouterr().out
+    assert "largebatch {run,validate,sbatch,doctor,bench,report,plan}" in capsys.readouterr().out
 
 
 def test_validate_ok(workdir, capsys):
@@ -194,7 +194,7 @@ def test_missing_launcher_executable(workdir, capsys):
     (["run", "exp.yaml", "-np", "4", "--dry-run"],
      "largebatch run: unrecognized argument -np (Horovod's spelling); use --np 4"),
     (["validate", "exp.yaml", "-np=3"], "largebatch validate: unrecognized argument -np (Horovod's spelling); use --np 3"),
-    (["frob"], "largebatch: unknown command 'frob'; expected one of run, validate, sbatch, doctor, bench, report"),
+    (["frob"], "largebatch: unknown command 'frob'; expected one of run, validate, sbatch, doctor, bench, report, plan"),
 ])
 def test_usage_errors_are_one_line_exit_2(workdir, capsys, argv, message):
     try:
