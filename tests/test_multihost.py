@@ -162,8 +162,10 @@ FAULT_RUN = [*SMALL, "train.epochs=6", "output.checkpoint_every=1"]
 @pytest.mark.parametrize("engine", ["mpi", "torchrun"])
 def test_a_host_that_loses_its_network_ends_the_job_and_the_rest_resume(cluster, tmp_path, engine):
     run_dir = tmp_path / "run"
+    # torchrun: a shorter launcher.host_timeout (the process group's timeout) keeps the test short
+    quick = ["launcher.host_timeout=10"] if engine == "torchrun" else []
     proc, log = _start(cluster, "lblaunch", ["examples/synthetic_torch.yaml", "-H", cluster.hosts_arg(), *FAULT_RUN,
-                                             *ENGINE[engine], f"output.run_dir={run_dir}"], tmp_path / "log")
+                                             *ENGINE[engine], *quick, f"output.run_dir={run_dir}"], tmp_path / "log")
     try:
         assert _wait_for(run_dir / "checkpoints" / "epoch-0002.pt", 120), (tmp_path / "log").read_text()[-3000:]
         cluster.link("lbh2", up=False)
