@@ -76,6 +76,8 @@ for name, port in REACH:
 for port in BIND:
     s = socket.socket()
     try:
+        # as a server binds (c10d's store does): a port held only by closed connections is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("", port))
         out["bind"][str(port)] = "ok"
     except OSError as err:

@@ -233,7 +233,7 @@ def test_sigterm_to_largebatch_run_stops_every_host(cluster, tmp_path, engine):
                                              "train.epochs=40", *ENGINE[engine], f"output.run_dir={run_dir}"],
                        tmp_path / "log")
     try:
-        assert _wait_for(run_dir / "metrics.csv", 120)
+        assert _wait_for(run_dir / "metrics.csv", 120), (tmp_path / "log").read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         code = wait_or_kill(proc, 40)
