@@ -54,10 +54,10 @@ def _network(args):
             f"assumed link {args.link_gbps:g} Gbit/s, {args.latency_us:g} us"
     with open(args.allreduce) as fh:
         fits = json.load(fh)["meta"]["fits"]
-    name = next((k for k in fits if k != "mpi4py"), None)
-    if name is None:
+    engines = [k for k in fits if k != "mpi4py"]
+    if not engines:
         raise ValueError(f"--allreduce {args.allreduce}: no fit of Horovod or torch.distributed in it")
-    best = min((k for k in fits if k != "mpi4py"), key=lambda k: fits[k]["beta_s_per_byte"])
+    best = min(engines, key=lambda k: fits[k]["beta_s_per_byte"])
     return fits[best]["alpha_s"], fits[best]["beta_s_per_byte"], f"{best} from {args.allreduce}"
 
 

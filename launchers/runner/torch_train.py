@@ -260,17 +260,13 @@ class TorchPart(Framework):
             # same on every rank: the gradients are already averaged) and lowers the scale
             scale = scaler.get_scale()
             scaler.unscale_(optimizer)
-            self._noise_sample(scale)
-            if self.loop.adascale is not None:
-                self._set_lr(state, self.loop.adascale_lr())
+            self._averaged(state, scale)
             with self._synchronized():
                 scaler.step(optimizer)
             scaler.update()
             self.scaler_skips += scaler.get_scale() < scale
             return True
-        self._noise_sample(1.0)
-        if self.loop.adascale is not None:
-            self._set_lr(state, self.loop.adascale_lr())
+        self._averaged(state, 1.0)
         bad = self.guard.check(step, include_ratios=self.track)   # one reduced flag, one host read
         if bad is None:
             with self._synchronized():
@@ -283,16 +279,18 @@ class TorchPart(Framework):
                       f"{state.skipped} skipped so far)")
         return True
 
-    def _noise_sample(self, loss_scale):
-        """The noise scale's two squared norms for this update: a rank's own gradient (or, on one
-        rank, its first micro-batch's, whose loss was divided by ``acc``) and the averaged one."""
-        if self.tap is None:
-            return
-        if self.loop.noise_from_micro_batch:
-            small = self.tap.first_pass(loss_scale) * self._acc ** 2
-        else:
-            small = self.tap.last_pass(loss_scale)
-        self.loop.noise_sample(small, self.lbt.squared_norm(self.model.parameters()))
+    def _averaged(self, state, loss_scale):
+        """Once the gradients are averaged (and unscaled): the noise scale's two squared norms
+        for this update, a rank's own gradient (or, on one rank, its first micro-batch's, whose
+        loss was divided by ``acc``) and the averaged one; then AdaScale's rate for the step."""
+        if self.tap is not None:
+            if self.loop.noise_from_micro_batch:
+                small = self.tap.first_pass(loss_scale) * self._acc ** 2
+            else:
+                small = self.tap.last_pass(loss_scale)
+            self.loop.noise_sample(small, self.lbt.squared_norm(self.model.parameters()))
+        if self.loop.adascale is not None:
+            self._set_lr(state, self.loop.adascale_lr())
 
     def _forward_backward(self, micro, acc, window):
         """One update's micro-batches: forward, scaled backward, CLARS's per-example norms."""
