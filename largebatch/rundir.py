@@ -18,7 +18,7 @@ import os
 from . import checkpoint
 
 __all__ = ["CONFIG", "METRICS", "METRICS_JSONL", "TRUST_RATIOS", "TENSORBOARD", "CHECKPOINTS", "SUMMARY",
-           "LAUNCH_SCRIPT", "METRIC_FIELDS", "TRUST_FIELDS", "RUN_FILES", "json_safe", "write_summary", "read_summary",
+           "LAUNCH_SCRIPT", "JOIN_SCRIPT", "COMMITS", "METRIC_FIELDS", "TRUST_FIELDS", "RUN_FILES", "json_safe", "write_summary", "read_summary",
            "holds_run", "run_dir_refusal", "fresh_run_dir", "RunDirTaken", "base_run_dir", "resume_path",
            "choose_run_dir"]
 
@@ -30,6 +30,8 @@ TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 LAUNCH_SCRIPT = "launch.sh"
+JOIN_SCRIPT = "join.sh"                # elastic torchrun: what a joining host runs
+COMMITS = "elastic"                    # elastic torchrun: each agent's last committed state
 
 METRIC_FIELDS = ("kind", "step", "epoch", "lr", "loss", "accuracy", "images_per_sec", "elapsed_s", "noise_scale")
 TRUST_FIELDS = ("step", "layer", "trust_ratio")

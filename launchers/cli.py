@@ -223,6 +223,13 @@ def cmd_run(args):
         fh.write("#!/bin/sh\n# written by largebatch run; rerunning it continues this run (train.resume=auto: "
                  "from its newest checkpoint)\n")
         fh.write(f"cd {_quote(os.getcwd())}\n{again.shell()}\n")
+    if cmd.join is not None:          # elastic torchrun: another host joins by running this
+        path = os.path.join(run_dir, rundir.JOIN_SCRIPT)
+        with open(path, "w") as fh:
+            fh.write("#!/bin/sh\n# written by largebatch run: run it on a host that should join this elastic job "
+                     "(its torchrun meets the others at their rendezvous)\n")
+            fh.write(f"cd {_quote(os.getcwd())}\nexec env {command.LaunchCommand(cmd.join, cmd.env).shell()}\n")
+        os.chmod(path, 0o755)
     print(f"run dir: {run_dir}", file=sys.stderr)
     env = _without_enclosing_mpi_job(dict(os.environ)) if la_type_uses_mpirun(exp) else dict(os.environ)
     env.update(cmd.env)

@@ -28,14 +28,14 @@ import shlex
 import shutil
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from largebatch import hostfile as _hostfile
 from .runner.comm import COLLECTIVE_TIMEOUT_ENV
 from .threads import plan_threads
 
 __all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind", "horovodrun_command",
-           "mpirun_command", "srun_command", "torchrun_command", "build_command", "rank_program", "find_executable",
+           "mpirun_command", "srun_command", "torchrun_command", "torchrun_elastic_args", "build_command", "rank_program", "find_executable",
            "remote_hosts",
            "host_timeout_settings", "launch_plan",
            "LARGE_CLUSTER_HOSTS"]
@@ -53,6 +53,7 @@ class LaunchCommand:
     env: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     threads: object = None                      # the ThreadPlan
+    join: Optional[List[str]] = None            # elastic torchrun: what a joining host runs (join.sh)
 
     def shell(self):
         """One copy-pasteable shell line: ``VAR=value ... launcher args program``."""
@@ -246,28 +247,48 @@ def srun_command(program, *, np, placed, hosts_given=False, ranks_per_host=None,
     return LaunchCommand(argv, {}, list(plan.notes), plan)
 
 
+TORCHRUN_RESTARTS = 3            # elastic torchrun: restarts after a failure (launcher.reset_limit)
+TORCHRUN_LAST_CALL_S = 5         # elastic: how long a rendezvous that has min hosts waits for more
+
+
+def torchrun_elastic_args(*, min_np, max_np, per_host, elastic_timeout=None, reset_limit=None):
+    """torchrun's elastic flags: hosts of ``per_host`` ranks, between min_np and max_np ranks in all;
+    the agents restart their ranks after a failure (``reset_limit`` times) or when a host joins."""
+    conf = f"join_timeout={elastic_timeout or 600},last_call_timeout={TORCHRUN_LAST_CALL_S}"
+    return [f"--nnodes={min_np // per_host}:{max_np // per_host}",
+            f"--max-restarts={reset_limit or TORCHRUN_RESTARTS}", f"--rdzv-conf={conf}"]
+
+
 def torchrun_command(program, *, np, placed, plan, extra_args=(), env=None, network_interface=None,
                      ssh_port=None, ssh_identity=None, host_timeout=None, rendezvous_port=None,
-                     rendezvous_id=None, **_):
+                     rendezvous_id=None, elastic=None, **_):
     """torch.distributed's launcher. On this host alone: ``torchrun --standalone --nproc-per-node N
     --no-python PYTHON -m largebatch.runner ...`` (a local c10d rendezvous on a free port). Across
     hosts: one torchrun per host (``--nnodes H --rdzv-backend c10d --rdzv-endpoint FIRST:PORT``),
     started and kept as one job by :mod:`largebatch.launchers.fanout` over ssh. The ranks run
     the same program as under the other launchers; OMP_NUM_THREADS and the other thread
-    variables come from the thread plan (torchrun would set OMP_NUM_THREADS=1)."""
+    variables come from the thread plan (torchrun would set OMP_NUM_THREADS=1).
+
+    ``elastic`` (the keyword arguments of :func:`torchrun_elastic_args` but ``per_host``): always
+    the c10d form, one host included (another may join: ``LaunchCommand.join`` is its torchrun),
+    with ``--nnodes MIN:MAX``; a host that fails leaves the job instead of ending it."""
     notes, extra_env = list(plan.notes), {}
     if network_interface:
         extra_env["GLOO_SOCKET_IFNAME"] = network_interface        # torch's Gloo: the NIC for rank traffic
     hosts = [(h, n) for h, n in placed if n > 0]
-    if not remote_hosts(hosts):
+    if not remote_hosts(hosts) and elastic is None:
         argv = [find_executable("torchrun"), "--standalone", f"--nproc-per-node={np}", *extra_args,
                 "--no-python", *program]
         return LaunchCommand(argv, {**plan.env, **extra_env, **(env or {})}, notes, plan)
     endpoint = f"{hosts[0][0]}:{rendezvous_port}"
-    torchrun = [find_executable("torchrun"), f"--nnodes={len(hosts)}", "--rdzv-backend=c10d",
+    nodes = ["--max-restarts=0", f"--nnodes={len(hosts)}"] if elastic is None else \
+        torchrun_elastic_args(per_host=hosts[0][1], **elastic)
+    torchrun = [find_executable("torchrun"), "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rendezvous_id or secrets.token_hex(4)}",
-                "--max-restarts=0", *extra_args, "--no-python", *program]
+                *nodes, *extra_args, "--no-python", *program]
     argv = [sys.executable, "-m", "largebatch.launchers.fanout", "-H", _hostfile.hosts_arg(hosts)]
+    if elastic is not None:
+        argv.append("--elastic")
     if ssh_port:
         argv += ["--ssh-port", str(ssh_port)]
     if ssh_identity:
@@ -280,7 +301,17 @@ def torchrun_command(program, *, np, placed, plan, extra_args=(), env=None, netw
     notes.append(f"one torchrun per host (--nproc-per-node: {per_host}), started over ssh and kept as one job by "
                  f"largebatch.launchers.fanout; c10d rendezvous at {endpoint} (launcher.rendezvous_port); ranks "
                  f"numbered in the order of the hosts' own hostnames")
-    return LaunchCommand(argv, {**plan.env, **extra_env, **(env or {})}, notes, plan)
+    join = None
+    if elastic is not None:
+        # torch 2.13's agents share one store server across rounds, and a round that a host joins
+        # then never publishes MASTER_ADDR (the joiner waits 60 s and fails): one per round instead
+        extra_env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        from .fanout import store_host
+        joiner = store_host(torchrun, False)
+        join = [joiner[0], f"--nproc-per-node={hosts[0][1]}", *joiner[1:]]
+        notes.append(f"elastic: {elastic['min_np']} to {elastic['max_np']} ranks, {hosts[0][1]} per host; a host "
+                     f"joins by running the run directory's join.sh")
+    return LaunchCommand(argv, {**plan.env, **extra_env, **(env or {})}, notes, plan, join=join)
 
 
 def build_command(launcher, derived, program, *, environ=None):
@@ -306,8 +337,12 @@ def build_command(launcher, derived, program, *, environ=None):
         return horovodrun_command(program, hostfile=la["hostfile"], controller=la["controller"],
                                   network_interface=la["network_interface"], elastic=elastic, **ssh, **common)
     if la["type"] == "torchrun":
+        elastic = None
+        if la.get("elastic"):
+            elastic = dict(min_np=derived["min_np"], max_np=derived["max_np"],
+                           elastic_timeout=la["elastic_timeout"], reset_limit=la["reset_limit"])
         return torchrun_command(program, network_interface=la["network_interface"],
-                                rendezvous_port=la["rendezvous_port"], **ssh, **common)
+                                rendezvous_port=la["rendezvous_port"], elastic=elastic, **ssh, **common)
     if la["type"] == "mpirun":
         return mpirun_command(program, hostfile=la["hostfile"], network_interface=la["network_interface"],
                               environ=environ, **ssh, **common)

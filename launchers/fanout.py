@@ -12,6 +12,11 @@ them one job, as mpirun and horovodrun do:
 - SIGTERM, SIGINT or SIGHUP stops every host in order (torchrun passes SIGTERM to its ranks,
   which agree on a step and checkpoint); a second one kills every host's ranks at once.
 
+With ``--elastic`` (torchrun ``--nnodes MIN:MAX``) a host that fails leaves the job instead of
+ending it: the other hosts' agents restart their ranks in a smaller world. The first host's
+agent serves the rendezvous (``is_host=1`` in ``--rdzv-conf``, the others ``is_host=0``, so that
+two agents on one machine do not guess), and the job exits 0 when a host's torchrun did.
+
     python -m largebatch.launchers.fanout -H lbh1:1,lbh2:1 [--ssh-port P] [--ssh-identity KEY]
         [--host-timeout S] [--env VAR ...] -- torchrun --nnodes=2 --rdzv-backend=c10d ... PROGRAM
 
@@ -31,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from largebatch import hostfile as _hostfile
 from . import preflight
 
-__all__ = ["main", "host_commands", "FORWARDED_PREFIXES", "FORWARDED_NAMES", "SSH_LOST"]
+__all__ = ["main", "host_commands", "store_host", "FORWARDED_PREFIXES", "FORWARDED_NAMES", "SSH_LOST"]
 
 FORWARDED_PREFIXES = ("LARGEBATCH_", "OMP_", "MKL_", "KMP_", "TORCH_", "NCCL_", "GLOO_", "TF_")
 FORWARDED_NAMES = ("PYTHONPATH", "PYTHONUNBUFFERED", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "COLUMNS", "LINES")
@@ -45,16 +50,25 @@ def _forwarded(environ: Dict[str, str], names: Sequence[str]) -> Dict[str, str]:
             if k in names or k in FORWARDED_NAMES or k.startswith(FORWARDED_PREFIXES)}
 
 
+def store_host(torchrun: Sequence[str], is_host: bool) -> List[str]:
+    """``torchrun`` with ``is_host`` added to its ``--rdzv-conf`` (unchanged without one): whether
+    this host's agent serves the c10d rendezvous's store."""
+    flag = "--rdzv-conf="
+    return [f"{a},is_host={int(is_host)}" if a.startswith(flag) else a for a in torchrun]
+
+
 def host_commands(placed: Sequence[Tuple[str, int]], torchrun: Sequence[str], *, python: str,
                   ssh: preflight.SSH, environ: Dict[str, str], env_names: Sequence[str] = (),
                   cwd: Optional[str] = None) -> List[Tuple[str, List[str]]]:
     """[(host, argv)]: what starts each host's torchrun (``torchrun``: its argv without
-    ``--nproc-per-node``), tethered to this process's pipe."""
+    ``--nproc-per-node``), tethered to this process's pipe; the first host's agent serves the
+    rendezvous when ``torchrun`` has a ``--rdzv-conf``."""
     cwd = cwd or os.getcwd()
     env = _forwarded(environ, env_names)
     out = []
-    for host, slots in placed:
-        argv = [torchrun[0], f"--nproc-per-node={slots}", *torchrun[1:]]
+    for i, (host, slots) in enumerate(placed):
+        own = store_host(torchrun, i == 0)
+        argv = [own[0], f"--nproc-per-node={slots}", *own[1:]]
         tethered = [python, "-m", "largebatch.launchers.tether", "--", *argv]
         if _hostfile.is_local(host):
             out.append((host, tethered))
@@ -68,8 +82,8 @@ def host_commands(placed: Sequence[Tuple[str, int]], torchrun: Sequence[str], *,
 class _Job:
     """The hosts' tethers: told ``stop`` / ``kill`` through their stdin."""
 
-    def __init__(self, commands: List[Tuple[str, List[str]]], environ: Dict[str, str]):
-        self.hosts = [host for host, _ in commands]
+    def __init__(self, commands: List[Tuple[str, List[str]]], environ: Dict[str, str], elastic: bool = False):
+        self.hosts, self.elastic, self.left = [host for host, _ in commands], elastic, set()
         self.procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, env=environ) for _, argv in commands]
         self.signals: List[int] = []
         self.failure: Optional[Tuple[str, int]] = None
@@ -113,10 +127,16 @@ class _Job:
         while True:
             codes = [proc.poll() for proc in self.procs]
             for host, code in zip(self.hosts, codes):
-                if code not in (None, 0) and self.failure is None and not self.signals and self.deadline is None:
+                if code in (None, 0) or self.failure is not None or self.signals or self.deadline is not None:
+                    continue
+                why = ("its ssh session ended (the host stopped answering, or ssh failed)" if code == SSH_LOST
+                       else f"its torchrun exited with {code}")
+                if self.elastic and host not in self.left and any(c is None for c in codes):
+                    self.left.add(host)
+                    print(f"largebatch: host {host}: {why}; the elastic job goes on without it",
+                          file=sys.stderr, flush=True)
+                elif host not in self.left:
                     self.failure = (host, code)
-                    why = ("its ssh session ended (the host stopped answering, or ssh failed)" if code == SSH_LOST
-                           else f"its torchrun exited with {code}")
                     print(f"largebatch: host {host}: {why}; stopping the job on the other hosts",
                           file=sys.stderr, flush=True)
                     self.stop()
@@ -137,6 +157,8 @@ class _Job:
             return 128 + self.signals[0]
         if self.failure is not None:
             return self.failure[1]
+        if self.elastic and 0 in codes:          # the hosts that stayed finished the job
+            return 0
         return next((code for code in codes if code), 0)
 
 
@@ -154,12 +176,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--host-timeout", type=int, default=30)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--env", action="append", default=[], help="a variable to pass to every host")
+    parser.add_argument("--elastic", action="store_true", help="a host that fails leaves the job (torchrun --nnodes MIN:MAX)")
     args = parser.parse_args(argv[:cut])
     placed = [(h.name, h.slots) for h in _hostfile.parse_hosts(args.hosts)]
     ssh = preflight.SSH(port=args.ssh_port, identity=args.ssh_identity, keepalive=args.host_timeout)
     commands = host_commands(placed, argv[cut + 1:], python=args.python, ssh=ssh, environ=dict(os.environ),
                              env_names=args.env)
-    job = _Job(commands, dict(os.environ))
+    job = _Job(commands, dict(os.environ), elastic=args.elastic)
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, job.on_signal)
     return job.wait()

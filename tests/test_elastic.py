@@ -81,7 +81,7 @@ def test_valid_elastic_experiment_derives_the_world_size_range():
     (["launcher.controller=mpi"],
      "launcher.elastic: needs launcher.controller 'gloo' (Horovod Elastic runs on Gloo), got 'mpi'"),
     (["launcher.type=mpirun", "launcher.controller=mpi"],
-     "launcher.elastic: needs launcher.type 'horovodrun' (Horovod Elastic is started by horovodrun), got 'mpirun'"),
+     "launcher.elastic: needs launcher.type 'horovodrun' (Horovod Elastic) or 'torchrun' (framework torch), got 'mpirun'"),
     (["launcher.max_np=3"],
      "launcher.min_np: the global batch 64 is kept by accumulation when ranks leave or join, so it must be a "
      "multiple of batch.per_worker (16) × every world size from 1 to 3; not for 3"),
@@ -308,11 +308,17 @@ def _join_run(tmp_path, framework):
     return run_dir, resets, secs
 
 
+@pytest.fixture(scope="module")
+def fixed_join_run(tmp_path_factory):
+    """The join jobs' data at a fixed world size of 1 (2 accumulation steps)."""
+    return _fixed_size_reference_join(tmp_path_factory.mktemp("fixed_join"))
+
+
 @needs_horovodrun
 @pytest.mark.multirank
-def test_elastic_job_gains_a_worker_that_receives_the_state(tmp_path):
+def test_elastic_job_gains_a_worker_that_receives_the_state(tmp_path, fixed_join_run):
     run_dir, resets, secs = _join_run(tmp_path, "torch")
-    reference = _fixed_size_reference_join(tmp_path)
+    reference = fixed_join_run
     params, momentum = _max_diff(_final(run_dir), reference)
     # float32 sums taken in another order (2 ranks × 1 pass vs 1 rank × 2 passes) for ~100 steps
     # at lr 0.5: fixed 2-rank vs fixed 1-rank runs of this job already differ by 1.5e-6, and the
@@ -331,6 +337,192 @@ def _fixed_size_reference_join(tmp_path):
     proc, run_dir, _ = _run(tmp_path, doc, "fixed_join")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return _final(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun's elastic agents (launcher.type torchrun): the same promises, where a reset is the
+# agent starting every rank anew from the freshest commit file (launchers/runner/commits.py)
+# ---------------------------------------------------------------------------------------------
+def _torchrun_doc(**launcher):
+    doc = _doc()
+    doc["launcher"] = {"type": "torchrun", "threads_per_rank": 1, "np": 2, "elastic": True, "min_np": 1,
+                       "max_np": 2, "hosts": "localhost:1,127.0.0.1:1", **launcher}
+    doc["launcher"] = {k: v for k, v in doc["launcher"].items() if v is not None}
+    return doc
+
+
+def test_torchrun_elastic_configuration_errors():
+    assert load_dict(_torchrun_doc()).derived["min_np"] == 1
+    assert load_dict(_torchrun_doc(np=1, hosts="localhost:1")).derived["max_np"] == 2   # a host may join
+    assert _problems(_torchrun_doc(hosts="localhost:2,127.0.0.1:1", np=3, max_np=3, min_np=2)) == [
+        "launcher.hosts: torchrun's elastic hosts each run the same number of ranks, got 2, 1"]
+    assert _problems(_torchrun_doc(hosts="localhost:2,127.0.0.1:2", np=4, max_np=4, min_np=1),
+                     "batch.per_worker=8") == [
+        "launcher.min_np: expected a multiple of the 2 ranks per host (torchrun adds and removes whole hosts), got 1"]
+    assert "launcher.host_discovery_script: Horovod Elastic only; under torchrun a host joins by running the run " \
+           "directory's join.sh" in _problems(_torchrun_doc(hosts=None, host_discovery_script="/bin/true"))
+    srun = _torchrun_doc(type="srun", engine="torch.distributed", hosts=None)
+    assert "launcher.elastic: torch.distributed's elastic jobs are started by launcher.type 'torchrun', got 'srun'" \
+        in _problems(srun)
+
+
+def test_torchrun_elastic_line_and_join_script():
+    from largebatch.launchers.command import build_command
+    from largebatch.launchers.fanout import host_commands
+    from largebatch.launchers.preflight import SSH
+    exp = load_dict(_torchrun_doc(reset_limit=5, elastic_timeout=120))
+    cmd = build_command(exp.cfg["launcher"], exp.derived, ["prog"])
+    assert "--elastic" in cmd.argv and cmd.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    torchrun = cmd.argv[cmd.argv.index("--") + 1:]
+    for flag in ("--nnodes=1:2", "--max-restarts=5", "--rdzv-conf=join_timeout=120,last_call_timeout=5"):
+        assert flag in torchrun, torchrun
+    hosts = host_commands([("localhost", 1), ("127.0.0.1", 1)], torchrun, python="py", ssh=SSH(), environ={})
+    confs = [[a for a in argv if a.startswith("--rdzv-conf=")] for _, argv in hosts]
+    assert [c[0].rsplit(",", 1)[1] for c in confs] == ["is_host=1", "is_host=0"]   # the first host serves it
+    assert "--rdzv-conf=join_timeout=120,last_call_timeout=5,is_host=0" in cmd.join
+    assert "--nproc-per-node=1" in cmd.join and cmd.join[-1] == "prog"
+    # one host: still the rendezvous form, so that another can join
+    one = load_dict(_torchrun_doc(np=1, hosts="localhost:1"))
+    single = build_command(one.cfg["launcher"], one.derived, ["prog"])
+    assert "--standalone" not in single.argv and "--nnodes=1:2" in single.argv
+
+
+def _descendants(pid):
+    """{pid: argv} of the processes below ``pid`` (this test's own job), from /proc."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append((int(entry.name), [a.decode() for a in argv if a]))
+    out, todo = {}, [pid]
+    while todo:
+        for child, argv in children.get(todo.pop(), []):
+            out[child] = argv
+            todo.append(child)
+    return out
+
+
+def _start(tmp_path, doc, name, env):
+    import yaml
+    exp = tmp_path / f"{name}.yaml"
+    exp.write_text(yaml.safe_dump(doc))
+    run_dir = tmp_path / name
+    cmd = [sys.executable, "-m", "largebatch.launchers.cli", "run", str(exp), f"output.run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, run_dir
+
+
+def _when_training(run_dir, rows, limit=120):
+    """Wait (bounded) until ``run_dir`` has logged ``rows`` training rows."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.csv"
+        if metrics.exists() and metrics.read_text().count("\ntrain,") >= rows:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{run_dir}: fewer than {rows} training rows after {limit} s")
+
+
+def _finish(proc, timeout=180):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return out
+
+
+needs_torchrun = pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="no torchrun")
+
+
+@needs_torchrun
+@pytest.mark.multirank
+def test_torchrun_elastic_restarts_a_killed_rank_from_its_commit(tmp_path, fixed_two_rank_run):
+    # torchrun replaces a failed rank: both ranks start anew, resume from the commit at update 4
+    # and finish on the trajectory of the fixed 2-rank run (here Horovod's: the same engine-free math)
+    proc, run_dir, secs = _run(tmp_path, _torchrun_doc(), "restart",
+                               env=_env(LARGEBATCH_FAULT="kill:1:5"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "injected fault 'kill' on rank 1 at step 5" in out
+    assert "world size is now 2; global batch 64 kept as 16 per rank × 2 ranks × 2 accumulation steps; " \
+           "continuing from step 4" in out
+    assert "Traceback" not in out, out[-3000:]           # a lost peer is one line, not a crash report
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_done"] == 16 and summary["ranks_agree"] is True
+    assert summary["elastic"]["resets"] == [{"step": 4, "world_size": 2}] and summary["resumed_from"] is None
+    assert not (run_dir / "elastic").exists()            # the commits go with a completed job
+    params, momentum = _max_diff(_final(run_dir), fixed_two_rank_run)
+    assert params < 1e-6 and momentum < 1e-6, (params, momentum)
+    print(f"\ntorchrun elastic, rank 1 killed at step 5: finished in {secs:.1f} s; vs fixed np=2: "
+          f"params {params:.2e}, momentum {momentum:.2e}")
+
+
+@needs_torchrun
+@pytest.mark.multirank
+def test_torchrun_elastic_job_loses_a_host_and_finishes_on_the_same_trajectory(tmp_path, fixed_two_rank_run):
+    # the second host's agent and rank are killed (a lost host): the first host goes on alone,
+    # from the last commit, with 4 accumulation steps; the job exits 0
+    doc = _torchrun_doc()
+    doc["train"]["commit_every"] = 2
+    proc, run_dir = _start(tmp_path, doc, "lose", _env(LARGEBATCH_FAULT="slow:0:1:0.1"))
+    try:
+        _when_training(run_dir, 5)
+        started = time.monotonic()
+        tree = _descendants(proc.pid)
+        agent = [pid for pid, argv in tree.items()
+                 if any(a.endswith("torchrun") for a in argv[:2]) and any("is_host=0" in a for a in argv)]
+        assert len(agent) == 1, tree
+        for pid in [agent[0], *_descendants(agent[0])]:
+            os.kill(pid, 9)
+    finally:
+        out = _finish(proc)
+    secs = time.monotonic() - started
+    assert proc.returncode == 0, out[-4000:]
+    assert "host 127.0.0.1: its torchrun exited with 137; the elastic job goes on without it" in out, out[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_done"] == 16 and summary["ranks"] == 1
+    assert summary["accumulation_steps"] == 4 and summary["global_batch"] == 64
+    (reset,) = summary["elastic"]["resets"]
+    assert reset["world_size"] == 1 and reset["step"] >= 4 and reset["step"] % 2 == 0, reset
+    assert f"world size is now 1; global batch 64 kept as 16 per rank × 1 ranks × 4 accumulation steps; " \
+           f"continuing from step {reset['step']}" in out
+    params, momentum = _max_diff(_final(run_dir), fixed_two_rank_run)
+    assert params < 1e-6 and momentum < 1e-6, (params, momentum)
+    print(f"\ntorchrun elastic, host lost after step {reset['step']}: {secs:.1f} s to the job's end; vs fixed np=2: "
+          f"params {params:.2e}, momentum {momentum:.2e}")
+
+
+@needs_torchrun
+@pytest.mark.multirank
+def test_torchrun_elastic_job_gains_a_host_that_runs_join_sh(tmp_path, fixed_join_run):
+    doc = _torchrun_doc(np=1, hosts="localhost:1")
+    doc["data"]["samples"] = 1024
+    doc["train"]["commit_every"] = 1
+    proc, run_dir = _start(tmp_path, doc, "grow", _env(LARGEBATCH_FAULT="slow:0:1:0.05"))
+    try:
+        _when_training(run_dir, 3)
+        joined = subprocess.run(["sh", str(run_dir / "join.sh")], env=_env(), capture_output=True, text=True,
+                                timeout=180)
+    finally:
+        out = _finish(proc)
+    assert proc.returncode == 0 and joined.returncode == 0, (out[-3000:], joined.stderr[-3000:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_done"] == 128 and summary["ranks"] == 2
+    assert summary["accumulation_steps"] == 1 and summary["ranks_agree"] is True
+    (reset,) = summary["elastic"]["resets"]
+    assert reset["world_size"] == 2 and 3 <= reset["step"] < 128, reset
+    # the agent stops its rank to restart it: the ranks agree on the step and commit it (nothing lost)
+    assert f"stopped after step {reset['step']} and committed" in out, out[-3000:]
+    params, momentum = _max_diff(_final(run_dir), fixed_join_run)
+    assert params < 1e-4 and momentum < 1e-6, (params, momentum)      # (see the Horovod join test)
+    print(f"\ntorchrun elastic, host joined at step {reset['step']}; vs fixed np=1: params {params:.2e}, "
+          f"momentum {momentum:.2e}")
 
 
 # ---------------------------------------------------------------------------------------------

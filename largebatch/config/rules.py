@@ -142,9 +142,9 @@ def _torch_distributed(cfg):
     if la["type"] not in ("torchrun", "srun"):
         out.append(f"launcher.engine: 'torch.distributed' is started by launcher.type 'torchrun' or 'srun', got "
                    f"{la['type']!r}")
-    if la["elastic"]:
-        out.append("launcher.elastic: not available with torch.distributed yet (Horovod Elastic: "
-                   "launcher.type horovodrun)")
+    if la["elastic"] and la["type"] != "torchrun":
+        out.append(f"launcher.elastic: torch.distributed's elastic jobs are started by launcher.type 'torchrun', "
+                   f"got {la['type']!r}")
     if la["binding"] != "none" and la["type"] == "torchrun":
         out.append(f"launcher.binding: torchrun does not bind ranks to cores; expected 'none', got {la['binding']!r}")
     return out
@@ -166,16 +166,19 @@ def batch(cfg, derived):
 
 
 def elastic(cfg, explicit, derived, host_list, check_paths, batch_ok):
-    """launcher.elastic: Horovod Elastic under horovodrun --gloo (torch and Keras); every world size in
-    [min_np, max_np] must keep the global batch with a whole number of accumulation steps."""
+    """launcher.elastic: Horovod Elastic under horovodrun --gloo (torch and Keras), or torchrun's
+    elastic agents (torch); every world size in [min_np, max_np] must keep the global batch with a
+    whole number of accumulation steps."""
     la, np_ = cfg["launcher"], derived["np"]
     if not la["elastic"]:
         return inapplicable("launcher", cfg, explicit, keys=ELASTIC_KEYS) + inapplicable(
             "train", cfg, explicit, keys=("commit_every",))
+    if la["type"] == "torchrun":
+        return _torchrun_elastic(la, derived, batch_ok)
     out = []
     if la["type"] != "horovodrun":
-        out.append(f"launcher.elastic: needs launcher.type 'horovodrun' (Horovod Elastic is started by "
-                   f"horovodrun), got {la['type']!r}")
+        out.append(f"launcher.elastic: needs launcher.type 'horovodrun' (Horovod Elastic) or 'torchrun' "
+                   f"(framework torch), got {la['type']!r}")
     if la["controller"] != "gloo":
         out.append(f"launcher.elastic: needs launcher.controller 'gloo' (Horovod Elastic runs on Gloo), "
                    f"got {la['controller']!r}")
@@ -195,6 +198,33 @@ def elastic(cfg, explicit, derived, host_list, check_paths, batch_ok):
     if script is not None and check_paths and not (os.path.isfile(script) and os.access(script, os.X_OK)):
         out.append(f"launcher.host_discovery_script: expected an executable file, got {script!r}"
                    + (" (not executable)" if os.path.isfile(script) else " (no such file)"))
+    return out + _world_sizes(np_, derived, batch_ok)
+
+
+def _torchrun_elastic(la, derived, batch_ok):
+    """torchrun's elastic agents: hosts join and leave whole (``--nnodes MIN:MAX``, each host's
+    ``--nproc-per-node`` ranks), so every host runs the same number of ranks and the world sizes
+    are multiples of it; a host joins by running the run directory's join.sh."""
+    out = []
+    if la["host_discovery_script"] is not None:
+        out.append("launcher.host_discovery_script: Horovod Elastic only; under torchrun a host joins by running "
+                   "the run directory's join.sh")
+    slots = {n for _, n in derived["placement"] if n > 0}
+    if len(slots) > 1:
+        out.append(f"launcher.hosts: torchrun's elastic hosts each run the same number of ranks, got "
+                   f"{', '.join(str(n) for _, n in derived['placement'] if n > 0)}")
+    per_host = min(slots) if slots else 1
+    bad = [k for k in ("min_np", "max_np") if derived[k] % per_host]
+    if bad:
+        out.append(f"launcher.{bad[0]}: expected a multiple of the {per_host} ranks per host (torchrun adds and "
+                   f"removes whole hosts), got {derived[bad[0]]}")
+    return out + _world_sizes(derived["np"], derived, batch_ok, per_host)
+
+
+def _world_sizes(np_, derived, batch_ok, per_host=1):
+    """np within [min_np, max_np], and the global batch kept at every world size the job can
+    have (multiples of ``per_host`` where hosts come and go whole)."""
+    out = []
     min_np, max_np = derived["min_np"], derived["max_np"]
     if not min_np <= np_ <= max_np:
         out.append(f"launcher.np: expected launcher.min_np <= np <= launcher.max_np = {min_np} <= np <= "
@@ -202,7 +232,7 @@ def elastic(cfg, explicit, derived, host_list, check_paths, batch_ok):
     if not batch_ok:
         return out
     gb, pw = derived["global_batch"], derived["per_worker_batch"]
-    bad = [s for s in range(min_np, max_np + 1) if elastic_accumulation(gb, pw, s) is None]
+    bad = [s for s in range(min_np, max_np + 1) if s % per_host == 0 and elastic_accumulation(gb, pw, s) is None]
     if bad:
         out.append(f"launcher.min_np: the global batch {gb} is kept by accumulation when ranks leave or "
                    f"join, so it must be a multiple of batch.per_worker ({pw}) × every world size from "

@@ -175,8 +175,9 @@ SCHEMA = {
         "check_ranks_every": F(integer(0), 100, doc="steps between rank-consistency checks (one allgather of two "
                                                    "float64 numbers per tensor); ranks whose weights differ stop the "
                                                    "run, naming the tensor and the step; 0 = never"),
-        "commit_every": F(integer(1), 10, doc="launcher.elastic: steps between in-memory commits (work lost "
-                                             "on a failure is at most this many steps)", when=_ONLY_ELASTIC),
+        "commit_every": F(integer(1), 10, doc="launcher.elastic: steps between commits (in memory under Horovod, "
+                                             "a file per host under torchrun; work lost on a failure is at most "
+                                             "this many steps)", when=_ONLY_ELASTIC),
     },
     "output": {
         "dir": F(string, "runs"),
@@ -226,14 +227,16 @@ SCHEMA = {
         "env": F(env_mapping, {}),
         "args": F(args_list, []),
         "python": F(string, None, nullable=True),
-        "elastic": F(boolean, False, doc="Horovod Elastic (horovodrun --gloo): ranks may leave and "
-                                         "join; the global batch is kept by changing accumulation steps"),
+        "elastic": F(boolean, False, doc="Horovod Elastic (horovodrun --gloo) or torchrun's elastic agents: "
+                                         "ranks (torchrun: hosts) may leave and join; the global batch is kept "
+                                         "by changing accumulation steps"),
         "min_np": F(integer(1), None, nullable=True, doc="elastic: fewest ranks to keep training (default 1)", when=_ONLY_ELASTIC),
         "max_np": F(integer(1), None, nullable=True, doc="elastic: most ranks (default launcher.np)", when=_ONLY_ELASTIC),
         "host_discovery_script": F(string, None, nullable=True,
                                    doc="elastic: executable printing host:slots lines (default: launcher.hosts)", when=_ONLY_ELASTIC),
         "elastic_timeout": F(integer(1), None, nullable=True, doc="elastic: seconds to wait for min_np (600)", when=_ONLY_ELASTIC),
-        "reset_limit": F(integer(1), None, nullable=True, doc="elastic: most world-size resets before failing", when=_ONLY_ELASTIC),
+        "reset_limit": F(integer(1), None, nullable=True, doc="elastic: most world-size resets before failing (torchrun: "
+                                                                     "restarts after a failure, default 3)", when=_ONLY_ELASTIC),
     },
 }
 

@@ -11,7 +11,7 @@ import re
 import socket
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-__all__ = ["Comm", "HorovodComm", "started_by_torchrun", "torch_distributed_env", "first_host",
+__all__ = ["Comm", "HorovodComm", "TorchDistributedComm", "started_by_torchrun", "torch_distributed_env", "first_host",
            "COLLECTIVE_TIMEOUT_ENV"]
 
 # seconds a torch.distributed collective waits for a silent peer (set by the launcher for jobs
@@ -70,8 +70,10 @@ class Comm:
         """The world size (not collective)."""
         raise NotImplementedError
 
-    def broadcast_object(self, obj: Any, name: str) -> Any:
-        """Rank 0's ``obj`` on every rank."""
+    restarts_processes = False           # an elastic reset is new processes (torchrun), not a reset in place
+
+    def broadcast_object(self, obj: Any, name: str, root: int = 0) -> Any:
+        """Rank ``root``'s ``obj`` on every rank."""
         raise NotImplementedError
 
     def allgather_object(self, obj: Any) -> List[Any]:
@@ -89,7 +91,8 @@ class Comm:
         raise NotImplementedError
 
     def elastic_run(self, train: Callable, state: Any) -> None:
-        """``train(state)`` under the engine's elastic driver (restarts after a lost rank)."""
+        """``train(state)`` under the engine's elastic driver (restarts after a lost rank), or
+        plainly where the engine restarts the processes instead (``restarts_processes``)."""
         raise NotImplementedError
 
 
@@ -107,8 +110,8 @@ class HorovodComm(Comm):
     def size(self) -> int:
         return self.hvd.size()
 
-    def broadcast_object(self, obj, name):
-        return self.hvd.broadcast_object(obj, root_rank=0, name=name) if self.size() > 1 else obj
+    def broadcast_object(self, obj, name, root=0):
+        return self.hvd.broadcast_object(obj, root_rank=root, name=name) if self.size() > 1 else obj
 
     def allgather_object(self, obj):
         return self.hvd.allgather_object(obj)
@@ -127,3 +130,14 @@ class HorovodComm(Comm):
 
     def elastic_run(self, train, state):
         self.hvd.elastic.run(train)(state)
+
+
+class TorchDistributedComm(HorovodComm):
+    """:class:`Comm` over torch.distributed (``largebatch.torch.TorchDistributed``, Horovod's
+    call names). An elastic reset is torchrun's agent starting the ranks anew, each resuming from
+    the freshest commit (:mod:`.commits`): training itself runs plainly."""
+
+    restarts_processes = True
+
+    def elastic_run(self, train, state):
+        train(state)

@@ -314,23 +314,26 @@ def claim_run_dir(exp, comm, elastic=False):
     return path
 
 
-def read_resume(cfg, run_dir, comm, load, rng_state):
+def read_resume(cfg, run_dir, comm, load, rng_state, commit=None):
     """Rank 0 resolves ``train.resume`` and calls ``load(path, cfg_hash)`` (the adapter's
     load_checkpoint, filling model and optimizer in place); every rank gets the same
-    ``{path, step, epoch, extra, warning, rng}`` (or None). A bad checkpoint raises ConfigError
-    (exit 2) on every rank, before anything in the run directory is written."""
+    ``{path, step, epoch, extra, warning, rng, commit}`` (or None). ``commit``: (rank 0's path,
+    step) of a torchrun elastic job's freshest commit, taken instead (``commit`` True). A bad
+    checkpoint raises ConfigError (exit 2) on every rank, before anything in the run directory is
+    written."""
     from largebatch import checkpoint as core
     from largebatch.config import ConfigError
-    path = rundir.resume_path(cfg["train"]["resume"], run_dir)
+    path = commit[0] if commit is not None else rundir.resume_path(cfg["train"]["resume"], run_dir)
     info, error = None, None
     if path is not None and comm.rank() == 0:
         try:
             got = load(path, core.config_hash(cfg))
             info = {"path": os.path.abspath(path), "step": got["step"], "epoch": got["epoch"],
-                    "extra": got["extra"], "warning": got["warning"], "rng": rng_state()}
+                    "extra": got["extra"], "warning": got["warning"], "rng": rng_state(),
+                    "commit": commit is not None}
         except core.CheckpointError as err:
-            error = f"train.resume: {err}"
-    if cfg["train"]["resume"] != "none":    # every rank takes part, found here or not (other hosts)
+            error = f"train.resume: {err}" if commit is None else f"elastic commit: {err}"
+    if cfg["train"]["resume"] != "none" or commit is not None:    # every rank takes part (other hosts)
         info, error = comm.broadcast_object((info, error), name="largebatch.resume")
     if error:
         raise ConfigError([error])
@@ -348,13 +351,18 @@ def announce_resume(resumed, rank, steps_per_epoch):
           file=sys.stderr, flush=True)
 
 
-def save_run_checkpoint(log, exp, save, model, optimizer, *, step, epoch, extra):
+def save_run_checkpoint(log, exp, save, model, optimizer, *, step, epoch, extra, path=None):
     """``checkpoints/epoch-NNNN.pt|.ckpt`` in the run directory with ``save`` (the framework's
     save_checkpoint: atomic, keeps the newest ``output.checkpoint_keep``); call on rank 0. The
-    file names the epoch it ends (a partial last epoch included)."""
+    file names the epoch it ends (a partial last epoch included). ``path``: write there instead,
+    nothing pruned (a torchrun elastic commit, on each agent's first rank)."""
     from largebatch import checkpoint as core
     cfg = exp.cfg
-    path = log.checkpoint_path(core.checkpoint_name(epoch, cfg["framework"]))
+    keep = cfg["output"]["checkpoint_keep"] if path is None else None
+    if path is None:
+        path = log.checkpoint_path(core.checkpoint_name(epoch, cfg["framework"]))
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     save(path, model, optimizer, step=step, epoch=epoch, config=exp.resolved(), cfg_hash=core.config_hash(cfg),
-         model_name=exp.derived["model"], extra=extra, keep=cfg["output"]["checkpoint_keep"])
+         model_name=exp.derived["model"], extra=extra, keep=keep)
     return path

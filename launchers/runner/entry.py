@@ -79,10 +79,18 @@ def main(argv=None):
     path, overrides = argv[0], argv[1:]
     rank = world_rank_from_env()
     loader = Loader(path, overrides)
-    # Horovod Elastic: the launch world size (YAML / command line) fixes the batch, not the current one
+    # an elastic job (Horovod Elastic, torchrun's agents): the launch world size (YAML / command
+    # line) fixes the batch, not the current one
     size = None if os.environ.get("HOROVOD_ELASTIC") == "1" else (world_size_from_env() or 1)
     try:
-        exp = loader(size)
+        if size is not None and started_by_torchrun():
+            exp = loader(None)
+            if not exp.cfg["launcher"]["elastic"]:
+                exp = loader(size)
+            else:
+                size = None
+        else:
+            exp = loader(size)
     except ConfigError as err:
         if rank == 0:
             for line in err.problems:
@@ -119,10 +127,15 @@ def main(argv=None):
                 print(line, file=sys.stderr)
         return 2
     except Exception as err:            # noqa: BLE001  a crash on this rank: say which rank, exit 1
-        import traceback
-        traceback.print_exc()
-        from .faults import report_crash
-        report_crash(rank, err)
+        from .faults import peer_lost, report_crash
+        if la["elastic"] and started_by_torchrun() and peer_lost(err):
+            # torchrun's agent restarts the ranks: one line, not a crash report
+            print(f"largebatch: rank {rank}: lost a peer ({str(err).splitlines()[0][:160]}); torchrun's agent "
+                  f"restarts the ranks from the freshest commit", file=sys.stderr, flush=True)
+        else:
+            import traceback
+            traceback.print_exc()
+            report_crash(rank, err)
         if (world_size_from_env() or 1) > 1:
             # a normal exit would run MPI_Finalize / Horovod shutdown, which can wait for a dead or
             # stuck peer; exiting at once lets mpirun / horovodrun see the failure and end the job

@@ -12,6 +12,9 @@ STEP (1-based):
     drift  add 1e-3 to the first weight of LAYER (default: the first parameter / trainable
            variable), on this rank only: ranks that silently stop training one model
 
+Under torchrun's elastic agents, which start the ranks anew after a failure, a fault other than
+``slow`` happens in the first start only (``TORCHELASTIC_RESTART_COUNT`` 0).
+
 LAYER is a torch parameter name (``features.4.weight``) or a Keras variable path
 (``conv1/kernel``). Keras: the nan fault is armed in the train function (:meth:`Fault.arm_keras`,
 the local gradient is multiplied by NaN at that update, before the allreduce); the others run in
@@ -22,7 +25,7 @@ import signal
 import sys
 import time
 
-__all__ = ["horovod_timeouts", "from_env", "Fault", "report_crash"]
+__all__ = ["horovod_timeouts", "from_env", "Fault", "report_crash", "peer_lost"]
 
 FAULT_ENV = "LARGEBATCH_FAULT"
 # A rank that stops submitting collectives (dead, stuck) makes the others wait in Horovod's
@@ -36,6 +39,17 @@ def horovod_timeouts(env=None):
     env = os.environ if env is None else env
     for key, value in STALL_DEFAULTS.items():
         env.setdefault(key, value)
+
+
+# what torch.distributed's Gloo raises on a rank whose peer died, left or stopped answering
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out waiting",
+             "Socket Timeout", "Connection refused")
+
+
+def peer_lost(err) -> bool:
+    """True for a collective that failed because another rank went away (not a bug here)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(p in text for p in PEER_LOST)
 
 
 def report_crash(rank, err):
@@ -146,4 +160,6 @@ def from_env(rank, env=None):
                          f"got {spec!r}")
     if int(parts[1]) != rank:
         return None
+    if parts[0] != "slow" and env.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        return None                  # torchrun restarted the ranks after the fault: it happened once
     return Fault(parts[0], int(parts[1]), int(parts[2]), parts[3] if len(parts) > 3 else None)

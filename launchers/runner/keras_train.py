@@ -222,7 +222,7 @@ class KerasPart(Framework):
         optimizer.build(model.trainable_variables)     # its variables exist before a checkpoint is loaded
         self.track = cfg["output"]["trust_ratios"] and hasattr(lbk.innermost(optimizer), "trust_ratios")
 
-    def load_resume(self, exp, run_dir):
+    def load_resume(self, exp, run_dir, commit=None):        # (torchrun elastic only: no commit here)
         """Rank 0 reads and checks the checkpoint into model and optimizer (the broadcast callback
         sends its variables to the others before the first step); every rank gets step, epoch,
         extra and RNG (see common.read_resume)."""

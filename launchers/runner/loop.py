@@ -26,6 +26,7 @@ from largebatch.consistency import RankDivergenceError
 from largebatch.noise_scale import AdaScaleClock, NoiseScale, batch_tradeoff
 
 from . import lifeline
+from .commits import discard_commit, own_commit, writes_commits
 from .common import (Progress, RunLog, Throughput, announce_resume, claim_run_dir, datasets_and_steps, make_schedule,
                      save_run_checkpoint, summary_dict, versions, weights_digest, world_record)
 
@@ -95,7 +96,7 @@ class TrainingLoop:
     'nonfinite', 'ranks_diverged', 'stopped')."""
 
     def __init__(self, exp, hooks, comm, *, run_dir, accumulation, threads, resumed, schedule,
-                 track_trust_ratios, check_ranks=True, elastic=False):
+                 track_trust_ratios, check_ranks=True, elastic=False, file_commits=False):
         cfg, d = exp.cfg, exp.derived
         self.exp, self.hooks, self.run_dir, self.threads, self.schedule = exp, hooks, run_dir, threads, schedule
         self.comm, self.rank, self.size = comm, comm.rank(), comm.size()
@@ -105,6 +106,7 @@ class TrainingLoop:
         self.track = track_trust_ratios and hooks.trust_ratios is not None
         self.resumed = resumed
         self.elastic, self.resets, self.accumulation = elastic, [], accumulation
+        self.file_commits = file_commits              # torchrun elastic: commits are files (.commits)
         self.commit_every = cfg["train"]["commit_every"]
         self.status, self.stopped_by, self.checkpoint = "completed", None, None
         self.final_loss, self.eval_result = float("nan"), None
@@ -114,7 +116,12 @@ class TrainingLoop:
         self.progress = Progress(self.total, cfg["output"]["progress"], cfg["name"], self.rank)
         self.rate = Throughput()
         self.started = time.perf_counter()
-        if resumed is not None:
+        if resumed is not None and resumed.get("commit"):
+            # torchrun restarted the job (a rank failed, a host left or joined): its history goes on
+            self.resets = list(resumed["extra"].get("elastic_resets", []))
+            self.rebind(self.step)
+            self.progress.update(self.step)
+        elif resumed is not None:
             announce_resume(resumed, self.rank, self.steps_per_epoch)
             self.progress.update(self.step)
         self.noise = self._noise_scale(cfg, d, resumed)
@@ -219,7 +226,11 @@ class TrainingLoop:
             self.stopped_by = signal.Signals(stop).name
             if self.rank == 0 and step < self.total:
                 self.checkpoint = self._save(step, epoch + 1, extra())
+            if self.file_commits and step < self.total:     # torchrun's agent may be restarting the job
+                self.commit_file(step, extra())
             return self._stop("stopped", f"largebatch: {self.stopped_by}: stopped after step {step}"
+                              + (" and committed (torchrun's agent stops the ranks to restart them when a host "
+                                 "joins or leaves)" if self.file_commits else "")
                               + (f", checkpoint {self.checkpoint}" if self.checkpoint else ""))
         return True
 
@@ -276,13 +287,21 @@ class TrainingLoop:
         if every and (epochs_done % every == 0 or step >= self.total) and self.rank == 0:
             self._save(step, epochs_done, extra())
 
-    def _save(self, step, epoch, extra):
+    def _save(self, step, epoch, extra, path=None):
         if self.noise is not None:
             extra = {**extra, "noise_scale": self.noise.state_dict()}
         if self.adascale is not None:
             extra = {**extra, "adascale": self.adascale.state_dict()}
         return save_run_checkpoint(self.log, self.exp, self.hooks.save, self.hooks.model, self.hooks.optimizer(),
-                                   step=step, epoch=epoch, extra=extra)
+                                   step=step, epoch=epoch, extra=extra, path=path)
+
+    def commit_file(self, step, extra):
+        """torchrun elastic: this agent's commit of update ``step`` (written by its first rank; a
+        restarted job resumes from the freshest commit of any agent, see :mod:`.commits`)."""
+        if not writes_commits():
+            return
+        extra = {**extra, "elastic_resets": self.resets}
+        self._save(step, step // self.steps_per_epoch, extra, path=own_commit(self.run_dir))
 
     def commit_due(self, step):
         """Elastic: commit after update ``step`` (every ``train.commit_every`` updates; an epoch's
@@ -329,7 +348,7 @@ class TrainingLoop:
         self.progress.close()
         summary = self._summary(self.status)
         summary["skipped_steps"] = skipped_steps
-        summary["resumed_from"] = self.resumed["path"] if self.resumed else None
+        summary["resumed_from"] = self.resumed["path"] if self.resumed and not self.resumed.get("commit") else None
         if self.status == "stopped":
             summary.update(stopped_by=self.stopped_by, checkpoint=self.checkpoint)
         if self.status == "completed":
@@ -347,6 +366,8 @@ class TrainingLoop:
                                    "scale_invariant_iterations": a.tau, "mean_gain": a.mean_gain}
         self.log.summary(summary)
         self.log.close()
+        if self.file_commits and self.status == "completed" and writes_commits():
+            discard_commit(self.run_dir, every_agent=self.rank == 0)
         if self.rank == 0:
             line = self.noise_line()
             if line:

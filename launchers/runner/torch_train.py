@@ -14,6 +14,8 @@ import contextlib
 import datetime
 import importlib
 import os
+import types
+import warnings
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from largebatch import registry
 from largebatch.horovod_support import import_horovod
 from largebatch.schedules import momentum_correction
 from . import faults, user
-from .comm import COLLECTIVE_TIMEOUT_ENV, HorovodComm, started_by_torchrun, torch_distributed_env
+from .comm import COLLECTIVE_TIMEOUT_ENV, HorovodComm, TorchDistributedComm, started_by_torchrun, torch_distributed_env
 from .common import read_resume
 from .data import Prefetcher, epoch_batches, eval_batches
 from .driver import Framework
@@ -110,7 +112,8 @@ class TorchPart(Framework):
             torch.set_num_interop_threads(threads[1])
         except RuntimeError:       # already set (a parallel region ran), keep going
             pass
-        self.comm = HorovodComm(hvd, lambda v: torch.tensor(v, dtype=torch.float64), lambda t: t.tolist())
+        comm = TorchDistributedComm if self.distributed else HorovodComm
+        self.comm = comm(hvd, lambda v: torch.tensor(v, dtype=torch.float64), lambda t: t.tolist())
         return self.comm
 
     def seed(self, seed):
@@ -136,12 +139,13 @@ class TorchPart(Framework):
                                                         broadcast=False,
                                                         compression=None if compression == "none" else compression)
 
-    def load_resume(self, exp, run_dir):
-        """Rank 0 reads and checks the checkpoint into model and optimizer (before the broadcast);
-        every rank gets step, epoch, extra and RNG (see common.read_resume)."""
+    def load_resume(self, exp, run_dir, commit=None):
+        """Rank 0 reads and checks the checkpoint (or torchrun elastic's freshest commit) into
+        model and optimizer (before the broadcast); every rank gets step, epoch, extra and RNG (see
+        common.read_resume)."""
         ckpt = importlib.import_module("largebatch.torch.checkpoint")
         model, optimizer, comm = self.model, self.optimizer, self.comm
-        info = read_resume(exp.cfg, run_dir, comm, rng_state=ckpt.rng_state,
+        info = read_resume(exp.cfg, run_dir, comm, rng_state=ckpt.rng_state, commit=commit,
                            load=lambda path, cfg_hash: ckpt.load_checkpoint(path, model, optimizer, cfg_hash=cfg_hash))
         if info is not None and comm.size() > 1 and self.distributed:
             # DDP sends the parameters when it wraps the model; the optimizer state goes here
@@ -169,7 +173,9 @@ class TorchPart(Framework):
         # DDP broadcasts rank 0's parameters and buffers when it wraps the model; after that each
         # rank keeps its own BatchNorm statistics, as under Horovod (DDP's default would overwrite
         # them with rank 0's before every forward: the same weights, but another evaluation)
-        self.ddp = self.torch.nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+        with warnings.catch_warnings():      # torch 2.13 deprecates the name; its replacement syncs at init
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            self.ddp = self.torch.nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
         compression = self.exp.cfg["launcher"]["compression"]
         if compression != "none":         # each bucket sent in half precision, averaged, cast back
             self.ddp.register_comm_hook(None, self.lbt.compression_hook(compression))
@@ -363,6 +369,10 @@ class TorchPart(Framework):
                 state.commit()
 
     def elastic_state(self, start):
+        if self.distributed:          # torchrun's agents restart the ranks: a commit is the loop's file
+            state = types.SimpleNamespace(**start)
+            state.commit = lambda: self.loop.commit_file(state.step, self._extra(state))
+            return state
         self.state = state = self.lbt.elastic_state(self.model, self.optimizer, **start)
         state.register_reset_callbacks([self._on_reset])
         return state
