@@ -281,11 +281,11 @@ def torchrun_command(program, *, np, placed, plan, extra_args=(), env=None, netw
                 "--no-python", *program]
         return LaunchCommand(argv, {**plan.env, **extra_env, **(env or {})}, notes, plan)
     endpoint = f"{hosts[0][0]}:{rendezvous_port}"
-    nodes = ["--max-restarts=0", f"--nnodes={len(hosts)}"] if elastic is None else \
+    nodes, *restarts = [f"--nnodes={len(hosts)}", "--max-restarts=0"] if elastic is None else \
         torchrun_elastic_args(per_host=hosts[0][1], **elastic)
-    torchrun = [find_executable("torchrun"), "--rdzv-backend=c10d",
+    torchrun = [find_executable("torchrun"), nodes, "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rendezvous_id or secrets.token_hex(4)}",
-                *nodes, *extra_args, "--no-python", *program]
+                *restarts, *extra_args, "--no-python", *program]
     argv = [sys.executable, "-m", "largebatch.launchers.fanout", "-H", _hostfile.hosts_arg(hosts)]
     if elastic is not None:
         argv.append("--elastic")
