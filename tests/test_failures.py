@@ -19,13 +19,15 @@ pytestmark = [pytest.mark.multirank, pytest.mark.slow,
                                  reason="horovodrun / mpirun not installed")]
 
 
-def _launch(tmp_path, launcher, fault, timeout=150, framework="torch"):
+def _launch(tmp_path, launcher, fault, timeout=150, framework="torch", stall=None):
     exp = tmp_path / "exp.yaml"
     exp.write_text(EXP.replace("OPT", "lars").replace("epochs: 3", "epochs: 30")
                    .replace("framework: torch", f"framework: {framework}"))
     runner = [sys.executable, "-m", "largebatch.runner", str(exp), "output.run_dir=r"]
     env = _env()
     env["LARGEBATCH_FAULT"] = fault
+    if stall is not None:        # Horovod's stall check and shutdown, in seconds
+        env["HOROVOD_STALL_CHECK_TIME_SECONDS"], env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = stall
     if launcher == "torchrun":
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2", "--no-python",
                *runner]
@@ -75,10 +77,20 @@ def test_dead_keras_rank_ends_the_job_within_60s(tmp_path, fault, rank_line):
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
+def test_stall_defaults_are_set_unless_the_user_set_them():
+    from largebatch.launchers.runner.faults import horovod_timeouts
+    env = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "5"}
+    horovod_timeouts(env)
+    assert env == {"HOROVOD_STALL_CHECK_TIME_SECONDS": "5", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "30"}
+    horovod_timeouts(env := {})
+    assert env == {"HOROVOD_STALL_CHECK_TIME_SECONDS": "10", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "30"}
+
+
 def test_stuck_rank_is_shut_down_by_the_stall_timeout(tmp_path):
-    proc, elapsed = _launch(tmp_path, "mpi", "hang:1:3")
+    # the shutdown after 10 s instead of the default 30 (set above): the same path, 20 s sooner
+    proc, elapsed = _launch(tmp_path, "mpi", "hang:1:3", stall=("4", "10"))
     out = proc.stdout + proc.stderr
     print(f"hang: exit {proc.returncode} after {elapsed:.1f} s (start-up included)")
     assert proc.returncode != 0
-    assert "is stalled for longer than 30 seconds" in out and "1!: [" in out.replace("[1,0]<stderr>:", "")
-    assert elapsed < 90
+    assert "is stalled for longer than 10 seconds" in out and "1!: [" in out.replace("[1,0]<stderr>:", "")
+    assert elapsed < 70
