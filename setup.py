@@ -1,12 +1,10 @@
+"""The package layout (the metadata, dependencies and extras are in pyproject.toml): the
+adapters and launchers live outside ``largebatch/`` in the checkout and install under it."""
 from setuptools import setup
 
 setup(
-    name="largebatch",
-    version="0.1.0",
-    description="Layer-wise adaptive rate scaling (LARS, LARC, LAMB, CLARS) and the large-batch "
-                "recipe for PyTorch and Keras 3 on Horovod",
-    python_requires=">=3.9",
-    packages=["largebatch", "largebatch.config", "largebatch.torch", "largebatch.keras", "largebatch.launchers", "largebatch.runner"],
+    packages=["largebatch", "largebatch.config", "largebatch.torch", "largebatch.keras", "largebatch.launchers",
+              "largebatch.runner"],
     package_dir={
         "largebatch": "largebatch",
         "largebatch.torch": "frameworks/torch",
@@ -14,7 +12,4 @@ setup(
         "largebatch.launchers": "launchers",
         "largebatch.runner": "launchers/runner",        # the per-rank runner sits above the adapters
     },
-    install_requires=["numpy", "pyyaml", "tqdm", "pillow"],
-    extras_require={"torch": ["torch>=2.1"], "keras": ["tensorflow>=2.16"], "test": ["pytest", "hypothesis"]},
-    entry_points={"console_scripts": ["largebatch=largebatch.launchers.cli:main"]},
 )

@@ -94,7 +94,7 @@ trap 'rm -rf "$SCRATCH"' EXIT
 SITE="$SCRATCH/site"
 mkdir -p "$SCRATCH/src" "$SITE"
 # build from a copy, so that pip leaves no build/ or egg-info in the checkout
-cp -r "$REPO/setup.py" "$REPO/largebatch" "$REPO/frameworks" "$REPO/launchers" "$SCRATCH/src/"
+cp -r "$REPO/setup.py" "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/largebatch" "$REPO/frameworks" "$REPO/launchers" "$SCRATCH/src/"
 if timeout 120 "$PY" -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -q \
         --target "$SITE" "$SCRATCH/src" >> "$LOG" 2>&1; then
     say "installed largebatch (pip --no-deps --target) into $SITE"

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from largebatch import hostfile as _hostfile
-from .runner.comm import COLLECTIVE_TIMEOUT_ENV
 from .threads import plan_threads
 
 __all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind", "horovodrun_command",
@@ -40,6 +39,9 @@ __all__ = ["LaunchCommand", "mpi_binding_args", "elastic_args", "srun_cpu_bind",
            "host_timeout_settings", "launch_plan",
            "LARGE_CLUSTER_HOSTS"]
 
+# seconds a torch.distributed collective waits for a silent peer, set for jobs across hosts from
+# launcher.host_timeout and read by the ranks (Horovod's Gloo reads HOROVOD_GLOO_TIMEOUT_SECONDS)
+COLLECTIVE_TIMEOUT_ENV = "LARGEBATCH_COLLECTIVE_TIMEOUT_S"
 LARGE_CLUSTER_HOSTS = 64          # horovodrun's _LARGE_CLUSTER_THRESHOLD
 SRUN_MPI = "pmix"                 # srun's --mpi plugin unless launcher.args names one
 OMPI_FLAGS = ["-mca", "pml", "ob1", "-mca", "btl", "^openib"]

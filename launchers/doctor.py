@@ -3,10 +3,12 @@
 Prints Python / NumPy / torch / TensorFlow / Keras / Horovod / MPI versions, which Horovod
 frameworks and controllers are built, which engines are usable (torch + torchrun needs no
 Horovod), and known traps (Horovod's Keras integration under
-Keras 3). Exit code 0 when the stack works, 1 when something is broken, with one line per
-problem saying how to fix it.
+Keras 3). A part that is not installed (TensorFlow in a PyTorch environment, Horovod where
+torchrun does) is a note saying what it takes away; exit code 0 when something can run and nothing
+installed is broken, 1 otherwise, with one line per problem saying how to fix it.
 """
 import importlib
+import importlib.util
 import platform
 import shutil
 import subprocess
@@ -19,11 +21,36 @@ KERAS3_TRAP = ("WARNING: Keras {keras} is active and horovod.tensorflow.keras is
                "diverge); use largebatch.keras.DistributedOptimizer instead.")
 
 
+# what a missing optional part takes away, and how to add it
+OPTIONAL = {
+    "torch": "PyTorch runs unavailable (pip install 'largebatch[torch]')",
+    "tensorflow": "Keras runs unavailable (pip install 'largebatch[keras]')",
+    "keras": "Keras runs unavailable (pip install 'largebatch[keras]')",
+    "horovod": "horovodrun, mpirun and srun launches unavailable; PyTorch runs use --launcher torchrun "
+               "(Horovod: `make setup` builds it, docs/install.md)",
+    "matplotlib": "largebatch report prints its summary without the PNGs (pip install 'largebatch[report]')",
+}
+
+
 def _version(module):
     try:
         return importlib.import_module(module).__version__
     except Exception:  # noqa: BLE001 - any failure means "not usable"
         return None
+
+
+def _module_state(module):
+    """('ok', version), ('missing', None): not installed, or ('broken', reason): installed, fails to import."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return "missing", None
+    try:
+        return "ok", getattr(importlib.import_module(module), "__version__", "?")
+    except Exception as err:  # noqa: BLE001 - any failure of an installed module
+        return "broken", f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
 
 
 def _mpi_version():
@@ -38,22 +65,30 @@ def _mpi_version():
 
 
 def collect():
-    """Return (rows, problems, warnings): rows are (label, value) pairs."""
+    """Return (rows, problems, warnings): rows are (label, value) pairs. A part that is not
+    installed is a note (what it takes away); what is installed and broken, or an installation
+    that can run nothing, is a problem."""
     rows, problems, warnings = [], [], []
     rows.append(("python", f"{platform.python_version()} ({sys.executable})"))
-    for label, module in (("numpy", "numpy"), ("torch", "torch"), ("tensorflow", "tensorflow"),
-                          ("keras", "keras"), ("horovod", "horovod")):
-        version = _version(module)
-        rows.append((label, version or "MISSING"))
-        if version is None:
-            problems.append(f"{module} is not importable; {FIX}")
+    state = {}
+    for module in ("numpy", "torch", "tensorflow", "keras", "horovod", "matplotlib"):
+        state[module], value = _module_state(module)
+        rows.append((module, {"ok": value, "missing": "not installed", "broken": f"BROKEN ({value})"}[state[module]]))
+        if state[module] == "broken":
+            problems.append(f"{module} is installed but does not import ({value}); "
+                            + (FIX if module == "horovod" else f"reinstall {module}"))
+        elif state[module] == "missing" and module in OPTIONAL:
+            warnings.append(f"note: {module} not installed: {OPTIONAL[module]}")
     mpi = _mpi_version()
-    rows.append(("mpi", mpi or "MISSING (mpirun not on PATH)"))
-    if mpi is None:
-        problems.append(f"mpirun not found; {FIX}")
-    if _version("horovod"):
+    rows.append(("mpi", mpi or "not installed (mpirun not on PATH)"))
+    if state["horovod"] == "ok":
+        if mpi is None:
+            warnings.append("note: mpirun not on PATH: launcher.type mpirun and horovodrun's MPI controller are "
+                            "unavailable (launcher.controller gloo works)")
         built = []
         for framework in ("torch", "tensorflow"):
+            if state[framework] != "ok":
+                continue
             try:
                 hvd = import_horovod(framework)
             except HorovodUnavailable as err:
@@ -65,14 +100,18 @@ def collect():
             if not controllers:
                 problems.append(f"horovod.{framework} has neither MPI nor Gloo; {FIX}")
         rows.append(("horovod built", "; ".join(built) or "nothing"))
-        keras = _version("keras")
+        keras = _version("keras") if state["keras"] == "ok" else None
         if keras and int(keras.split(".")[0]) >= 3:
             try:
                 importlib.import_module("horovod.tensorflow.keras")
                 warnings.append(KERAS3_TRAP.format(keras=keras))
             except Exception:  # noqa: BLE001 - Horovod's Keras module failing to import is no trap
                 pass
-    rows.append(("engines usable", ", ".join(usable_engines()) or "none"))
+    engines = usable_engines()
+    rows.append(("engines usable", ", ".join(engines) or "none"))
+    if not engines:
+        problems.append("no framework and engine usable: pip install 'largebatch[torch]' for PyTorch with torchrun, "
+                        f"or {FIX}")
     return rows, problems, warnings
 
 
@@ -182,7 +221,8 @@ def main(argv=None):
         print(line)
     for line in problems:
         print(f"PROBLEM: {line}")
-    print("stack OK" if not problems else f"stack BROKEN ({len(problems)} problem(s))")
+    usable = dict(rows)["engines usable"]
+    print(f"stack OK (usable: {usable})" if not problems else f"stack BROKEN ({len(problems)} problem(s))")
     return 1 if problems else 0
 
 

@@ -27,7 +27,7 @@ PYVER="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
   || die "no working $PYTHON found; install Python 3.11"
 KEY="py${PYVER}-torch${TORCH_VERSION}-tf${TF_VERSION}-horovod${HOROVOD_VERSION}"
 WHEEL_DIR="$CACHE/wheels/$KEY"
-STAMP_TEXT="$KEY $(cat "$ROOT/setup.py" "$ROOT/launchers/setup.sh" | sha1sum | cut -c1-12)"
+STAMP_TEXT="$KEY $(cat "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/launchers/setup.sh" | sha1sum | cut -c1-12)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_TEXT" ]]; then
   say "stack ready ($KEY), nothing to do"

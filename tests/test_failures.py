@@ -78,7 +78,7 @@ def test_dead_keras_rank_ends_the_job_within_60s(tmp_path, fault, rank_line):
 
 
 def test_stall_defaults_are_set_unless_the_user_set_them():
-    from largebatch.launchers.runner.faults import horovod_timeouts
+    from largebatch.runner.faults import horovod_timeouts
     env = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "5"}
     horovod_timeouts(env)
     assert env == {"HOROVOD_STALL_CHECK_TIME_SECONDS": "5", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "30"}

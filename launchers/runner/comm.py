@@ -11,12 +11,11 @@ import re
 import socket
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from largebatch.launchers.command import COLLECTIVE_TIMEOUT_ENV     # (the launcher sets it for the ranks)
+
 __all__ = ["Comm", "HorovodComm", "TorchDistributedComm", "started_by_torchrun", "torch_distributed_env", "first_host",
            "COLLECTIVE_TIMEOUT_ENV"]
 
-# seconds a torch.distributed collective waits for a silent peer (set by the launcher for jobs
-# across hosts, from launcher.host_timeout; Horovod's Gloo reads HOROVOD_GLOO_TIMEOUT_SECONDS)
-COLLECTIVE_TIMEOUT_ENV = "LARGEBATCH_COLLECTIVE_TIMEOUT_S"
 
 
 def started_by_torchrun(env=None) -> bool:
