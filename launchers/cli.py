@@ -259,6 +259,8 @@ def cmd_run(args):
     stopped = {128 + s: signal.Signals(s).name for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}.get(code)
     if stopped:
         _record_stop(run_dir, exp, stopped)
+        for line in closing_block(run_dir, exp, stopped, args):
+            print(f"largebatch: {line}", file=sys.stderr, flush=True)
     elif code != 0:
         for hint in dict.fromkeys(h for w in watches for h in w.findings()):
             print(f"largebatch: {hint}", file=sys.stderr, flush=True)
@@ -295,6 +297,14 @@ C10D_NOISE = re.compile(r"\[W\d{4} [\d:.]+ socket\.cpp:\d+\] \[c10d\] The hostna
                         r"be retrieved\. err=-?\d+\s*")
 
 _AGENT_SIGNAL = re.compile(r"torch\.distributed\.elastic\.multiprocessing\.api\.SignalException: ")
+# once we stopped the job ourselves: the launcher's and the ranks' own words about the stop, which
+# the closing block (:func:`closing_block`) says once (the ranks learn of it as SIGUSR1, mpirun's)
+_STOP_NOISE = re.compile(r"(?:mpirun: Forwarding signal \d+ to job"
+                         r"|largebatch: rank \d+ on \S+: SIG\w+: stopping after this step.*"
+                         r"|largebatch: rank \d+ on \S+: stopped by SIG\w+.*"
+                         r"|largebatch: SIG\w+: stopped after step \d+.*"
+                         r"|run dir: .* \(stopped, .*\))\s*")
+_MPI_BOX = re.compile(r"-{20,}\s*")        # Open MPI frames its job-end messages with these
 
 
 class OutputFilter:
@@ -308,7 +318,7 @@ class OutputFilter:
         agent then prints the signal as a traceback (``SignalException``), left out here."""
         self.quiet_tf, self.pending, self.mid_line = quiet_tf, "", False
         self.stopping, self.in_agent_traceback = stopping if stopping is not None else [], False
-        self.agent_line = ""
+        self.agent_line, self.in_mpi_box = "", False
 
     def feed(self, text):
         self.pending += text
@@ -346,6 +356,13 @@ class OutputFilter:
             self.agent_line = unit if start_of_line else self.agent_line + unit
             self.in_agent_traceback = self.mid_line or not _AGENT_SIGNAL.match(self.agent_line)
             return ""
+        if self.stopping and start_of_line:
+            bare = _ANY_TAG.sub("", unit)
+            if _MPI_BOX.fullmatch(bare):           # 'Primary job terminated normally, but ...'
+                self.in_mpi_box = not self.in_mpi_box
+                return ""
+            if self.in_mpi_box or _STOP_NOISE.fullmatch(bare) or bare.strip() == "":
+                return ""
         if self.quiet_tf and start_of_line and (TF_NOISE.fullmatch(_ANY_TAG.sub("", unit)) or
                                                 C10D_NOISE.fullmatch(unit)):
             return ""
@@ -425,6 +442,25 @@ def _record_stop(run_dir, exp, name):
         rundir.write_summary(run_dir, summary)
     except OSError:
         pass
+
+
+def closing_block(run_dir, exp, name, args):
+    """What ``largebatch run`` says once a signal stopped the job: after which step, the
+    checkpoint, and the command that continues the run (or that nothing was trained yet)."""
+    from largebatch import rundir
+    summary = rundir.read_summary(run_dir) or {}
+    steps, total = summary.get("steps_done"), summary.get("total_steps")
+    checkpoint = summary.get("checkpoint")
+    if not steps:
+        return [f"stopped by {name} before the first step; nothing was trained (the same command starts again)"]
+    lines = [f"stopped by {name} after step {steps}" + (f" of {total}" if total else "")
+             + (f"; checkpoint {checkpoint}" if checkpoint else "; no checkpoint was written")]
+    if checkpoint:
+        given = [a for a in sys.argv[1:] if not a.startswith(("train.resume=", "output.run_dir="))]
+        again = " ".join(_quote(a) for a in ["largebatch", *given, f"output.run_dir={run_dir}", "train.resume=auto"])
+        lines.append(f"continue with: {again}")
+        lines.append(f"           or: sh {_quote(os.path.join(run_dir, rundir.LAUNCH_SCRIPT))}")
+    return lines
 
 
 def _host_problems(exp, with_warnings=True):

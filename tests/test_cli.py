@@ -425,7 +425,7 @@ AGENT_TRACEBACK = ("Traceback (most recent call last):\n  File \"/venv/bin/torch
 def test_after_our_stop_torchruns_signal_traceback_is_left_out(piece):
     """torchrun's agent reports the SIGTERM we sent as a traceback: left out once we stopped the
     job (whatever the chunks the pipe delivers), kept otherwise; what follows it is kept."""
-    text = "run dir: /r (stopped, 76 steps)\n" + AGENT_TRACEBACK + "after\n"
+    text = "epoch 3: eval loss 0.1\n" + AGENT_TRACEBACK + "after\n"
     stopping = []
     quiet, plain = cli.OutputFilter(stopping=stopping), cli.OutputFilter()
     stopping.append("SIGTERM")
@@ -435,8 +435,36 @@ def test_after_our_stop_torchruns_signal_traceback_is_left_out(piece):
         got["plain"] += plain.feed(text[i:i + piece])
     got["quiet"] += quiet.flush()
     got["plain"] += plain.flush()
-    assert got["quiet"] == "run dir: /r (stopped, 76 steps)\nafter\n"
+    assert got["quiet"] == "epoch 3: eval loss 0.1\nafter\n"
     assert got["plain"] == text
+
+
+MPI_STOP_OUTPUT = (
+    "mpirun: Forwarding signal 10 to job\n"
+    "largebatch: rank 0 on vm: SIGUSR1: stopping after this step with a checkpoint (up to 15 s; again to stop at once)\n"
+    "[1,1]<stderr>:largebatch: rank 1 on vm: SIGUSR1: stopping after this step with a checkpoint (up to 15 s; again "
+    "to stop at once)[1,1]<stderr>:\n"
+    "largebatch: SIGUSR1: stopped after step 22, checkpoint /r/checkpoints/epoch-0001.pt\n"
+    "gradient noise scale B_simple ≈ 23 examples\n"
+    "run dir: /r (stopped, 22 steps, loss 0.848)\n"
+    "--------------------------------------------------------------------------\n"
+    "Primary job  terminated normally, but 1 process returned\n"
+    "a non-zero exit code. Per user-direction, the job has been aborted.\n"
+    "--------------------------------------------------------------------------\n"
+    "--------------------------------------------------------------------------\n"
+    "mpirun detected that one or more processes exited with non-zero status, thus causing\n"
+    "\n"
+    "  Exit code:    138\n"
+    "--------------------------------------------------------------------------\n")
+
+
+def test_after_our_stop_the_launchers_own_stop_messages_are_left_out():
+    """Issue 27 item 3: a Ctrl-C reads as a clean stop: mpirun's signal forwarding and job-end
+    frames, and the ranks' SIGUSR1 lines, go; the closing block (closing_block) says it once.
+    Without our stop (a crash) every line is kept."""
+    quiet, plain = cli.OutputFilter(stopping=["SIGINT"]), cli.OutputFilter()
+    assert quiet.feed(MPI_STOP_OUTPUT) + quiet.flush() == "gradient noise scale B_simple ≈ 23 examples\n"
+    assert plain.feed(MPI_STOP_OUTPUT) + plain.flush() == MPI_STOP_OUTPUT
 
 
 def test_srun_outside_an_allocation_is_one_line_and_writes_nothing(workdir, capsys, monkeypatch):

@@ -77,9 +77,19 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, sig, la
     assert summary["status"] == "stopped" and summary["stopped_by"] == signal.Signals(sig).name
     assert summary["checkpoint"] and Path(summary["checkpoint"]).exists()      # written before exiting
     print(f"{signal.Signals(sig).name}: exit {code} after {took:.1f} s, stopped after step {summary['steps_done']}")
+    # one closing block, and none of the launcher's or the ranks' own words about the stop
+    name = signal.Signals(sig).name
+    assert (f"largebatch: stopped by {name} after step {summary['steps_done']} of {summary['total_steps']}; "
+            f"checkpoint {summary['checkpoint']}\n") in text, text[-3000:]
+    assert f"largebatch:            or: sh {run_dir}/launch.sh\n" in text
+    for noise in ("SIGUSR1", "Primary job", "Forwarding signal", "Traceback", "exited with non-zero status"):
+        assert noise not in text, (noise, text[-3000:])
+    (again,) = [line.split("continue with: ", 1)[1] for line in text.splitlines() if "continue with: " in line]
+    assert again.endswith(f"output.run_dir={run_dir} train.resume=auto"), again
     if sig != signal.SIGTERM:
         return
-    resumed = subprocess.run([LARGEBATCH, "run", *RUN, *engine, f"output.run_dir={run_dir}", "train.resume=auto"],
+    # the command it printed, as typed
+    resumed = subprocess.run(again.replace("largebatch ", f"{LARGEBATCH} ", 1), shell=True,
                              cwd=str(ROOT), capture_output=True, text=True, timeout=150, env=environ_copy())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = tmp_path / "straight"

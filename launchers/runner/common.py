@@ -347,8 +347,17 @@ def announce_resume(resumed, rank, steps_per_epoch):
     if resumed["warning"]:
         print(f"largebatch: {resumed['warning']}", file=sys.stderr, flush=True)
     step = int(resumed["step"])
-    print(f"largebatch: resumed from {resumed['path']} at step {step} (epoch {step // steps_per_epoch})",
+    print(f"largebatch: resumed from {resumed['path']} at step {step} ({epoch_position(step, steps_per_epoch)})",
           file=sys.stderr, flush=True)
+
+
+def epoch_position(step, steps_per_epoch):
+    """Where update ``step`` is, in the 1-based epochs checkpoint files are named by: 'end of
+    epoch 18', or 'epoch 19, 23 of its 32 steps done'."""
+    done, into = divmod(step, steps_per_epoch)
+    if into == 0:
+        return f"end of epoch {done}"
+    return f"epoch {done + 1}, {into} of its {steps_per_epoch} steps done"
 
 
 def save_run_checkpoint(log, exp, save, model, optimizer, *, step, epoch, extra, path=None):
