@@ -195,10 +195,9 @@ def engine_launch(a, engine, placed, program, threads=1, rendezvous_port=29400):
                                network_interface=a.network_interface, ssh_port=a.ssh_port,
                                ssh_identity=a.ssh_identity, host_timeout=seconds, rendezvous_port=rendezvous_port)
         return cmd.argv, {**env, **cmd.env}
-    hvdrun = Path(sys.executable).with_name("horovodrun")
-    hvdrun = str(hvdrun) if hvdrun.exists() else "horovodrun"
+    from largebatch.launchers import hvdrun
     where = horovodrun_host_args(a, placed) if remote else ["-H", f"localhost:{n}"]
-    return [hvdrun, "-np", str(n), *where, f"--{engine}", *program], env
+    return [*hvdrun.launcher(), "-np", str(n), *where, f"--{engine}", *program], env
 
 
 def ssh_argv(a, host, command):

@@ -22,6 +22,7 @@ terminal, and writes plain lines otherwise (``LARGEBATCH_PROGRESS=bar|lines`` ov
 """
 import argparse
 import codecs
+import importlib.util
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from . import proctree
+from . import hvdrun, proctree
 
 __all__ = ["main", "run_dir_for"]
 
@@ -206,6 +207,9 @@ def cmd_run(args):
     if not (os.path.isfile(exe) and os.access(exe, os.X_OK)) and shutil.which(exe) is None:
         return _fail([f"launcher.type: {os.path.basename(exe)!r} not found on PATH "
                       f"(install it, or choose another launcher.type)"])
+    if hvdrun.is_launcher(cmd.argv) and importlib.util.find_spec("horovod") is None:
+        return _fail(["launcher.type: 'horovodrun' needs Horovod, which is not installed here (make setup builds "
+                      "it; a PyTorch run needs none with --launcher torchrun)"])
     la = exp.cfg["launcher"]
     if la["type"] == "srun" and not os.environ.get("SLURM_JOB_ID"):
         # srun outside an allocation fails with "Could not establish a configuration source"
@@ -596,7 +600,7 @@ def _stop_in_order(proc, tree):
         proctree.send(pid, signal.SIGTERM)
     if mpi or srun:
         return
-    if os.path.basename(str(proc.args[0])) == "horovodrun":
+    if hvdrun.is_launcher(proc.args):
         proctree.send(proc.pid, signal.SIGINT)
     else:
         proctree.send(proc.pid, signal.SIGTERM)

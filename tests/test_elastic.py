@@ -130,7 +130,7 @@ def test_horovodrun_line_has_the_elastic_flags(tmp_path):
                                    "reset_limit": 3, "max_np": 4}, batch={"per_worker": 4, "accumulation_steps": 6}))
     cmd = build_command(exp.cfg["launcher"], exp.derived, ["prog"])
     argv = cmd.argv
-    assert argv[1:3] == ["-np", "2"] and "--gloo" in argv and "-H" not in argv
+    assert argv[3:5] == ["-np", "2"] and "--gloo" in argv and "-H" not in argv
     i = argv.index("--min-np")
     assert argv[i:i + 10] == ["--min-np", "1", "--max-np", "4", "--host-discovery-script", str(script),
                               "--elastic-timeout", "60", "--reset-limit", "3"]

@@ -235,7 +235,7 @@ def test_largebatch_run_synthetic_example_on_two_ranks(tmp_path, framework):
     assert summary["final_eval_accuracy"] > 0.5
     assert any(r["kind"] == "eval" for r in rows) and "eval/accuracy" in tags
     assert (run_dir / "trust_ratios.csv").exists() and any(t.startswith("trust_ratio/") for t in tags)
-    assert (run_dir / "launch.sh").read_text().count("horovodrun") == 1
+    assert (run_dir / "launch.sh").read_text().count("-m largebatch.launchers.hvdrun ") == 1      # horovodrun
     assert "train.resume=auto" in (run_dir / "launch.sh").read_text()       # rerunning it continues the run
     config = (run_dir / "config.yaml").read_text()
     assert "global_batch:" in config and "steps_per_epoch:" in config
