@@ -199,6 +199,33 @@ def _hosts_main(args):
     return 1 if problems else 0
 
 
+class _native_stderr_quiet:
+    """TensorFlow's C++ start-up lines (oneDNN, cpu_feature_guard; once per library that loads
+    it) are written to file descriptor 2 whatever TF_CPP_MIN_LOG_LEVEL says: while the checks
+    import the frameworks, descriptor 2 goes to /dev/null (LARGEBATCH_TF_LOGS=1 keeps them).
+    What the checks find is returned, not printed, so nothing of theirs is lost."""
+
+    def __enter__(self):
+        import os
+        self.saved = None
+        if os.environ.get("LARGEBATCH_TF_LOGS") == "1":
+            return self
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+        if self.saved is not None:
+            sys.stderr.flush()
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+        return False
+
+
 def main(argv=None):
     import argparse
     p = argparse.ArgumentParser(prog="largebatch doctor",
@@ -213,7 +240,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.hosts or args.hostfile:
         return _hosts_main(args)
-    rows, problems, warnings = collect()
+    with _native_stderr_quiet():
+        rows, problems, warnings = collect()
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")

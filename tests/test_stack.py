@@ -44,6 +44,7 @@ def test_doctor_reports_stack_and_keras3_trap():
     assert "torch [MPI, Gloo]" in proc.stdout and "tensorflow [MPI, Gloo]" in proc.stdout
     assert "does NOT average gradients" in proc.stdout
     assert "engines usable  torch + torchrun, torch + horovod, keras + horovod" in proc.stdout
+    assert "oneDNN" not in proc.stderr and "cpu_feature_guard" not in proc.stderr, proc.stderr  # TF's banners
 
 
 def test_doctor_fails_with_one_line_fix_when_horovod_missing(tmp_path):
