@@ -316,7 +316,10 @@ def _single_summary(run):
         ("accuracy", f"eval {_fmt(g('final_eval_accuracy'))}"),
         ("images/s", _fmt_rate(run.summary.get("images_per_sec") or _last(run.train, "images_per_sec"))
          + (" (steady mean)" if run.summary.get("images_per_sec") else " (last interval)")),
-        ("wall time", _fmt_wall(g("wall_time_s"))),
+        ("wall time", _fmt_wall(g("wall_time_s")) + " training, this launch"
+         + (f" · {_fmt_wall(run.summary['training_time_total_s'])} with the launches it resumed"
+            if (run.summary.get("training_time_total_s") or 0) > (g("wall_time_s") or 0) + 0.5 else "")
+         if g("wall_time_s") is not None else "-"),
         ("hosts", _hosts(run)),
         ("trust ratio", _trust_line(run)),
         ("noise scale", _noise_line(run)),
@@ -448,7 +451,12 @@ def _plot_lr(runs, colors, x, path):
     for r, c in zip(runs, colors):
         xs, ys = _series(r.train, "lr", x)
         ax.plot(xs, ys, color=c, lw=1.5, label=r.label)
-    _finish(ax, x, "learning rate", _title(runs, "Learning rate (warmup and decay)"), legend=len(runs) > 1)
+        peak = r.summary.get("peak_lr")
+        if peak and len(runs) == 1:         # the rows are every train.log_every steps: the peak may fall between
+            ax.axhline(peak, color=c, ls=":", lw=1.0, label=f"peak {peak:g} (the schedule's)")
+    every = {(r.config.get("train") or {}).get("log_every") for r in runs}
+    note = f", logged every {every.pop()} steps" if len(every) == 1 and None not in every else ", as logged"
+    _finish(ax, x, "learning rate", _title(runs, f"Learning rate (warmup and decay{note})"), legend=True)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -99,6 +99,9 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, sig, la
     got, want = (json.loads((d / "summary.json").read_text()) for d in (run_dir, straight))
     assert got["resumed_from"] == summary["checkpoint"] and got["steps_done"] == want["steps_done"]
     assert got["weights_sha1"] == want["weights_sha1"]            # the same trajectory, bit for bit
+    # wall_time_s is the resumed launch's training; the total adds the first launch's, to its checkpoint
+    assert got["training_time_total_s"] > got["wall_time_s"] > 0, got
+    assert want["training_time_total_s"] == want["wall_time_s"]
 
 
 def test_a_second_signal_kills_at_once(tmp_path):

@@ -116,6 +116,8 @@ class TrainingLoop:
         self.progress = Progress(self.total, cfg["output"]["progress"], cfg["name"], self.rank)
         self.rate = Throughput()
         self.started = time.perf_counter()
+        # training time of the launches before this one (a resumed run), carried in checkpoints
+        self.earlier_time = float(resumed["extra"].get("training_time_s", 0.0)) if resumed else 0.0
         if resumed is not None and resumed.get("commit"):
             # torchrun restarted the job (a rank failed, a host left or joined): its history goes on
             self.resets = list(resumed["extra"].get("elastic_resets", []))
@@ -288,6 +290,7 @@ class TrainingLoop:
             self._save(step, epochs_done, extra())
 
     def _save(self, step, epoch, extra, path=None):
+        extra = {**extra, "training_time_s": self.earlier_time + time.perf_counter() - self.started}
         if self.noise is not None:
             extra = {**extra, "noise_scale": self.noise.state_dict()}
         if self.adascale is not None:
@@ -330,10 +333,15 @@ class TrainingLoop:
 
     # -- the end ----------------------------------------------------------------------------
     def _summary(self, status):
-        return summary_dict(self.exp, status=status, steps=self.step, epochs_done=self.step / self.steps_per_epoch,
-                            final_loss=self.final_loss, eval_result=self.eval_result, throughput=self.rate.steady(),
-                            wall=time.perf_counter() - self.started, threads=self.threads,
-                            framework_versions=versions(self.exp.cfg["framework"]), size=self.size)
+        wall = time.perf_counter() - self.started
+        summary = summary_dict(self.exp, status=status, steps=self.step, epochs_done=self.step / self.steps_per_epoch,
+                               final_loss=self.final_loss, eval_result=self.eval_result,
+                               throughput=self.rate.steady(), wall=wall, threads=self.threads,
+                               framework_versions=versions(self.exp.cfg["framework"]), size=self.size)
+        # wall_time_s: this launch's training (start-up not included); with the launches a resumed
+        # run went through before, up to the checkpoint it resumed from
+        summary["training_time_total_s"] = round(self.earlier_time + wall, 3)
+        return summary
 
     def _on_signal(self, name):
         """Rank 0's summary when a signal stops the run (called on the signal thread)."""
