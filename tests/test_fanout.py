@@ -19,6 +19,7 @@ FAKE_TORCHRUN = """#!/bin/sh
 trap 'echo "$1 stopped" >> "$LOG"; exit 143' TERM
 echo "$1 started" >> "$LOG"
 if [ "$1" = "--nproc-per-node=2" ]; then sleep 1; exit 3; fi
+if [ "$FINISH" = "1" ]; then sleep 2; echo "$1 finished" >> "$LOG"; exit 0; fi
 if [ "$IGNORE_TERM" = "1" ]; then trap '' TERM; fi
 i=0
 while [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
@@ -43,9 +44,20 @@ def _wait_for_lines(path, count, limit=10):
     return False
 
 
-def _fanout(hosts, script, env):
-    return subprocess.Popen([sys.executable, "-m", "largebatch.launchers.fanout", "-H", hosts, "--", str(script)],
-                            env=env, stderr=subprocess.PIPE, text=True)
+def _fanout(hosts, script, env, *flags):
+    return subprocess.Popen([sys.executable, "-m", "largebatch.launchers.fanout", "-H", hosts, *flags, "--",
+                             str(script)], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def test_elastic_a_host_that_fails_leaves_and_the_others_finish(fake):
+    # torchrun --nnodes MIN:MAX: the other hosts' agents restart their ranks without it; exit 0
+    script, env, log = fake
+    proc = _fanout("localhost:1,127.0.0.1:2", script, {**env, "FINISH": "1"}, "--elastic")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "largebatch: host 127.0.0.1: its torchrun exited with 3; the elastic job goes on without it" in err
+    assert sorted(log.read_text().splitlines()) == ["--nproc-per-node=1 finished", "--nproc-per-node=1 started",
+                                                    "--nproc-per-node=2 started"]
 
 
 def test_a_host_that_fails_stops_the_others_and_names_itself(fake):
