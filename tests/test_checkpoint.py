@@ -260,7 +260,7 @@ def test_resume_from_a_checkpoint_that_ends_mid_epoch(tmp_path):
     assert part.returncode == 0, part.stderr[-2000:]
     assert load_payload(tmp_path / "part" / "checkpoints" / "epoch-0003.pt")["step"] == 10
     res = run_runner(tmp_path, exp_text, "output.run_dir=part", "train.resume=auto")
-    assert res.returncode == 0 and "at step 10 (end of epoch 2)" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 0 and "at step 10 (epoch 3, 2 of its 4 steps done)" in res.stderr, res.stderr[-2000:]
     a = load_payload(tmp_path / "full" / "checkpoints" / "epoch-0003.pt")
     b = load_payload(tmp_path / "part" / "checkpoints" / "epoch-0003.pt")
     assert a["step"] == b["step"] == 12

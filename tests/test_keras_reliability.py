@@ -215,7 +215,7 @@ def test_resumed_lamb_run_from_inside_an_epoch(tmp_path):
     _ok(run_runner(tmp_path, LAMB_EXP, "output.run_dir=part", "train.steps=10"))
     assert load_payload(tmp_path / "part" / "checkpoints" / "epoch-0003.ckpt")[0]["step"] == 10
     res = _ok(run_runner(tmp_path, LAMB_EXP, "output.run_dir=part", "train.resume=auto"))
-    assert "at step 10 (end of epoch 2)" in res.stderr, res.stderr[-2000:]
+    assert "at step 10 (epoch 3, 2 of its 4 steps done)" in res.stderr, res.stderr[-2000:]
     _, _, a = load_payload(tmp_path / "full" / "checkpoints" / "epoch-0003.ckpt")
     mb, _, b = load_payload(tmp_path / "part" / "checkpoints" / "epoch-0003.ckpt")
     diff_model, diff_opt = max_diffs(a, b)

@@ -392,7 +392,10 @@ def test_the_preflight_probes_what_the_launch_uses(cluster, tmp_path):
             with open(path, "r+") as fh:
                 fh.write(text)
                 fh.truncate()
+    # (SO_REUSEADDR: the port may still hold an earlier torchrun test's closed connections; a
+    # listening socket keeps it taken all the same)
     holder = cluster.popen("lbh1", [sys.executable, "-c", "import socket, time; s = socket.socket(); "
+                                    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
                                     "s.bind(('', 29400)); s.listen(); print('listening', flush=True); time.sleep(60)"],
                            stdout=subprocess.PIPE, text=True)
     try:
