@@ -263,7 +263,7 @@ def cmd_run(args):
     stopped = {128 + s: signal.Signals(s).name for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}.get(code)
     if stopped:
         _record_stop(run_dir, exp, stopped)
-        for line in closing_block(run_dir, exp, stopped, args):
+        for line in closing_block(run_dir, stopped):
             print(f"largebatch: {line}", file=sys.stderr, flush=True)
     elif code != 0:
         for hint in dict.fromkeys(h for w in watches for h in w.findings()):
@@ -448,7 +448,7 @@ def _record_stop(run_dir, exp, name):
         pass
 
 
-def closing_block(run_dir, exp, name, args):
+def closing_block(run_dir, name):
     """What ``largebatch run`` says once a signal stopped the job: after which step, the
     checkpoint, and the command that continues the run (or that nothing was trained yet)."""
     from largebatch import rundir

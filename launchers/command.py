@@ -310,9 +310,8 @@ def torchrun_command(program, *, np, placed, plan, extra_args=(), env=None, netw
         # torch 2.13's agents share one store server across rounds, and a round that a host joins
         # then never publishes MASTER_ADDR (the joiner waits 60 s and fails): one per round instead
         extra_env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-        from .fanout import store_host
-        joiner = store_host(torchrun, False)
-        join = [joiner[0], f"--nproc-per-node={hosts[0][1]}", *joiner[1:]]
+        from .fanout import host_torchrun
+        join = host_torchrun(torchrun, hosts[0][1], is_host=False)
         notes.append(f"elastic: {elastic['min_np']} to {elastic['max_np']} ranks, {hosts[0][1]} per host; a host "
                      f"joins by running the run directory's join.sh")
     return LaunchCommand(argv, {**plan.env, **extra_env, **(env or {})}, notes, plan, join=join)

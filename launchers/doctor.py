@@ -32,13 +32,6 @@ OPTIONAL = {
 }
 
 
-def _version(module):
-    try:
-        return importlib.import_module(module).__version__
-    except Exception:  # noqa: BLE001 - any failure means "not usable"
-        return None
-
-
 def _module_state(module):
     """('ok', version), ('missing', None): not installed, or ('broken', reason): installed, fails to import."""
     try:
@@ -70,9 +63,10 @@ def collect():
     that can run nothing, is a problem."""
     rows, problems, warnings = [], [], []
     rows.append(("python", f"{platform.python_version()} ({sys.executable})"))
-    state = {}
+    state, versions = {}, {}
     for module in ("numpy", "torch", "tensorflow", "keras", "horovod", "matplotlib"):
         state[module], value = _module_state(module)
+        versions[module] = value if state[module] == "ok" else None
         rows.append((module, {"ok": value, "missing": "not installed", "broken": f"BROKEN ({value})"}[state[module]]))
         if state[module] == "broken":
             problems.append(f"{module} is installed but does not import ({value}); "
@@ -100,7 +94,7 @@ def collect():
             if not controllers:
                 problems.append(f"horovod.{framework} has neither MPI nor Gloo; {FIX}")
         rows.append(("horovod built", "; ".join(built) or "nothing"))
-        keras = _version("keras") if state["keras"] == "ok" else None
+        keras = versions["keras"]
         if keras and int(keras.split(".")[0]) >= 3:
             try:
                 importlib.import_module("horovod.tensorflow.keras")

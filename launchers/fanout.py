@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from largebatch import hostfile as _hostfile
 from . import preflight
 
-__all__ = ["main", "host_commands", "store_host", "FORWARDED_PREFIXES", "FORWARDED_NAMES", "SSH_LOST"]
+__all__ = ["main", "host_commands", "host_torchrun", "FORWARDED_PREFIXES", "FORWARDED_NAMES", "SSH_LOST"]
 
 FORWARDED_PREFIXES = ("LARGEBATCH_", "OMP_", "MKL_", "KMP_", "TORCH_", "NCCL_", "GLOO_", "TF_")
 FORWARDED_NAMES = ("PYTHONPATH", "PYTHONUNBUFFERED", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "COLUMNS", "LINES")
@@ -50,11 +50,13 @@ def _forwarded(environ: Dict[str, str], names: Sequence[str]) -> Dict[str, str]:
             if k in names or k in FORWARDED_NAMES or k.startswith(FORWARDED_PREFIXES)}
 
 
-def store_host(torchrun: Sequence[str], is_host: bool) -> List[str]:
-    """``torchrun`` with ``is_host`` added to its ``--rdzv-conf`` (unchanged without one): whether
-    this host's agent serves the c10d rendezvous's store."""
+def host_torchrun(torchrun: Sequence[str], slots: int, is_host: bool) -> List[str]:
+    """One host's torchrun: ``torchrun`` (its argv without ``--nproc-per-node``) for ``slots``
+    ranks, ``is_host`` added to its ``--rdzv-conf`` (unchanged without one): whether this host's
+    agent serves the c10d rendezvous's store."""
     flag = "--rdzv-conf="
-    return [f"{a},is_host={int(is_host)}" if a.startswith(flag) else a for a in torchrun]
+    own = [f"{a},is_host={int(is_host)}" if a.startswith(flag) else a for a in torchrun]
+    return [own[0], f"--nproc-per-node={slots}", *own[1:]]
 
 
 def host_commands(placed: Sequence[Tuple[str, int]], torchrun: Sequence[str], *, python: str,
@@ -67,8 +69,7 @@ def host_commands(placed: Sequence[Tuple[str, int]], torchrun: Sequence[str], *,
     env = _forwarded(environ, env_names)
     out = []
     for i, (host, slots) in enumerate(placed):
-        own = store_host(torchrun, i == 0)
-        argv = [own[0], f"--nproc-per-node={slots}", *own[1:]]
+        argv = host_torchrun(torchrun, slots, is_host=i == 0)
         tethered = [python, "-m", "largebatch.launchers.tether", "--", *argv]
         if _hostfile.is_local(host):
             out.append((host, tethered))

@@ -51,7 +51,7 @@ def build_key(horovod_dir: str) -> List[List]:
     return key
 
 
-def _cached_answers(launch, util, horovod_dir: str, path: str) -> Dict[str, Optional[bool]]:
+def _cached_answers(util, horovod_dir: str, path: str) -> Dict[str, Optional[bool]]:
     key = build_key(horovod_dir)
     try:
         with open(path) as fh:
@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import horovod
     import horovod.runner.launch as launch
     from horovod.common import util
-    built = _cached_answers(launch, util, os.path.dirname(horovod.__file__), cache_path())
+    built = _cached_answers(util, os.path.dirname(horovod.__file__), cache_path())
     launch.mpi_built = lambda verbose=False: built["mpi"]
     launch.gloo_built = lambda verbose=False: built["gloo"]
     sys.argv = ["horovodrun", *args]

@@ -19,12 +19,12 @@ def test_the_check_runs_once_per_build(tmp_path):
     lib.parent.mkdir(parents=True)
     lib.write_bytes(b"x")
     cache = tmp_path / "cache" / "horovod-built.json"
-    assert hvdrun._cached_answers(None, util, str(tmp_path / "horovod"), str(cache)) == {"mpi": True, "gloo": False}
-    assert hvdrun._cached_answers(None, util, str(tmp_path / "horovod"), str(cache)) == {"mpi": True, "gloo": False}
+    assert hvdrun._cached_answers(util, str(tmp_path / "horovod"), str(cache)) == {"mpi": True, "gloo": False}
+    assert hvdrun._cached_answers(util, str(tmp_path / "horovod"), str(cache)) == {"mpi": True, "gloo": False}
     assert calls == ["mpi", "gloo"]                       # the second launch did not check
     assert json.loads(cache.read_text())["key"] == [[str(lib), 1, int(lib.stat().st_mtime)]]
     lib.write_bytes(b"rebuilt")                           # another build: checked again
-    hvdrun._cached_answers(None, util, str(tmp_path / "horovod"), str(cache))
+    hvdrun._cached_answers(util, str(tmp_path / "horovod"), str(cache))
     assert calls == ["mpi", "gloo", "mpi", "gloo"]
 
 

@@ -54,15 +54,24 @@ class Loader:
         return load(self.path, self.overrides + ([] if size is None else [f"launcher.np={size}"]))
 
 
-def _say_world_size_change(loader, exp):
-    """One line when the world size is not the experiment's own (a plain ``python -m
-    largebatch.runner``, a launcher started by hand); ``largebatch run`` passes it, so never there."""
+def _experiment(loader, size, rank):
+    """The experiment this rank runs. ``size`` None (Horovod Elastic): the launch's own. Else the
+    YAML's own (read once) when its world size is ``size``, as under ``largebatch run``, or when
+    it is an elastic job that torchrun started (the launch world size fixes the batch); otherwise
+    it is read again for ``size`` and rank 0 says what that changed (a plain ``python -m
+    largebatch.runner``, a launcher started by hand). Raises ConfigError."""
+    if size is None:
+        return loader(None)
     try:
         declared = loader(None)
-    except ConfigError:               # the YAML alone does not resolve (its np cannot be read): nothing to compare
-        return
-    if declared.derived["np"] != exp.derived["np"]:
+    except ConfigError:               # the YAML alone does not resolve (its np cannot be read)
+        return loader(size)
+    if declared.derived["np"] == size or (declared.cfg["launcher"]["elastic"] and started_by_torchrun()):
+        return declared
+    exp = loader(size)
+    if rank == 0:
         print(world_size_note(declared.derived, exp.derived), file=sys.stderr, flush=True)
+    return exp
 
 
 def _usage():
@@ -79,25 +88,15 @@ def main(argv=None):
     path, overrides = argv[0], argv[1:]
     rank = world_rank_from_env()
     loader = Loader(path, overrides)
-    # an elastic job (Horovod Elastic, torchrun's agents): the launch world size (YAML / command
-    # line) fixes the batch, not the current one
+    # Horovod Elastic: the launch world size (YAML / command line) fixes the batch, not the current one
     size = None if os.environ.get("HOROVOD_ELASTIC") == "1" else (world_size_from_env() or 1)
     try:
-        if size is not None and started_by_torchrun():
-            exp = loader(None)
-            if not exp.cfg["launcher"]["elastic"]:
-                exp = loader(size)
-            else:
-                size = None
-        else:
-            exp = loader(size)
+        exp = _experiment(loader, size, rank)
     except ConfigError as err:
         if rank == 0:
             for line in err.problems:
                 print(line, file=sys.stderr)
         return 2
-    if size is not None and rank == 0:
-        _say_world_size_change(loader, exp)
 
     # threads before torch / TensorFlow are imported: OpenMP and MKL read the environment once
     la = exp.cfg["launcher"]
