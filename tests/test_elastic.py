@@ -15,6 +15,7 @@ import pytest
 
 from largebatch import checkpoint as core
 from largebatch.config import ConfigError, elastic_accumulation, load_dict
+from largebatch.launchers import proctree
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -187,12 +188,17 @@ def _env(**extra):
     return env
 
 
-def _run(tmp_path, doc, name, *, env=None, timeout=240):
+def _run_command(tmp_path, doc, name):
+    """(``largebatch run`` argv, run dir) for ``doc`` written to ``<name>.yaml``."""
     import yaml
     exp = tmp_path / f"{name}.yaml"
     exp.write_text(yaml.safe_dump(doc))
     run_dir = tmp_path / name
-    cmd = [sys.executable, "-m", "largebatch.launchers.cli", "run", str(exp), f"output.run_dir={run_dir}"]
+    return [sys.executable, "-m", "largebatch.launchers.cli", "run", str(exp), f"output.run_dir={run_dir}"], run_dir
+
+
+def _run(tmp_path, doc, name, *, env=None, timeout=240):
+    cmd, run_dir = _run_command(tmp_path, doc, name)
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env or _env(), capture_output=True, text=True, timeout=timeout)
     return proc, run_dir, time.monotonic() - started
@@ -270,17 +276,23 @@ def discovery_script(tmp_path, hosts_text):
     return script, hosts
 
 
+def _when_training(run_dir, rows, limit=120):
+    """True once ``run_dir`` has logged ``rows`` training rows; False after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.csv"
+        if metrics.exists() and metrics.read_text().count("\ntrain,") >= rows:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def grow_hosts_when_training(hosts, run_dir, hosts_text, limit=120):
     """Once ``run_dir`` has logged 3 training rows (training is under way), write ``hosts_text``
     to the hosts file: a host appears in the discovery script's output (a thread; bounded)."""
     def add_host():
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            metrics = run_dir / "metrics.csv"
-            if metrics.exists() and metrics.read_text().count("\ntrain,") >= 3:
-                hosts.write_text(hosts_text)
-                return
-            time.sleep(0.05)
+        if _when_training(run_dir, 3, limit):
+            hosts.write_text(hosts_text)
 
     threading.Thread(target=add_host, daemon=True).start()
 
@@ -387,44 +399,18 @@ def test_torchrun_elastic_line_and_join_script():
     assert "--standalone" not in single.argv and "--nnodes=1:2" in single.argv
 
 
-def _descendants(pid):
-    """{pid: argv} of the processes below ``pid`` (this test's own job), from /proc."""
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append((int(entry.name), [a.decode() for a in argv if a]))
-    out, todo = {}, [pid]
-    while todo:
-        for child, argv in children.get(todo.pop(), []):
-            out[child] = argv
-            todo.append(child)
-    return out
+def _argv(pid):
+    try:
+        return [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return []
 
 
 def _start(tmp_path, doc, name, env):
-    import yaml
-    exp = tmp_path / f"{name}.yaml"
-    exp.write_text(yaml.safe_dump(doc))
-    run_dir = tmp_path / name
-    cmd = [sys.executable, "-m", "largebatch.launchers.cli", "run", str(exp), f"output.run_dir={run_dir}"]
+    """``largebatch run`` of ``doc`` started in the background (stderr with stdout): (process, run dir)."""
+    cmd, run_dir = _run_command(tmp_path, doc, name)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, run_dir
-
-
-def _when_training(run_dir, rows, limit=120):
-    """Wait (bounded) until ``run_dir`` has logged ``rows`` training rows."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        metrics = run_dir / "metrics.csv"
-        if metrics.exists() and metrics.read_text().count("\ntrain,") >= rows:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{run_dir}: fewer than {rows} training rows after {limit} s")
 
 
 def _finish(proc, timeout=180):
@@ -472,13 +458,13 @@ def test_torchrun_elastic_job_loses_a_host_and_finishes_on_the_same_trajectory(t
     doc["train"]["commit_every"] = 2
     proc, run_dir = _start(tmp_path, doc, "lose", _env(LARGEBATCH_FAULT="slow:0:1:0.1"))
     try:
-        _when_training(run_dir, 5)
+        assert _when_training(run_dir, 5), f"{run_dir}: fewer than 5 training rows"
         started = time.monotonic()
-        tree = _descendants(proc.pid)
+        tree = {pid: _argv(pid) for pid, _ in proctree.descendants(proc.pid)}
         agent = [pid for pid, argv in tree.items()
                  if any(a.endswith("torchrun") for a in argv[:2]) and any("is_host=0" in a for a in argv)]
         assert len(agent) == 1, tree
-        for pid in [agent[0], *_descendants(agent[0])]:
+        for pid in [agent[0], *(pid for pid, _ in proctree.descendants(agent[0]))]:
             os.kill(pid, 9)
     finally:
         out = _finish(proc)
@@ -506,7 +492,7 @@ def test_torchrun_elastic_job_gains_a_host_that_runs_join_sh(tmp_path, fixed_joi
     doc["train"]["commit_every"] = 1
     proc, run_dir = _start(tmp_path, doc, "grow", _env(LARGEBATCH_FAULT="slow:0:1:0.05"))
     try:
-        _when_training(run_dir, 3)
+        assert _when_training(run_dir, 3), f"{run_dir}: fewer than 3 training rows"
         joined = subprocess.run(["sh", str(run_dir / "join.sh")], env=_env(), capture_output=True, text=True,
                                 timeout=180)
     finally:
